@@ -1,0 +1,97 @@
+"""Loading config files (``path.py[:arg]``), applying ``--config.a.b=value`` overrides, recording.
+
+Configs are locked ``ml_collections.ConfigDict``s: an override of a key that
+does not exist fails with a message naming the key and the closest known
+ones, so a typo never silently runs the default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config file or override that cannot be used."""
+
+
+def load_config(spec: str) -> ConfigDict:
+  """Loads ``path.py`` or ``path.py:arg`` by calling its ``get_config(arg)``; returns it locked."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_rlhf_jax_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg) function")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+  config.lock()
+  return config
+
+
+def _all_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if isinstance(v, ConfigDict):
+      keys.extend(_all_keys(v, prefix + k + "."))
+  return keys
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+  """Parses ``text`` as the type of the value it replaces."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.lower()
+      if lowered not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+      return lowered in ("true", "1")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, (tuple, list)):
+      items = [s.strip() for s in text.split(",") if s.strip()]
+      if current and not isinstance(current[0], str):
+        items = [type(current[0])(s) for s in items]
+      return type(current)(items)
+    if current is None:
+      return json.loads(text) if text[:1] in "[{0123456789-" else text
+  except ValueError as e:
+    raise ConfigError(f"--config.{key}={text}: expected a {type(current).__name__}") from e
+  return text
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[tuple[str, str]]) -> ConfigDict:
+  """Applies ``(dotted_key, text)`` overrides in place; unknown keys raise ``ConfigError``."""
+  known = _all_keys(config)
+  for key, text in overrides:
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+      here = ".".join(parts[: i + 1])
+      if not isinstance(node, ConfigDict) or part not in node:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key '{here}' in --config.{key}{hint}")
+      if i < len(parts) - 1:
+        node = node[part]
+    if isinstance(node[parts[-1]], ConfigDict):
+      raise ConfigError(f"--config.{key} names a group; set one of its keys instead")
+    node[parts[-1]] = _parse_value(text, node[parts[-1]], key)
+  return config
+
+
+def config_to_json(config: ConfigDict) -> str:
+  """The resolved config as stable, indented JSON (what a run records in ``config.json``)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,135 @@
+"""Sampling from a decoder with a preallocated KV cache, in one compiled loop.
+
+Prompts are left-padded rows [B, P] with a mask. The prompt is prefilled in
+one forward pass, then tokens are decoded one at a time inside a
+``lax.while_loop`` that stops after ``max_new_tokens`` or, with
+``stop_at_eos``, once every row has produced EOS. Responses come back
+right-padded: after a row's EOS its tokens are ``pad_id`` and its mask is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from rlhf_jax.models import Decoder, init_cache
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample: ``temperature`` 0 or ``greedy`` picks the argmax; ``top_k`` 0 and ``top_p`` 1 are off."""
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  stop_at_eos: bool = True
+  eos_id: int = 3
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0.0
+
+
+@struct.dataclass
+class Sample:
+  """Sampled responses: tokens, log-probs and mask, each [B, N] (N = max_new_tokens)."""
+
+  tokens: Array
+  log_probs: Array
+  mask: Array
+
+
+def sampling_log_probs(logits: Array, cfg: SamplingConfig) -> Array:
+  """Log-probs [..., V] of the distribution sampled from: temperature, then top-k, then top-p.
+
+  Greedy decoding reports the model's own (temperature 1) log-probs.
+  """
+  logits = logits.astype(jnp.float32)
+  if cfg.is_greedy:
+    return jax.nn.log_softmax(logits, axis=-1)
+  logits = logits / cfg.temperature
+  if cfg.top_k:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if cfg.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # The smallest logit still needed to reach top_p mass; the top token always stays.
+    keep = mass_before < cfg.top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _pick(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+  """Samples one token per row from logits [B, V] -> (token [B], its log-prob [B])."""
+  log_probs = sampling_log_probs(logits, cfg)
+  if cfg.is_greedy:
+    token = jnp.argmax(logits, axis=-1)
+  else:
+    token = jax.random.categorical(key, log_probs, axis=-1)
+  return token.astype(jnp.int32), jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+
+def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg: SamplingConfig) -> Sample:
+  """Samples ``cfg.max_new_tokens`` tokens after left-padded ``prompt`` [B, P]; traceable under jit."""
+  b, p = prompt.shape
+  n = cfg.max_new_tokens
+  cache = init_cache(model.cfg, b, p + n)
+  logits, cache = model(prompt, prompt_mask, cache)
+  last = logits[:, -1]  # left padding puts every prompt's last token in the last column
+
+  def cond(carry):
+    i, done = carry[0], carry[4]
+    going = i < n
+    if cfg.stop_at_eos:
+      going &= ~jnp.all(done)
+    return going
+
+  def body(carry):
+    i, tokens, log_probs, mask, done, last, cache = carry
+    token, lp = _pick(last, jax.random.fold_in(key, i), cfg)
+    alive = ~done
+    token = jnp.where(alive, token, cfg.pad_id)
+    tokens = tokens.at[:, i].set(token)
+    log_probs = log_probs.at[:, i].set(jnp.where(alive, lp, 0.0))
+    mask = mask.at[:, i].set(alive.astype(jnp.int32))
+    if cfg.stop_at_eos:
+      done = done | (token == cfg.eos_id)
+    step_logits, cache = model(token[:, None], alive[:, None].astype(jnp.int32), cache)
+    return i + 1, tokens, log_probs, mask, done, step_logits[:, 0], cache
+
+  init = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), bool), last, cache)
+  _, tokens, log_probs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
+  return Sample(tokens=tokens, log_probs=log_probs, mask=mask)
+
+
+def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig) -> Callable[[nnx.State, Array, Array, Array], Sample]:
+  """A jitted ``sample(params, prompt, prompt_mask, key) -> Sample`` for a decoder's graphdef."""
+
+  @jax.jit
+  def sample(params, prompt, prompt_mask, key):
+    return generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, cfg)
+
+  return sample

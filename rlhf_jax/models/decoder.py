@@ -1,0 +1,261 @@
+"""Decoder-only Transformer (GPT-2 and Llama flavours), scalar-head models and the KV cache.
+
+Sequences are rows of ``tokens`` [B, T] with a ``mask`` [B, T] (1 = real
+token). Position ids come from the mask (``cumsum(mask) - 1``), so a
+left-padded prompt gets the same positions, and the same logits, as the
+unpadded one. The same trunk serves the language model, the reward model and
+the value model, under the key ``trunk`` in each, so a reward model can be
+initialised from an SFT checkpoint by copying that subtree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from rlhf_jax.models import layers
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of the decoder; ``flavour`` picks GPT-2 or Llama defaults."""
+
+  vocab_size: int
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0: same as num_heads (plain multi-head attention)
+  d_ff: int = 1024
+  max_len: int = 512
+  flavour: str = "gpt2"
+  dropout: float = 0.0
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+  remat: bool = False
+  scan_layers: bool = False
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    if self.flavour not in ("gpt2", "llama"):
+      raise ValueError(f"model.flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
+    for name in ("param_dtype", "dtype"):
+      value = getattr(self, name)
+      if isinstance(value, str):
+        if value not in _DTYPES:
+          raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {value!r}")
+        object.__setattr__(self, name, _DTYPES[value])
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "DecoderConfig":
+    """Builds from a config mapping (e.g. ``config.model``), naming unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+    return cls(**dict(values))
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def use_bias(self) -> bool:
+    return self.flavour == "gpt2"
+
+  @property
+  def tie_embeddings(self) -> bool:
+    return self.flavour == "gpt2"
+
+
+@struct.dataclass
+class KVCache:
+  """Preallocated keys/values for all layers, plus per-row bookkeeping.
+
+  k, v: [L, B, S, KV, Dh]; valid: [B, S] (slot holds a real token);
+  index: scalar, next slot to write; next_pos: [B], position id of the next real token.
+  """
+
+  k: Array
+  v: Array
+  valid: Array
+  index: Array
+  next_pos: Array
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> KVCache:
+  """An empty cache for ``batch`` rows and ``length`` slots, in the compute dtype."""
+  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+      valid=jnp.zeros((batch, length), jnp.bool_),
+      index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32))
+
+
+def positions_from_mask(mask: Array, offset: Array | None = None) -> Array:
+  """Position ids [B, T]: count of real tokens before each token (pads get the previous id)."""
+  pos = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+  if offset is not None:
+    pos = pos + offset[:, None]
+  return jnp.maximum(pos, 0)
+
+
+def last_token_index(mask: Array) -> Array:
+  """Index [B] of the last real token of each row of ``mask`` [B, T]."""
+  t = mask.shape[1]
+  return (t - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), axis=1), axis=1)).astype(jnp.int32)
+
+
+class Trunk(nnx.Module):
+  """Embeddings, the stack of blocks and the final norm; returns hidden states."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init = nnx.initializers.normal(0.02)
+    self.embed = layers.param(rngs, init, (cfg.vocab_size, cfg.d_model), cfg.param_dtype, ("vocab", "embed"))
+    if cfg.flavour == "gpt2":
+      self.pos_embed = layers.param(rngs, nnx.initializers.normal(0.01), (cfg.max_len, cfg.d_model),
+                                    cfg.param_dtype, ("position", "embed"))
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+      def make_stack(r):
+        return layers.Block(cfg, rngs=r)
+      self.blocks = make_stack(rngs)
+    else:
+      self.blocks = nnx.List([layers.Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    norm = layers.RMSNorm if cfg.flavour == "llama" else layers.LayerNorm
+    self.final_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
+               dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
+    """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None)."""
+    cfg = self.cfg
+    b, t = tokens.shape
+    mask = mask.astype(jnp.int32)
+    if cache is None:
+      positions = positions_from_mask(mask)
+      q_slots = jnp.arange(t)
+      key_valid = mask.astype(bool)
+      cache_index = None
+    else:
+      positions = positions_from_mask(mask, cache.next_pos)
+      q_slots = cache.index + jnp.arange(t)
+      key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask.astype(bool), cache.index, axis=1)
+      cache_index = cache.index
+    x = self.embed[...].astype(cfg.dtype)[tokens]
+    if cfg.flavour == "gpt2":
+      x = x + self.pos_embed[...].astype(cfg.dtype)[jnp.minimum(positions, cfg.max_len - 1)]
+    x = layers.dropout(x, cfg.dropout, None if dropout_key is None else jax.random.fold_in(dropout_key, -1))
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+
+    def apply_block(graphdef, state, x, ckv, key):
+      block = nnx.merge(graphdef, state)
+      return block(x, positions, q_slots, key_valid, ckv, cache_index, key)
+
+    if cfg.remat:
+      apply_block = jax.checkpoint(apply_block, static_argnums=(0,))
+
+    new_k = new_v = None
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(h, xs):
+        state, ck, cv, key = xs
+        h, ckv = apply_block(graphdef, state, h, None if ck is None else (ck, cv), key)
+        return h, (None, None) if ckv is None else ckv
+
+      xs = (stacked, None if cache is None else cache.k, None if cache is None else cache.v, layer_keys)
+      x, (new_k, new_v) = jax.lax.scan(body, x, xs)
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        graphdef, state = nnx.split(block)
+        ckv = None if cache is None else (cache.k[i], cache.v[i])
+        x, ckv = apply_block(graphdef, state, x, ckv, None if layer_keys is None else layer_keys[i])
+        if ckv is not None:
+          ks.append(ckv[0])
+          vs.append(ckv[1])
+      if cache is not None:
+        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+    x = self.final_norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=new_k, v=new_v, valid=key_valid, index=cache.index + t,
+                          next_pos=cache.next_pos + mask.sum(axis=1))
+    return x, new_cache
+
+
+class Decoder(nnx.Module):
+  """Language model: trunk plus an output projection (tied to the embedding for GPT-2)."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.trunk = Trunk(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.param(rngs, nnx.initializers.normal(1.0 / math.sqrt(cfg.d_model)),
+                                  (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
+
+  def logits_from_hidden(self, hidden: Array) -> Array:
+    """hidden [..., D] -> logits [..., V] in float32."""
+    dt = self.cfg.dtype
+    if self.cfg.tie_embeddings:
+      out = hidden @ self.trunk.embed[...].astype(dt).T
+    else:
+      out = hidden @ self.lm_head[...].astype(dt)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
+               dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
+    """tokens, mask: [B, T] -> (logits [B, T, V] float32, updated cache or None)."""
+    hidden, cache = self.trunk(tokens, mask, cache, dropout_key)
+    return self.logits_from_hidden(hidden), cache
+
+
+class ScalarModel(nnx.Module):
+  """Trunk plus a scalar head: a reward model (read at the last real token) or a value model.
+
+  ``head_std`` 0 gives a zero-initialised head (the usual value-model choice);
+  the reward-model default is N(0, 1/sqrt(d_model + 1)).
+  """
+
+  def __init__(self, cfg: DecoderConfig, head_std: float, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.trunk = Trunk(cfg, rngs=rngs)
+    init = nnx.initializers.zeros if head_std == 0 else nnx.initializers.normal(head_std)
+    self.head = layers.param(rngs, init, (cfg.d_model,), cfg.param_dtype, ("embed",))
+    self.head_bias = layers.param(rngs, nnx.initializers.zeros, (), cfg.param_dtype, ())
+
+  def values(self, tokens: Array, mask: Array, dropout_key: Array | None = None) -> Array:
+    """Scalar output at every token: [B, T] float32."""
+    hidden, _ = self.trunk(tokens, mask, None, dropout_key)
+    out = hidden.astype(jnp.float32) @ self.head[...].astype(jnp.float32)
+    return out + self.head_bias[...].astype(jnp.float32)
+
+  def __call__(self, tokens: Array, mask: Array, dropout_key: Array | None = None) -> Array:
+    """Reward [B] float32: the scalar output at the last real token of each row."""
+    values = self.values(tokens, mask, dropout_key)
+    return jnp.take_along_axis(values, last_token_index(mask)[:, None], axis=1)[:, 0]
+
+
+def reward_head_std(cfg: DecoderConfig) -> float:
+  """The RLHF-literature reward head init scale 1/sqrt(d_model + 1)."""
+  return 1.0 / math.sqrt(cfg.d_model + 1)

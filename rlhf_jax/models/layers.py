@@ -1,0 +1,188 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Every parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (one
+name per dimension); ``rlhf_jax.sharding`` maps those names to mesh axes.
+Randomness for dropout is passed explicitly as a key so that steps stay pure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+  """Creates an ``nnx.Param`` from ``init(key, shape, dtype)`` tagged with logical axes."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match shape {shape}")
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout; identity when ``key`` is None or ``rate`` is 0."""
+  if key is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias (GPT-2)."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, ("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a scale (Llama)."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding. x: [B, T, N, Dh], positions: [B, T] int."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, half]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(q_slots: Array, k_slots: Array, key_valid: Array) -> Array:
+  """Causal, padding-aware mask [B, 1, 1, Tq, S]: query slot i may see key slot j <= i that is real."""
+  causal = k_slots[None, :] <= q_slots[:, None]  # [Tq, S]
+  return (causal[None] & key_valid[:, None, :].astype(bool))[:, None, None]
+
+
+class Attention(nnx.Module):
+  """Multi-head (GPT-2) or grouped-query (Llama) attention with an optional KV cache."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    init = nnx.initializers.normal(0.02)
+    out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
+    pd = cfg.param_dtype
+    self.cfg = cfg
+    self.wq = param(rngs, init, (d, h, hd), pd, ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, init, (d, kv, hd), pd, ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, init, (d, kv, hd), pd, ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, out_init, (h, hd, d), pd, ("heads", "head_dim", "embed"))
+    if cfg.use_bias:
+      zeros = nnx.initializers.zeros
+      self.bq = param(rngs, zeros, (h, hd), pd, ("heads", "head_dim"))
+      self.bk = param(rngs, zeros, (kv, hd), pd, ("kv_heads", "head_dim"))
+      self.bv = param(rngs, zeros, (kv, hd), pd, ("kv_heads", "head_dim"))
+      self.bo = param(rngs, zeros, (d,), pd, ("embed",))
+
+  def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
+               cache_kv: tuple[Array, Array] | None, cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+    """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each query.
+
+    Without a cache, keys are this call's tokens and ``key_valid`` is [B, T].
+    With a cache (k, v: [B, S, KV, Dh]) the new keys are written at
+    ``cache_index`` and ``key_valid`` is the cache's [B, S] validity *after*
+    this write.
+    """
+    cfg = self.cfg
+    dt = cfg.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    if cfg.use_bias:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if cfg.flavour == "llama":
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    new_cache = None
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      new_cache = (ck, cv)
+      k, v = ck.astype(dt), cv.astype(dt)
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(hd)
+    mask = attention_mask(q_slots, jnp.arange(k.shape[1]), key_valid)
+    # A finite fill keeps fully-masked rows (pad queries) NaN-free.
+    scores = jnp.where(mask, scores, -1e9)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    if cfg.use_bias:
+      y = y + self.bo[...].astype(dt)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  """GELU MLP (GPT-2) or SwiGLU (Llama)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.d_model, cfg.d_ff, cfg.param_dtype
+    init = nnx.initializers.normal(0.02)
+    out_init = nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.num_layers))
+    self.cfg = cfg
+    self.w_in = param(rngs, init, (d, f), pd, ("embed", "mlp"))
+    if cfg.flavour == "llama":
+      self.w_gate = param(rngs, init, (d, f), pd, ("embed", "mlp"))
+    self.w_out = param(rngs, out_init, (f, d), pd, ("mlp", "embed"))
+    if cfg.use_bias:
+      self.b_in = param(rngs, nnx.initializers.zeros, (f,), pd, ("mlp",))
+      self.b_out = param(rngs, nnx.initializers.zeros, (d,), pd, ("embed",))
+
+  def __call__(self, x: Array) -> Array:
+    dt = self.cfg.dtype
+    h = x @ self.w_in[...].astype(dt)
+    if self.cfg.use_bias:
+      h = h + self.b_in[...].astype(dt)
+    if self.cfg.flavour == "llama":
+      h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * h
+    else:
+      h = jax.nn.gelu(h, approximate=True)
+    y = h @ self.w_out[...].astype(dt)
+    if self.cfg.use_bias:
+      y = y + self.b_out[...].astype(dt)
+    return y
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    norm = RMSNorm if cfg.flavour == "llama" else LayerNorm
+    self.cfg = cfg
+    self.norm_attn = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm_mlp = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key):
+    k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index)
+    x = x + dropout(a, self.cfg.dropout, k1)
+    x = x + dropout(self.mlp(self.norm_mlp(x)), self.cfg.dropout, k2)
+    return x, new_cache

@@ -1,0 +1,71 @@
+"""The language-model train and eval steps shared by pretraining and SFT.
+
+A batch is ``{"tokens", "mask", "loss_mask"}``, each [B, T]; the loss is the
+mean next-token cross-entropy over tokens whose ``loss_mask`` is 1. SFT masks
+prompt tokens; an optional second batch ``"ptx_*"`` of pretraining text is
+mixed in with weight ``ptx_coef``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rlhf_jax import losses
+from rlhf_jax.state import TrainState, step_key
+
+
+def lm_loss(graphdef: nnx.GraphDef, params, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token loss of a decoder on ``batch`` -> (loss, number of target tokens)."""
+  model = nnx.merge(graphdef, params)
+  logits, _ = model(batch["tokens"], batch["mask"], dropout_key=dropout_key)
+  return losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+
+def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, model: str = "policy",
+                 ptx_coef: float = 0.0, use_dropout: bool = False) -> Callable:
+  """Builds ``step(state, batch, frozen) -> (state, metrics)`` for next-token training of ``state.params[model]``.
+
+  With ``ptx_coef > 0`` the batch also holds ``ptx_tokens``/``ptx_mask``/``ptx_loss_mask`` and the
+  objective is ``loss + ptx_coef * ptx_loss``.
+  """
+
+  def step(state: TrainState, batch: dict, frozen: dict):
+    del frozen
+    key = step_key(state) if use_dropout else None
+
+    def objective(params):
+      loss, n = lm_loss(graphdef, params, batch, key)
+      total, aux = loss, {"train/loss": loss, "train/target_tokens": n}
+      if ptx_coef:
+        ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
+        ptx_loss, _ = lm_loss(graphdef, params, ptx, None if key is None else jax.random.fold_in(key, 1))
+        total = total + ptx_coef * ptx_loss
+        aux["train/ptx_loss"] = ptx_loss
+      return total, aux
+
+    (total, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params[model])
+    updates, opt_state = optimizer.update(grads, state.opt_state[model], state.params[model])
+    params = optax.apply_updates(state.params[model], updates)
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/total_loss"] = total
+    new_state = state.replace(step=state.step + 1, params={**state.params, model: params},
+                              opt_state={**state.opt_state, model: opt_state})
+    return new_state, metrics
+
+  return step
+
+
+def make_lm_eval(graphdef: nnx.GraphDef) -> Callable:
+  """Jitted ``eval(params, batch) -> (summed loss, target tokens)`` for exact averaging over batches."""
+
+  @jax.jit
+  def evaluate(params, batch):
+    loss, n = lm_loss(graphdef, params, batch, None)
+    return loss * n, n
+
+  return evaluate

@@ -1,0 +1,59 @@
+"""Run by test_sharding.py in a subprocess with 8 fake CPU devices; prints one JSON line.
+
+Trains the same tiny LM for a few steps on a data=2, fsdp=2, tensor=2 mesh and on one device.
+"""
+
+import json
+import os
+import sys
+
+assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from rlhf_jax import sharding, state as state_lib  # noqa: E402
+from rlhf_jax.models import Decoder, DecoderConfig  # noqa: E402
+from rlhf_jax.stages.lm import make_lm_step  # noqa: E402
+
+
+def train(mesh, flavour, steps=3):
+  rules = sharding.DEFAULT_RULES
+  cfg = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32,
+                      flavour=flavour, num_kv_heads=2 if flavour == "llama" else 0,
+                      scan_layers=flavour == "llama")
+  graphdef, params = sharding.init_sharded(lambda r: Decoder(cfg, rngs=r), jax.random.key(0), mesh, rules)
+  abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1]
+  p_sh = state_lib.param_shardings(abstract, mesh, rules)
+  params = params.to_pure_dict()
+  tx = state_lib.make_optimizer(dict(lr=1e-2, grad_clip=1.0, weight_decay=0.1), steps)
+  st, st_sh = state_lib.create_train_state({"policy": params}, {"policy": tx}, {"policy": p_sh}, mesh, seed=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, 64, size=(8, 16)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[:2, 12:] = 0
+  loss_mask = mask.astype(np.float32)
+  loss_mask[:, 0] = 0
+  batch = sharding.put_batch({"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, mesh, rules)
+  batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+  step = state_lib.compile_step(make_lm_step(graphdef, tx), st_sh, batch_sh, None, mesh)
+  losses = []
+  for _ in range(steps):
+    st, metrics = step(st, batch, None)
+    losses.append(float(metrics["train/loss"]))
+  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(st.params)}
+  specs = {jax.tree_util.keystr(p): str(v.sharding.spec) for p, v in jax.tree_util.tree_leaves_with_path(st.params)}
+  return losses, flat, specs
+
+
+out = {}
+for flavour in ("gpt2", "llama"):
+  big = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  l8, p8, specs = train(big, flavour)
+  l1, p1, _ = train(one, flavour)
+  out[flavour] = {"losses_8": l8, "losses_1": l1,
+                  "max_param_diff": max(float(np.abs(p8[k] - p1[k]).max()) for k in p1),
+                  "specs": specs}
+json.dump(out, sys.stdout)

@@ -1,0 +1,82 @@
+"""Sampler: returned log-probs equal teacher-forced ones; EOS stopping; greedy and top-k/top-p behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax.generate import SamplingConfig, make_sampler, sampling_log_probs
+from rlhf_jax.models import Decoder, DecoderConfig
+
+EOS = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64,
+                      flavour="llama", num_kv_heads=2)
+  return Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+PROMPT = jnp.array([[0, 0, 0, 2, 9, 10], [2, 11, 12, 13, 14, 15], [0, 0, 0, 0, 2, 16]], jnp.int32)
+PROMPT_MASK = (PROMPT > 0).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=12, top_p=0.9, eos_id=EOS),
+    SamplingConfig(max_new_tokens=10, temperature=1.0, eos_id=EOS, stop_at_eos=False),
+])
+def test_log_probs_equal_teacher_forcing(model, sampling):
+  graphdef, params = nnx.split(model)
+  sample = make_sampler(graphdef, sampling)(params, PROMPT, PROMPT_MASK, jax.random.key(0))
+  tokens = jnp.concatenate([PROMPT, sample.tokens], axis=1)
+  mask = jnp.concatenate([PROMPT_MASK, sample.mask], axis=1)
+  logits, _ = model(tokens, mask)
+  p = PROMPT.shape[1]
+  log_probs = sampling_log_probs(logits[:, p - 1:-1], sampling)
+  forced = jnp.take_along_axis(log_probs, sample.tokens[..., None], axis=-1)[..., 0]
+  real = np.asarray(sample.mask, bool)
+  assert real.sum() > 0
+  np.testing.assert_allclose(np.asarray(sample.log_probs)[real], np.asarray(forced)[real], atol=2e-5)
+  assert np.all(np.asarray(sample.log_probs)[~real] == 0)
+
+
+def test_eos_stops_row_and_masks_are_prefixes(model):
+  graphdef, params = nnx.split(model)
+  # Make EOS likely so rows stop at different times.
+  params = jax.tree.map(lambda x: x, params)
+  sampling = SamplingConfig(max_new_tokens=12, temperature=3.0, eos_id=EOS)
+  sample = make_sampler(graphdef, sampling)(params, PROMPT, PROMPT_MASK, jax.random.key(5))
+  tokens, mask = np.asarray(sample.tokens), np.asarray(sample.mask)
+  for row_tokens, row_mask in zip(tokens, mask):
+    n = row_mask.sum()
+    assert np.all(row_mask[:n] == 1) and np.all(row_mask[n:] == 0)
+    assert np.all(row_tokens[n:] == 0)
+    assert EOS not in row_tokens[:max(n - 1, 0)]
+    if n < len(row_mask):
+      assert row_tokens[n - 1] == EOS
+
+
+def test_greedy_is_deterministic_and_argmax(model):
+  graphdef, params = nnx.split(model)
+  sampling = SamplingConfig(max_new_tokens=6, greedy=True, stop_at_eos=False, eos_id=EOS)
+  sampler = make_sampler(graphdef, sampling)
+  a = sampler(params, PROMPT, PROMPT_MASK, jax.random.key(0))
+  b = sampler(params, PROMPT, PROMPT_MASK, jax.random.key(1))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  logits, _ = model(PROMPT, PROMPT_MASK)
+  np.testing.assert_array_equal(a.tokens[:, 0], jnp.argmax(logits[:, -1], -1))
+
+
+def test_top_k_and_top_p_restrict_support():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  top2 = jnp.exp(sampling_log_probs(logits, SamplingConfig(1, top_k=2)))
+  np.testing.assert_allclose(top2, [[0.625, 0.375, 0, 0]], atol=1e-6)
+  nucleus = jnp.exp(sampling_log_probs(logits, SamplingConfig(1, top_p=0.7)))
+  np.testing.assert_allclose(nucleus, [[0.625, 0.375, 0, 0]], atol=1e-6)
+  hot = jnp.exp(sampling_log_probs(logits, SamplingConfig(1, temperature=2.0)))
+  ref = np.sqrt([0.5, 0.3, 0.15, 0.05])
+  np.testing.assert_allclose(hot[0], ref / ref.sum(), atol=1e-6)
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingConfig(1, top_p=0.0)
