@@ -69,7 +69,7 @@ def base_config() -> ConfigDict:
   # Where the data comes from: a built-in task (default) or user JSONL files.
   c.task = ConfigDict(dict(name="instruct", labeler_temperature=-1.0, demo_quality=-1.0))  # -1: task default
   c.data = ConfigDict(dict(
-      pretraining_file="", demonstrations_file="", comparisons_file="", prompts_file="",
+      pretraining_file="", demonstrations_file="", comparisons_file="", scored_file="", prompts_file="",
       prompt_len=24, response_len=24, seq_len=48))
   c.tokenizer = ConfigDict(dict(path="", vocab_size=1024, model_type="unigram", byte_fallback=True))
 

@@ -1,0 +1,204 @@
+"""Metrics sinks of a workdir: `metrics.jsonl`, `tensorboard/STAGE/`, `summary.json`.
+
+`metrics.jsonl` holds one JSON object per line: `{"stage": ..., "step": ...,
+"<metric name>": value, ...}`. Values are Python ints/floats/bools; NaN and
+infinities are written as `null` so every line is standard JSON (TensorBoard
+still receives the raw non-finite value). Only newline-terminated lines count:
+a final partial line left by a killed process is ignored by `read_metrics`
+and dropped when a writer reopens the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
+_RESERVED = ("stage", "step")
+
+
+def _scalar(name: str, value: Any) -> int | float | bool:
+  """Converts a Python/numpy/jax scalar to a Python number."""
+  if hasattr(value, "__array__") and not isinstance(value, np.generic):
+    value = np.asarray(value)
+    if value.size != 1:
+      raise ValueError(f"metric {name!r} is not a scalar (shape {value.shape})")
+    value = value.reshape(())[()]
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, (numbers.Real, np.generic)):
+    try:  # np.generic covers ml_dtypes scalars such as bfloat16
+      return float(value)
+    except (TypeError, ValueError):
+      pass
+  raise TypeError(f"metric {name!r} has non-numeric value {value!r}")
+
+
+def _json_value(value: int | float | bool) -> int | float | bool | None:
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def _complete_lines(path: str) -> tuple[list[str], int]:
+  """Newline-terminated lines of `path` and the byte length they span."""
+  with open(path, "rb") as f:
+    data = f.read()
+  end = data.rfind(b"\n") + 1
+  return data[:end].decode("utf-8").splitlines(), end
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str | os.PathLike[str], stage: str | None = None) -> list[dict[str, Any]]:
+  """Parses `workdir/metrics.jsonl` (optionally one stage's lines).
+
+  A final line without a newline (a process killed mid-write) is ignored;
+  any other malformed line raises ValueError.
+  """
+  path = os.path.join(os.fspath(workdir), METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  lines, _ = _complete_lines(path)
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{i + 1}: malformed metrics line") from e
+    if stage is None or row.get("stage") == stage:
+      rows.append(row)
+  return rows
+
+
+class MetricsWriter:
+  """Appends metrics to a workdir's JSONL and TensorBoard files.
+
+  With `is_primary=False` (non-zero processes of a multi-host run) every
+  method is a no-op and nothing is created on disk.
+  """
+
+  def __init__(self, workdir: str | os.PathLike[str], is_primary: bool = True):
+    self.workdir = os.fspath(workdir)
+    self.is_primary = is_primary
+    self._path = os.path.join(self.workdir, METRICS_FILE)
+    self._file = None
+    self._tb: dict[str, Any] = {}
+    if is_primary:
+      os.makedirs(self.workdir, exist_ok=True)
+      self._open()
+
+  def _open(self) -> None:
+    if os.path.exists(self._path):
+      _, end = _complete_lines(self._path)
+      if end != os.path.getsize(self._path):
+        os.truncate(self._path, end)  # drop a partial line from a killed run
+    self._file = open(self._path, "a", encoding="utf-8")
+
+  def _require_open(self) -> Any:
+    if self._file is None:
+      raise RuntimeError(f"MetricsWriter for {self.workdir} is closed")
+    return self._file
+
+  def _tensorboard(self, stage: str, purge_step: int | None = None) -> Any:
+    if stage not in self._tb or purge_step is not None:
+      if stage in self._tb:
+        self._tb.pop(stage).close()
+      self._tb[stage] = SummaryWriter(
+          logdir=os.path.join(self.workdir, TENSORBOARD_DIR, stage),
+          purge_step=purge_step,
+          flush_secs=10,
+      )
+    return self._tb[stage]
+
+  def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
+    """Appends one line `{stage, step, **metrics}` and logs scalars to TensorBoard."""
+    if not self.is_primary:
+      return
+    if clash := [k for k in metrics if k in _RESERVED]:
+      raise ValueError(f"metric names {clash} are reserved")
+    step = int(step)
+    values = {k: _scalar(k, v) for k, v in metrics.items()}
+    row = {"stage": stage, "step": step}
+    row.update((k, _json_value(v)) for k, v in values.items())
+    self._require_open().write(json.dumps(row, allow_nan=False) + "\n")
+    self._file.flush()
+    tb = self._tensorboard(stage)
+    for k, v in values.items():
+      tb.add_scalar(k, float(v), step)
+
+  def truncate_after(self, stage: str, step: int) -> None:
+    """Drops `stage` lines with a step greater than `step` (call on resume).
+
+    Other stages' lines are kept in order; the file is rewritten atomically.
+    TensorBoard events of `stage` after `step` are purged (hidden) as well.
+    """
+    if not self.is_primary:
+      return
+    self._require_open().close()
+    lines, _ = _complete_lines(self._path) if os.path.exists(self._path) else ([], 0)
+    kept = []
+    for line in lines:
+      row = json.loads(line) if line.strip() else None
+      if row is not None and not (row.get("stage") == stage and row.get("step", -1) > step):
+        kept.append(line + "\n")
+    _atomic_write(self._path, "".join(kept))
+    self._open()
+    self._tensorboard(stage, purge_step=int(step) + 1)
+
+  def write_summary(self, stage: str, metrics: Mapping[str, Any]) -> None:
+    """Merges `metrics` into `summary.json[stage]` atomically; other stages are kept.
+
+    Keys already present for `stage` and absent from `metrics` are kept.
+    """
+    if not self.is_primary:
+      return
+    path = os.path.join(self.workdir, SUMMARY_FILE)
+    summary: dict[str, Any] = {}
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    entry = dict(summary.get(stage, {}))
+    entry.update((k, _json_value(_scalar(k, v))) for k, v in metrics.items())
+    summary[stage] = entry
+    _atomic_write(path, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+  def flush(self) -> None:
+    """Flushes TensorBoard event files (the JSONL is flushed on every write)."""
+    for tb in self._tb.values():
+      tb.flush()
+
+  def close(self) -> None:
+    """Closes all files; further writes are errors."""
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    for tb in self._tb.values():
+      tb.close()
+    self._tb.clear()
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()

@@ -1,0 +1,177 @@
+"""What every stage needs from the run: mesh, tokenizer, task, datasets, model init and param hand-off.
+
+Stages hand models to each other through ``WORKDIR/STAGE/params/`` (the
+final parameters, an Orbax checkpoint restored straight into the reading
+stage's shardings), so a later stage never depends on an earlier stage's
+optimizer or mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from rlhf_jax import sharding, state as state_lib, tasks
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.data import formats, tfds_datasets
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
+
+# Record kinds a stage can ask for, and the config key of the user file for each.
+USER_FILE_KEYS = {"pretraining": "pretraining_file", "demonstrations": "demonstrations_file",
+                  "comparisons": "comparisons_file", "scored": "scored_file", "prompts": "prompts_file"}
+# A user file has no split of its own: every HELD_OUT_EVERY-th record is held out as "test".
+HELD_OUT_EVERY = 10
+
+
+class StageError(RuntimeError):
+  """A stage cannot run with what the workdir and config give it."""
+
+
+@dataclasses.dataclass
+class StageContext:
+  """Shared plumbing for one run of the pipeline (one per process)."""
+
+  config: ConfigDict
+  workdir: str
+  mesh: Mesh
+  metrics: MetricsWriter
+
+  @property
+  def rules(self) -> tuple:
+    return tuple(tuple(r) for r in self.config.sharding.rules)
+
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == 0
+
+  def stage_dir(self, stage: str) -> str:
+    return os.path.join(self.workdir, stage)
+
+  # --- task and tokenizer -------------------------------------------------
+
+  @functools.cached_property
+  def task(self) -> tasks.Task:
+    """The built-in task (simulated labelers and gold score), seeded by ``config.seed``."""
+    options = {k: v for k, v in (("labeler_temperature", self.config.task.labeler_temperature),
+                                 ("demo_quality", self.config.task.demo_quality)) if v >= 0}
+    return tasks.get(self.config.task.name, seed=self.config.seed, **options)
+
+  @property
+  def tokenizer_path(self) -> str:
+    return self.config.tokenizer.path or os.path.join(self.stage_dir("tokenizer"), "spm.model")
+
+  @functools.cached_property
+  def tokenizer(self) -> Tokenizer:
+    path = self.tokenizer_path
+    if not os.path.isfile(path):
+      raise StageError(f"no tokenizer at {path}: run the 'tokenizer' stage first or set tokenizer.path")
+    return Tokenizer.load(path)
+
+  # --- data ---------------------------------------------------------------
+
+  def _records_for(self, kind: str) -> dict[str, list[dict]]:
+    user_file = self.config.data[USER_FILE_KEYS[kind]] if kind in USER_FILE_KEYS else ""
+    if user_file:
+      records = formats.read_records(user_file, kind)
+      test = records[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+      train = [r for i, r in enumerate(records) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+      if not train or not test:
+        raise formats.DataError(f"{user_file}: needs at least {HELD_OUT_EVERY} records to hold some out")
+      return {"train": train, "test": test}
+    if kind == "pretraining":
+      return {s: [{"text": t} for t in self.task.pretraining_text(s)] for s in ("train", "test")}
+    if kind == "demonstrations":
+      return {s: self.task.demonstrations(s) for s in ("train", "test")}
+    if kind == "prompts":
+      return {s: [{"prompt": p} for p in self.task.prompts(s)] for s in ("train", "test")}
+    if kind == "scored":
+      raise StageError("direct-score reward training needs data.scored_file (JSONL of prompt, response, score)")
+    if kind == "comparisons":
+      path = os.path.join(self.stage_dir("label"), "comparisons.jsonl")
+      if not os.path.isfile(path):
+        raise StageError(f"no comparisons: run the 'label' stage first (missing {path}) "
+                         "or set data.comparisons_file")
+      records = formats.read_records(path, kind)
+      held = min(self.config.reward.eval_comparisons, max(len(records) // 5, 1))
+      return {"train": records[held:], "test": records[:held]}
+    raise StageError(f"unknown data kind {kind!r}")
+
+  def records(self, kind: str, split: str) -> tfds_datasets.RecordSource:
+    """A random-access source of ``kind`` records for ``split``, built once as a TFDS dataset."""
+    data_dir = os.path.join(self.workdir, "data")
+    if not os.path.isdir(tfds_datasets.dataset_path(data_dir, kind)):
+      if self.is_primary:
+        tfds.disable_progress_bar()
+        tfds_datasets.build_dataset(self._records_for(kind), kind, data_dir, kind)
+      sync(f"dataset-{kind}")
+    return tfds_datasets.load_data_source(data_dir, kind, split)
+
+  def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Places this host's rows of a batch on the mesh."""
+    return sharding.put_batch(batch, self.mesh, self.rules)
+
+  # --- models -------------------------------------------------------------
+
+  @functools.cached_property
+  def model_config(self) -> DecoderConfig:
+    values = self.config.model.to_dict()
+    values["vocab_size"] = self.tokenizer.vocab_size
+    return DecoderConfig.from_mapping(values)
+
+  def model_factory(self, kind: str, head_std: float = 0.0) -> Callable[[nnx.Rngs], nnx.Module]:
+    """``make(rngs)`` for a ``"lm"`` decoder or a ``"scalar"`` (reward/value) model."""
+    cfg = self.model_config
+    if kind == "lm":
+      return lambda rngs: Decoder(cfg, rngs=rngs)
+    if kind == "scalar":
+      return lambda rngs: ScalarModel(cfg, head_std, rngs=rngs)
+    raise ValueError(kind)
+
+  def init_model(self, kind: str, key: jax.Array, head_std: float = 0.0) -> tuple[nnx.GraphDef, dict, dict]:
+    """Sharded init -> (graphdef, params as a plain dict, matching shardings)."""
+    graphdef, params = sharding.init_sharded(self.model_factory(kind, head_std), key, self.mesh, self.rules)
+    return graphdef, params.to_pure_dict(), self.param_shardings(kind)
+
+  def param_shardings(self, kind: str) -> dict:
+    abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1]
+    return state_lib.param_shardings(abstract, self.mesh, self.rules)
+
+  def graphdef(self, kind: str) -> nnx.GraphDef:
+    return nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[0]
+
+  # --- hand-off between stages ---------------------------------------------
+
+  def save_params(self, stage: str, params: dict, extra: dict | None = None) -> None:
+    """Writes a stage's final params (and JSON ``extra``) to ``STAGE/params``."""
+    with Checkpointer(os.path.join(self.stage_dir(stage), "params"), save_every=1, keep=1,
+                      async_save=False) as ckpt:
+      ckpt.save(0, params, extra or {}, force=True)
+
+  def load_params(self, stage: str, kind: str) -> tuple[dict, dict]:
+    """Restores ``STAGE/params`` onto this run's mesh -> (params, extra)."""
+    directory = os.path.join(self.stage_dir(stage), "params")
+    if not os.path.isdir(directory):
+      raise StageError(f"missing checkpoint of stage '{stage}' ({directory}): run that stage first")
+    shardings = self.param_shardings(kind)
+    abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1].to_pure_dict()
+    target = state_lib.abstract_like(abstract, shardings)
+    with Checkpointer(directory, read_only=True) as ckpt:
+      return ckpt.restore(target)
+
+
+def sync(name: str) -> None:
+  """Barrier across hosts (no-op on one host)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,91 @@
+"""The train loop every trained stage shares: resume, step, log, evaluate, checkpoint, NaN guard.
+
+Batches and RNG keys are functions of the step number only, so a stage
+restored from a checkpoint at step n continues exactly as an uninterrupted
+run would; metrics lines past the restored step are dropped on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+
+from rlhf_jax import state as state_lib
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.progress import Progress
+from rlhf_jax.stages.context import StageContext, StageError
+from rlhf_jax.state import TrainState
+
+
+class NonFiniteError(StageError):
+  """A loss or metric became NaN/inf; the last good checkpoint is kept."""
+
+
+def check_finite(stage: str, step: int, metrics: Mapping[str, Any]) -> None:
+  """Raises ``NonFiniteError`` naming the stage, step and offending metric."""
+  for name, value in metrics.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise NonFiniteError(f"stage '{stage}' step {step}: {name} = {value}; stopping, the last good "
+                           "checkpoint is kept")
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """One host fetch of a metrics dict -> Python floats."""
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: TrainState,
+             step_fn: Callable[[TrainState, Any, Any], tuple[TrainState, Any]],
+             make_batch: Callable[[int, TrainState], tuple[Any, dict[str, float]]],
+             total_steps: int, loop_cfg: Mapping[str, Any], frozen: Any = None,
+             evaluate: Callable[[TrainState, int], dict[str, float]] | None = None,
+             checkpoint_extra: Callable[[TrainState], dict] | None = None) -> tuple[TrainState, dict[str, float]]:
+  """Runs ``step_fn`` from the last checkpoint (if any) to ``total_steps``.
+
+  make_batch(step, state) -> (device batch, host-side metrics such as truncation counts);
+  evaluate(state, step) -> eval metrics, called every ``eval_every`` steps and at the end.
+  Returns the final state and the last eval metrics.
+  """
+  directory = os.path.join(ctx.stage_dir(stage), "checkpoints")
+  ckpt = Checkpointer(directory, save_every=loop_cfg["checkpoint_every"], keep=loop_cfg["keep_checkpoints"],
+                      async_save=loop_cfg["async_checkpoints"])
+  start = ckpt.latest_step() or 0
+  if start:
+    state, _ = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
+    ctx.metrics.truncate_after(stage, start)
+  progress = Progress(stage, total_steps, start_step=start, enabled=ctx.is_primary)
+  log_every, eval_every = loop_cfg["log_every"], loop_cfg.get("eval_every", 0)
+  last_eval: dict[str, float] = {}
+  pending_host: dict[str, float] = {}
+  try:
+    for step in range(start, total_steps):
+      batch, host_metrics = make_batch(step, state)
+      for k, v in host_metrics.items():
+        pending_host[k] = pending_host.get(k, 0.0) + v
+      state, metrics = step_fn(state, batch, frozen)
+      done = step + 1
+      will_save = done % ckpt.save_every == 0 or done == total_steps
+      if done % log_every == 0 or will_save:
+        values = to_floats(metrics)
+        check_finite(stage, done, values)
+        values.update(pending_host)
+        pending_host = {}
+        ctx.metrics.write(stage, done, values)
+        progress.update(done, {k: v for k, v in values.items() if k.endswith("loss") or k.startswith("rollout/")})
+      if evaluate is not None and eval_every and done % eval_every == 0 and done != total_steps:
+        last_eval = evaluate(state, done)
+        ctx.metrics.write(stage, done, last_eval)
+      if will_save:
+        extra = checkpoint_extra(state) if checkpoint_extra else {}
+        ckpt.save(done, state, extra, force=done == total_steps)
+    if evaluate is not None:
+      last_eval = evaluate(state, total_steps)
+      ctx.metrics.write(stage, total_steps, last_eval)
+  finally:
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+  return state, last_eval

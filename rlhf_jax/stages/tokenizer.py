@@ -1,0 +1,24 @@
+"""tokenizer stage: train a sentencepiece model on the run's text, or take ``tokenizer.path``."""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_jax.data.tokenizer import train_tokenizer
+from rlhf_jax.stages.context import StageContext, sync
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+  """Trains ``WORKDIR/tokenizer/spm.model`` on pretraining text, demonstrations and prompts (train split)."""
+  cfg = ctx.config.tokenizer
+  if cfg.path:
+    return {"tokenizer/vocab_size": float(ctx.tokenizer.vocab_size)}
+  if ctx.is_primary:
+    texts = [r["text"] for r in ctx.records("pretraining", "train")]
+    texts += [r["prompt"] + "\n" + r["response"] for r in ctx.records("demonstrations", "train")]
+    texts += [r["prompt"] for r in ctx.records("prompts", "train")]
+    os.makedirs(ctx.stage_dir("tokenizer"), exist_ok=True)
+    train_tokenizer(texts, ctx.tokenizer_path, cfg.vocab_size, model_type=cfg.model_type,
+                    byte_fallback=cfg.byte_fallback, seed=ctx.config.seed, hard_vocab_limit=False)
+  sync("tokenizer")
+  return {"tokenizer/vocab_size": float(ctx.tokenizer.vocab_size)}

@@ -1,0 +1,215 @@
+"""PPO: experience matches the sampler and the reward definitions; the update touches only what it should; PPO learns."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlhf_jax import sharding, state as state_lib
+from rlhf_jax.generate import Sample, SamplingConfig, make_sampler
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
+from rlhf_jax.rl.ppo import (Experience, PPOConfig, make_experience, make_experience_fn, make_ppo_update,
+                             truncate_after_stop, value_head_params)
+from rlhf_jax.state import TrainState, seed_key_data
+
+EOS, PAD = 3, 0
+MODEL = DecoderConfig(vocab_size=16, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_len=32)
+PROMPT = jnp.array([[0, 0, 2, 9], [2, 11, 12, 13], [0, 0, 0, 2], [0, 2, 5, 6]], jnp.int32)
+PROMPT_MASK = (PROMPT > 0).astype(jnp.int32)
+SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.3, eos_id=EOS)
+
+
+def pure_split(module):
+  graphdef, params = nnx.split(module)
+  return graphdef, params.to_pure_dict()
+
+
+@pytest.fixture(scope="module")
+def models():
+  policy_g, policy = pure_split(Decoder(MODEL, rngs=nnx.Rngs(0)))
+  _, ref = pure_split(Decoder(MODEL, rngs=nnx.Rngs(1)))
+  value_g, value = pure_split(ScalarModel(MODEL, 0.1, rngs=nnx.Rngs(2)))
+  reward_g, reward = pure_split(ScalarModel(MODEL, 0.5, rngs=nnx.Rngs(3)))
+  return dict(policy_g=policy_g, policy=policy, ref=ref, value_g=value_g, value=value, reward_g=reward_g,
+              reward=reward)
+
+
+def rollout(models, sampling, key=0):
+  return make_sampler(models["policy_g"], sampling)(models["policy"], PROMPT, PROMPT_MASK, jax.random.key(key))
+
+
+def experience(models, cfg, sample, beta=0.1, ref=None, score=None, prompt=PROMPT, prompt_mask=PROMPT_MASK):
+  fn = make_experience_fn(models["policy_g"], models["value_g"], models["reward_g"], cfg)
+  return fn(models["policy"], models["ref"] if ref is None else ref, models["value"], models["reward"],
+            prompt, prompt_mask, sample, beta, score)
+
+
+@pytest.mark.parametrize("sampling", [SAMPLING, SamplingConfig(6, temperature=0.7, top_k=5, top_p=0.9, eos_id=EOS)])
+def test_teacher_forced_log_probs_match_sampler(models, sampling):
+  sample = rollout(models, sampling)
+  exp, metrics = experience(models, PPOConfig(sampling=sampling), sample)
+  real = np.asarray(sample.mask, bool)
+  np.testing.assert_allclose(np.asarray(exp.log_probs)[real], np.asarray(sample.log_probs)[real], atol=2e-5)
+  assert float(metrics["rollout/logprob_diff"]) < 1e-5
+  assert np.all(np.asarray(exp.log_probs)[~real] == 0)
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_against_itself_is_zero(models, estimator):
+  sample = rollout(models, SAMPLING)
+  cfg = PPOConfig(sampling=SAMPLING, kl_estimator=estimator)
+  exp, metrics = experience(models, cfg, sample, beta=0.5, ref=models["policy"])
+  np.testing.assert_allclose(exp.kl, 0.0, atol=1e-6)
+  assert abs(float(metrics["rollout/kl"])) < 1e-5 and abs(float(metrics["rollout/kl_penalty"])) < 1e-5
+  # Against a different reference the penalty is not zero.
+  _, other = experience(models, cfg, sample, beta=0.5)
+  assert abs(float(other["rollout/kl"])) > 1e-3
+
+
+def test_returns_are_score_to_go_without_discount_or_kl(models):
+  sample = rollout(models, SAMPLING, key=3)
+  cfg = PPOConfig(sampling=SAMPLING, gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False)
+  exp, metrics = experience(models, cfg, sample, beta=0.0)
+  full = jnp.concatenate([PROMPT, sample.tokens], 1)
+  full_mask = jnp.concatenate([PROMPT_MASK, sample.mask], 1)
+  rm = nnx.merge(models["reward_g"], models["reward"])(full, full_mask)
+  np.testing.assert_allclose(exp.score, rm, atol=1e-5)
+  real = np.asarray(sample.mask, bool)
+  expected = np.broadcast_to(np.asarray(rm)[:, None], real.shape)
+  np.testing.assert_allclose(np.asarray(exp.returns)[real], expected[real], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(exp.advantages + exp.values)[real], expected[real], atol=1e-5)
+  # Values are read before each response token: the first one at the last prompt column.
+  v_all = nnx.merge(models["value_g"], models["value"]).values(full, full_mask)
+  np.testing.assert_allclose(exp.values[:, 0], v_all[:, PROMPT.shape[1] - 1], atol=1e-5)
+  assert abs(float(metrics["rollout/rm_score"]) - float(rm.mean())) < 1e-5
+
+
+def hand_sample():
+  tokens = jnp.array([[5, 7, 3, 0, 0, 0], [5, 6, 5, 6, 5, 6], [7, 7, 8, 9, 10, 11], [4, 4, 4, 4, 3, 0]], jnp.int32)
+  mask = jnp.array([[1, 1, 1, 0, 0, 0], [1] * 6, [1] * 6, [1, 1, 1, 1, 1, 0]], jnp.int32)
+  return Sample(tokens=tokens, log_probs=jnp.zeros(tokens.shape), mask=mask)
+
+
+def test_no_eos_penalty_and_truncation_change_the_score(models):
+  sample = hand_sample()
+  base = PPOConfig(sampling=SAMPLING)
+  gold = jnp.array([1.0, 2.0, 3.0, 4.0])
+  exp, metrics = experience(models, dataclasses.replace(base, no_eos_penalty=-10.0), sample, score=gold)
+  np.testing.assert_allclose(exp.score, [1.0, -8.0, -7.0, 4.0])
+  assert float(metrics["rollout/no_eos_fraction"]) == 0.5
+  np.testing.assert_allclose(metrics["rollout/rm_score"], 2.5)
+
+  truncating = dataclasses.replace(base, truncate_at_stop=True, stop_token=7, no_eos_penalty=-10.0)
+  exp_t, metrics_t = experience(models, truncating, sample)
+  tokens, mask = truncate_after_stop(sample.tokens, sample.mask, 7, PAD)
+  np.testing.assert_array_equal(mask, [[1, 1, 0, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(exp_t.mask, mask)
+  np.testing.assert_array_equal(exp_t.tokens[2], [7, 0, 0, 0, 0, 0])
+  rm = nnx.merge(models["reward_g"], models["reward"])
+  truncated = rm(jnp.concatenate([PROMPT, tokens], 1), jnp.concatenate([PROMPT_MASK, mask], 1))
+  untruncated = rm(jnp.concatenate([PROMPT, sample.tokens], 1), jnp.concatenate([PROMPT_MASK, sample.mask], 1))
+  # Row 1 never stops: penalised; rows 0 and 2 stop at the stop token, row 3 at EOS.
+  np.testing.assert_allclose(exp_t.score, truncated + jnp.array([0.0, -10.0, 0.0, 0.0]), atol=1e-5)
+  assert abs(float(exp_t.score[2] - untruncated[2])) > 1e-4
+  assert float(metrics_t["rollout/response_length"]) == mask.sum() / 4
+  # Trained tokens stop at the truncation too.
+  assert np.all(np.asarray(exp_t.log_probs)[~np.asarray(mask, bool)] == 0)
+
+
+def make_state(params, txs, seed=0):
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state={k: txs[k].init(params[k]) for k in params}, rng=seed_key_data(seed), scalars={})
+
+
+def test_update_with_zero_advantages_only_moves_the_value_model(models):
+  sample = rollout(models, SAMPLING, key=1)
+  cfg = PPOConfig(sampling=SAMPLING, epochs=2, minibatches=2, entropy_coef=0.0, ptx_coef=0.0)
+  exp, _ = experience(models, cfg, sample)
+  exp = exp.replace(advantages=jnp.zeros_like(exp.advantages))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.0))
+  state = make_state({"policy": models["policy"], "value": models["value"]}, {"policy": tx, "value": tx})
+  update = jax.jit(make_ppo_update(models["policy_g"], models["value_g"], tx, tx, cfg))
+  new, metrics = update(state, {"experience": exp, "ptx": None})
+  jax.tree.map(np.testing.assert_array_equal, new.params["policy"], models["policy"])
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params["value"],
+                                       models["value"]))
+  assert max(moved) > 1e-4
+  assert int(new.step) == 1
+  assert float(metrics["train/approx_kl"]) < 1e-6 and float(metrics["train/clip_frac"]) == 0.0
+  assert float(metrics["train/policy_grad_norm"]) == 0.0 and float(metrics["train/value_loss"]) > 0
+  assert "train/ptx_loss" not in metrics
+
+
+def test_shared_value_head_with_ptx_through_compile_step(models):
+  sampling = SamplingConfig(6, temperature=0.9, top_k=6, top_p=0.9, eos_id=EOS)
+  cfg = PPOConfig(sampling=sampling, epochs=2, minibatches=2, entropy_coef=0.01, ptx_coef=0.5,
+                  whiten_rewards=True, kl_estimator="k3")
+  head = value_head_params(MODEL)
+  sample = rollout(models, sampling, key=2)
+  exp, metrics = jax.jit(make_experience, static_argnums=(0, 3, 5, 11, 12))(
+      models["policy_g"], models["policy"], models["ref"], None, head, models["reward_g"], models["reward"],
+      PROMPT, PROMPT_MASK, sample, 0.1, cfg, "shared")
+  np.testing.assert_array_equal(exp.values, 0.0)  # zero-initialised head
+  rng = np.random.default_rng(0)
+  ptx = {"tokens": jnp.asarray(rng.integers(4, 16, (2, 8)), jnp.int32), "mask": jnp.ones((2, 8), jnp.int32),
+         "loss_mask": jnp.ones((2, 8), jnp.float32).at[:, 0].set(0.0)}
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  rep = sharding.replicated(mesh)
+  txs = {"policy": state_lib.make_optimizer(dict(lr=1e-2, grad_clip=1.0), 10),
+         "value": state_lib.make_optimizer(dict(lr=1e-2), 10)}
+  params = {"policy": models["policy"], "value": head}
+  state, state_sh = state_lib.create_train_state(params, txs, jax.tree.map(lambda _: rep, params), mesh, seed=0)
+  batch = {"experience": exp, "ptx": ptx}
+  step = state_lib.compile_step(make_ppo_update(models["policy_g"], None, txs["policy"], txs["value"], cfg, "shared"),
+                                state_sh, jax.tree.map(lambda _: rep, batch), None, mesh)
+  new, metrics = step(state, batch, None)
+  assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+  assert float(metrics["train/ptx_loss"]) > 0
+  for tree in (new.params["value"], new.params["policy"]["trunk"]):
+    old = params["value"] if tree is new.params["value"] else models["policy"]["trunk"]
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), tree, old))) > 1e-5
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+  assert int(new.step) == 1
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="kl_estimator"):
+    PPOConfig(sampling=SAMPLING, kl_estimator="k4")
+  with pytest.raises(ValueError, match="unknown ppo config keys"):
+    PPOConfig.from_mapping({"epoch": 2}, SAMPLING)
+  assert PPOConfig.from_mapping({"epochs": 2}, SAMPLING).epochs == 2
+
+
+def test_ppo_raises_a_simple_reward():
+  """A random tiny policy learns to emit a target token; reward = its fraction of the response."""
+  target, vocab = 5, 8
+  cfg_m = DecoderConfig(vocab_size=vocab, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_len=16)
+  policy_g, policy = pure_split(Decoder(cfg_m, rngs=nnx.Rngs(0)))
+  value_g, value = pure_split(ScalarModel(cfg_m, 0.0, rngs=nnx.Rngs(1)))
+  sampling = SamplingConfig(max_new_tokens=6, eos_id=EOS, stop_at_eos=False)
+  cfg = PPOConfig(sampling=sampling, epochs=2, minibatches=2, lam=0.95, value_clip=1.0)
+  tx = optax.adam(3e-3)
+  state = make_state({"policy": policy, "value": value}, {"policy": tx, "value": tx})
+  sampler = make_sampler(policy_g, sampling)
+  experience_fn = make_experience_fn(policy_g, value_g, None, cfg)
+  update = jax.jit(make_ppo_update(policy_g, value_g, tx, tx, cfg))
+  rng = np.random.default_rng(0)
+  prompt = jnp.asarray(np.concatenate([np.full((32, 1), 2), rng.integers(4, vocab, (32, 2))], 1), jnp.int32)
+  prompt_mask = jnp.ones_like(prompt)
+  scores = []
+  for it in range(15):
+    sample = sampler(state.params["policy"], prompt, prompt_mask, jax.random.key(it))
+    score = ((sample.tokens == target) * sample.mask).sum(1) / sample.mask.sum(1)
+    exp, metrics = experience_fn(state.params["policy"], policy, state.params["value"], None, prompt, prompt_mask,
+                                 sample, 0.01, score)
+    state, _ = update(state, {"experience": exp, "ptx": None})
+    scores.append(float(metrics["rollout/rm_score"]))
+  assert scores[0] < 0.3
+  assert np.mean(scores[-3:]) > scores[0] + 0.3, scores
+  assert float(metrics["rollout/kl"]) > 0
