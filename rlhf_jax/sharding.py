@@ -136,7 +136,11 @@ def init_sharded(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, mesh: M
 
 
 def batch_sharding(mesh: Mesh, rules: Iterable[Sequence[Any]], ndim: int) -> NamedSharding:
-  """Sharding of a batch array [B, ...]: rows split as the ``batch`` rule says, the rest replicated."""
+  """Sharding of a batch array [B, ...]: rows split as the ``batch`` rule says, the rest replicated.
+
+  A scalar (ndim 0) is replicated."""
+  if ndim == 0:
+    return NamedSharding(mesh, PartitionSpec())
   axes = _rules_dict(rules).get(BATCH)
   if axes is not None:
     axes_t = (axes,) if isinstance(axes, str) else tuple(axes)

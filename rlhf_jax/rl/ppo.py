@@ -49,6 +49,7 @@ Array = jax.Array
 PyTree = Any
 ValueMode = Literal["separate", "shared"]
 _VALUE_MODES = ("separate", "shared")
+MIN_LOG_PROB = -30.0  # nats; floor for tokens outside the (top-k/top-p) support
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +164,13 @@ def _entropy(log_probs: Array) -> Array:
 
 
 def _picked(log_probs: Array, tokens: Array, mask: Array) -> Array:
-  """Log-prob [B, N] of each token from log_probs [B, N, V]; 0 where mask is 0 (pads may have -inf)."""
+  """Log-prob [B, N] of each token from log_probs [B, N, V], floored at ``MIN_LOG_PROB``; 0 where mask is 0.
+
+  Under top-k/top-p a token the old policy sampled can leave the updated policy's support (-inf); the
+  floor keeps its ratio ~0 (no gradient) and the KL diagnostics finite.
+  """
   lp = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-  return jnp.where(mask.astype(bool), lp, 0.0)
+  return jnp.where(mask.astype(bool), jnp.maximum(lp, MIN_LOG_PROB), 0.0)
 
 
 def _window(x: Array, p: int, n: int) -> Array:
@@ -324,6 +329,7 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
       "train/entropy": entropy,
       "train/clip_frac": pm["clip_frac"],
       "train/approx_kl": pm["approx_kl_k3"],
+      "train/out_of_support_frac": masked_mean((log_probs <= MIN_LOG_PROB).astype(jnp.float32), exp.mask),
       "train/value_clip_frac": vm["value_clip_frac"],
       "train/explained_variance": explained_variance(jax.lax.stop_gradient(values), exp.returns, exp.mask),
   }

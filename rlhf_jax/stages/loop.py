@@ -20,6 +20,11 @@ from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.state import TrainState
 
 
+# The few metrics worth a glance on the progress line; everything goes to metrics.jsonl.
+PROGRESS_METRICS = ("train/loss", "train/accuracy", "train/policy_loss", "rollout/rm_score", "rollout/kl",
+                    "rollout/gold_score")
+
+
 class NonFiniteError(StageError):
   """A loss or metric became NaN/inf; the last good checkpoint is kept."""
 
@@ -45,7 +50,8 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
              checkpoint_extra: Callable[[TrainState], dict] | None = None) -> tuple[TrainState, dict[str, float]]:
   """Runs ``step_fn`` from the last checkpoint (if any) to ``total_steps``.
 
-  make_batch(step, state) -> (device batch, host-side metrics such as truncation counts);
+  make_batch(step, state) -> (device batch, host-side metrics such as truncation counts), the latter
+  averaged over the steps since the last log line;
   evaluate(state, step) -> eval metrics, called every ``eval_every`` steps and at the end.
   Returns the final state and the last eval metrics.
   """
@@ -60,21 +66,23 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   log_every, eval_every = loop_cfg["log_every"], loop_cfg.get("eval_every", 0)
   last_eval: dict[str, float] = {}
   pending_host: dict[str, float] = {}
+  pending_steps = 0
   try:
     for step in range(start, total_steps):
       batch, host_metrics = make_batch(step, state)
       for k, v in host_metrics.items():
         pending_host[k] = pending_host.get(k, 0.0) + v
+      pending_steps += 1
       state, metrics = step_fn(state, batch, frozen)
       done = step + 1
       will_save = done % ckpt.save_every == 0 or done == total_steps
       if done % log_every == 0 or will_save:
         values = to_floats(metrics)
         check_finite(stage, done, values)
-        values.update(pending_host)
-        pending_host = {}
+        values.update({k: v / pending_steps for k, v in pending_host.items()})
+        pending_host, pending_steps = {}, 0
         ctx.metrics.write(stage, done, values)
-        progress.update(done, {k: v for k, v in values.items() if k.endswith("loss") or k.startswith("rollout/")})
+        progress.update(done, {k: v for k, v in values.items() if k in PROGRESS_METRICS})
       if evaluate is not None and eval_every and done % eval_every == 0 and done != total_steps:
         last_eval = evaluate(state, done)
         ctx.metrics.write(stage, done, last_eval)
