@@ -1,6 +1,8 @@
-"""PPO: experience matches the sampler and the reward definitions; the update touches only what it should; PPO learns."""
+"""PPO: experience matches the sampler and the reward definitions; the update moves only what it should;
+PPO learns."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ from flax import nnx
 from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.generate import Sample, SamplingConfig, make_sampler
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
-from rlhf_jax.rl.ppo import (Experience, PPOConfig, make_experience, make_experience_fn, make_ppo_update,
+from rlhf_jax.rl.ppo import (PPOConfig, make_experience, make_experience_fn, make_ppo_update,
                              truncate_after_stop, value_head_params)
 from rlhf_jax.state import TrainState, seed_key_data
 
@@ -38,17 +40,25 @@ def models():
               reward=reward)
 
 
+# Jitted functions are cached per config so that tests sharing a config compile once.
+sampler = functools.cache(make_sampler)
+experience_fn = functools.cache(make_experience_fn)
+
+
 def rollout(models, sampling, key=0):
-  return make_sampler(models["policy_g"], sampling)(models["policy"], PROMPT, PROMPT_MASK, jax.random.key(key))
+  return sampler(models["policy_g"], sampling)(models["policy"], PROMPT, PROMPT_MASK, jax.random.key(key))
 
 
-def experience(models, cfg, sample, beta=0.1, ref=None, score=None, prompt=PROMPT, prompt_mask=PROMPT_MASK):
-  fn = make_experience_fn(models["policy_g"], models["value_g"], models["reward_g"], cfg)
+def experience(models, cfg, sample, beta=0.1, ref=None, score=None):
+  fn = experience_fn(models["policy_g"], models["value_g"], models["reward_g"], cfg)
   return fn(models["policy"], models["ref"] if ref is None else ref, models["value"], models["reward"],
-            prompt, prompt_mask, sample, beta, score)
+            PROMPT, PROMPT_MASK, sample, beta, score)
 
 
-@pytest.mark.parametrize("sampling", [SAMPLING, SamplingConfig(6, temperature=0.7, top_k=5, top_p=0.9, eos_id=EOS)])
+TRUNCATED_SAMPLING = SamplingConfig(6, temperature=0.7, top_k=5, top_p=0.9, eos_id=EOS)
+
+
+@pytest.mark.parametrize("sampling", [SAMPLING, TRUNCATED_SAMPLING])
 def test_teacher_forced_log_probs_match_sampler(models, sampling):
   sample = rollout(models, sampling)
   exp, metrics = experience(models, PPOConfig(sampling=sampling), sample)
@@ -59,7 +69,7 @@ def test_teacher_forced_log_probs_match_sampler(models, sampling):
   assert all(np.isfinite(float(v)) for v in metrics.values())
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_kl_against_itself_is_zero(models, estimator):
   sample = rollout(models, SAMPLING)
   cfg = PPOConfig(sampling=SAMPLING, kl_estimator=estimator)
@@ -128,8 +138,8 @@ def make_state(params, txs, seed=0):
 
 def test_update_with_zero_advantages_only_moves_the_value_model(models):
   sample = rollout(models, SAMPLING, key=1)
+  exp, _ = experience(models, PPOConfig(sampling=SAMPLING), sample)
   cfg = PPOConfig(sampling=SAMPLING, epochs=2, minibatches=2, entropy_coef=0.0, ptx_coef=0.0)
-  exp, _ = experience(models, cfg, sample)
   exp = exp.replace(advantages=jnp.zeros_like(exp.advantages))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.0))
   state = make_state({"policy": models["policy"], "value": models["value"]}, {"policy": tx, "value": tx})
@@ -163,16 +173,16 @@ def test_shared_value_head_with_ptx_through_compile_step(models):
   rep = sharding.replicated(mesh)
   txs = {"policy": state_lib.make_optimizer(dict(lr=1e-2, grad_clip=1.0), 10),
          "value": state_lib.make_optimizer(dict(lr=1e-2), 10)}
-  params = {"policy": models["policy"], "value": head}
+  # The state is donated: give it copies of the shared fixture params.
+  params = jax.tree.map(jnp.copy, {"policy": models["policy"], "value": head})
   state, state_sh = state_lib.create_train_state(params, txs, jax.tree.map(lambda _: rep, params), mesh, seed=0)
   batch = {"experience": exp, "ptx": ptx}
-  step = state_lib.compile_step(make_ppo_update(models["policy_g"], None, txs["policy"], txs["value"], cfg, "shared"),
-                                state_sh, jax.tree.map(lambda _: rep, batch), None, mesh)
+  update = make_ppo_update(models["policy_g"], None, txs["policy"], txs["value"], cfg, "shared")
+  step = state_lib.compile_step(update, state_sh, jax.tree.map(lambda _: rep, batch), None, mesh)
   new, metrics = step(state, batch, None)
   assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
   assert float(metrics["train/ptx_loss"]) > 0
-  for tree in (new.params["value"], new.params["policy"]["trunk"]):
-    old = params["value"] if tree is new.params["value"] else models["policy"]["trunk"]
+  for tree, old in ((new.params["value"], head), (new.params["policy"]["trunk"], models["policy"]["trunk"])):
     assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), tree, old))) > 1e-5
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
   assert int(new.step) == 1

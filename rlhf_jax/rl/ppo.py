@@ -250,6 +250,8 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   ref_log_probs = _picked(sampling_log_probs(ref_logits, ref_sampling), tokens, mask)
 
   if score is None:
+    if reward_graphdef is None:
+      raise ValueError("make_experience needs a reward model (reward_graphdef) or a precomputed score")
     score = nnx.merge(reward_graphdef, reward_params)(full_tokens, full_mask)
   raw_score = score.astype(jnp.float32)
   ended = response_ended(tokens, mask, cfg)
