@@ -67,23 +67,24 @@ def base_config() -> ConfigDict:
   c.model = model_config("tiny")
 
   # Where the data comes from: a built-in task (default) or user JSONL files.
-  c.task = ConfigDict(dict(name="instruct", labeler_temperature=-1.0, demo_quality=-1.0))  # -1: task default
+  # -1: the task's own default.
+  c.task = ConfigDict(dict(name="instruct", labeler_temperature=-1.0, demo_quality=-1.0, num_train_prompts=2048))
   c.data = ConfigDict(dict(
       pretraining_file="", demonstrations_file="", comparisons_file="", scored_file="", prompts_file="",
       prompt_len=24, response_len=24, seq_len=48))
   c.tokenizer = ConfigDict(dict(path="", vocab_size=1024, model_type="unigram", byte_fallback=True))
 
   c.pretrain = loop_config(steps=400, batch_size=32, lr=3e-3)
-  c.sft = loop_config(steps=200, batch_size=32, lr=1e-3)
+  c.sft = loop_config(steps=600, batch_size=32, lr=3e-3)
   c.sft.update(dict(mask_prompt=True, ptx_coef=0.0, init_from="pretrain"))
 
-  c.label = ConfigDict(dict(num_prompts=512, k=4, batch_size=64, sampling=sampling_config()))
+  c.label = ConfigDict(dict(num_prompts=2048, k=8, batch_size=64, sampling=sampling_config()))
   c.reward = loop_config(steps=300, batch_size=16, lr=5e-4)
   c.reward.update(dict(loss="ranking", margin=0.0, init_from="sft", head_std=-1.0, normalize="gain_bias",
                        normalize_samples=256, eval_comparisons=128))
 
   c.ppo = ConfigDict(dict(
-      iterations=60, prompts_per_iteration=32, samples_per_prompt=1, epochs=2, minibatches=2,
+      iterations=80, prompts_per_iteration=32, samples_per_prompt=1, epochs=2, minibatches=2,
       sampling=sampling_config(),
       policy_optimizer=optimizer_config(3e-4, schedule="constant"),
       value_optimizer=optimizer_config(1e-3, schedule="constant"),

@@ -41,12 +41,18 @@ def parse_stages(text: str) -> list[str]:
   return stages
 
 
-def _comparable(config_dict: dict) -> dict:
-  return {k: v for k, v in config_dict.items() if k != "stages"}
+# Keys that may change between runs in one workdir: which stages, and where they run
+# (a checkpoint restores onto any mesh).
+FREE_KEYS = ("stages", "mesh", "sharding", "distributed")
 
 
 def check_or_write_config(config: ConfigDict, workdir: str) -> None:
-  """Writes ``config.json``, or checks that an existing one matches (``stages`` aside)."""
+  """Writes ``config.json``, or checks an existing one against this config.
+
+  Besides ``FREE_KEYS``, only the sections of stages that have not started yet
+  (no ``WORKDIR/STAGE``) may differ, so one SFT and RM can serve several PPO
+  settings; anything that shaped finished work must match.
+  """
   path = os.path.join(workdir, "config.json")
   resolved = json.loads(config_to_json(config))
   if os.path.exists(path):
@@ -55,9 +61,9 @@ def check_or_write_config(config: ConfigDict, workdir: str) -> None:
         previous = json.load(f)
       except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); it was not written by rlhf-jax") from e
-    old, new = _comparable(previous), _comparable(resolved)
-    if old != new:
-      diffs = sorted(_diff(old, new))
+    free = set(FREE_KEYS) | {s for s in ALL_STAGES if not os.path.exists(os.path.join(workdir, s))}
+    diffs = sorted(d for d in _diff(previous, resolved) if d.split(".", 1)[0].split(" ", 1)[0] not in free)
+    if diffs:
       raise ConfigError(f"workdir {workdir} was made by a different config (differs at {', '.join(diffs[:8])}); "
                         "use a new --workdir, or the same config to resume")
   os.makedirs(workdir, exist_ok=True)

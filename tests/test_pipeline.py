@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import pathlib
 import signal
 import subprocess
@@ -35,10 +36,36 @@ def rows(workdir, stage):
 
 
 @pytest.fixture(scope="module")
-def pipeline_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run") / "wd"
-  cli(workdir, "--config.stages=tokenizer,pretrain,sft,label,reward,eval")
+def prepared(tmp_path_factory):
+  """A workdir with every stage before PPO finished."""
+  workdir = tmp_path_factory.mktemp("run") / "prepared"
+  cli(workdir, "--config.stages=tokenizer,pretrain,sft,label,reward")
   return workdir
+
+
+@pytest.fixture(scope="module")
+def pipeline_workdir(prepared, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run") / "wd"
+  shutil.copytree(prepared, workdir)
+  cli(workdir, "--config.stages=tokenizer,pretrain,sft,label,reward,ppo,eval")
+  return workdir
+
+
+def kill_when_checkpointed(workdir, stage, step, args):
+  """Starts the CLI, SIGKILLs it once STAGE has a checkpoint at >= step, and checks it died unfinished."""
+  cmd = [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}",
+         *TINY, *args]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / stage / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= step for p in ckpts.iterdir()):
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / stage / "DONE.json").exists()
 
 
 def test_workdir_contract(pipeline_workdir):
@@ -87,19 +114,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
   whole = tmp_path / "whole"
   cli(whole, *args)
   killed = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={killed}",
-         *TINY, *args]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = killed / "pretrain" / "checkpoints"
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 20 for p in ckpts.iterdir()):
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "the run finished before it could be killed"
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert not (killed / "pretrain" / "DONE.json").exists()
+  kill_when_checkpointed(killed, "pretrain", 20, args)
   cli(killed, *args)
   a = [(r["step"], r.get("train/loss")) for r in rows(whole, "pretrain")]
   b = [(r["step"], r.get("train/loss")) for r in rows(killed, "pretrain")]
@@ -107,3 +122,26 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
   sa = json.loads((whole / "summary.json").read_text())["pretrain"]
   sb = json.loads((killed / "summary.json").read_text())["pretrain"]
   assert sa["eval/lm_loss"] == sb["eval/lm_loss"]
+
+
+def test_ppo_kill_9_then_resume_matches_uninterrupted_run(prepared, tmp_path):
+  # Adaptive KL so the resumed run must also restore the KL coefficient.
+  args = ["--config.stages=ppo", "--config.ppo.iterations=16", "--config.ppo.checkpoint_every=4",
+          "--config.ppo.eval_every=0", "--config.ppo.kl_adaptive=true", "--config.ppo.kl_target=0.5",
+          "--config.ppo.kl_horizon=100"]
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  shutil.copytree(prepared, whole)
+  shutil.copytree(prepared, killed)
+  cli(whole, *args)
+  kill_when_checkpointed(killed, "ppo", 4, args)
+  cli(killed, *args)
+  a, b = rows(whole, "ppo"), rows(killed, "ppo")
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    for k in ra:
+      assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+  coefs = [r["train/kl_coef"] for r in a if "train/kl_coef" in r]
+  assert len(set(coefs)) > 1  # the adaptive controller moved
+  sa = json.loads((whole / "summary.json").read_text())["ppo"]
+  sb = json.loads((killed / "summary.json").read_text())["ppo"]
+  assert sa["ppo/kl_coef"] == pytest.approx(sb["ppo/kl_coef"], rel=1e-6)

@@ -27,7 +27,7 @@ SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.3, eos_id=EOS)
 
 def pure_split(module):
   graphdef, params = nnx.split(module)
-  return graphdef, params.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(params)
 
 
 @pytest.fixture(scope="module")

@@ -380,8 +380,8 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     v_updates, v_opt = value_tx.update(grads["value"], opt_state["value"], params["value"])
     params = {"policy": optax.apply_updates(params["policy"], p_updates),
               "value": optax.apply_updates(params["value"], v_updates)}
-    metrics["train/policy_grad_norm"] = optax.global_norm(grads["policy"])
-    metrics["train/value_grad_norm"] = optax.global_norm(grads["value"])
+    metrics["train/policy_grad_norm"] = optax.tree.norm(grads["policy"])
+    metrics["train/value_grad_norm"] = optax.tree.norm(grads["value"])
     return (params, {"policy": p_opt, "value": v_opt}), metrics
 
   def update(state: TrainState, batch: Mapping[str, Any], frozen: Any = None) -> tuple[TrainState, dict]:

@@ -63,9 +63,11 @@ class StageContext:
   @functools.cached_property
   def task(self) -> tasks.Task:
     """The built-in task (simulated labelers and gold score), seeded by ``config.seed``."""
-    options = {k: v for k, v in (("labeler_temperature", self.config.task.labeler_temperature),
-                                 ("demo_quality", self.config.task.demo_quality)) if v >= 0}
-    return tasks.get(self.config.task.name, seed=self.config.seed, **options)
+    options = {k: v for k, v in self.config.task.items() if k != "name" and v >= 0}
+    try:
+      return tasks.get(self.config.task.name, seed=self.config.seed, **options)
+    except (TypeError, ValueError) as e:
+      raise StageError(f"config.task: {e}") from e
 
   @property
   def tokenizer_path(self) -> str:

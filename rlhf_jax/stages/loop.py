@@ -61,7 +61,8 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   start = ckpt.latest_step() or 0
   if start:
     state, _ = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
-    ctx.metrics.truncate_after(stage, start)
+  # Lines a killed run wrote after its last checkpoint (or before its first) are replayed below.
+  ctx.metrics.truncate_after(stage, start)
   progress = Progress(stage, total_steps, start_step=start, enabled=ctx.is_primary)
   log_every, eval_every = loop_cfg["log_every"], loop_cfg.get("eval_every", 0)
   last_eval: dict[str, float] = {}
