@@ -89,7 +89,7 @@ def base_config() -> ConfigDict:
       policy_optimizer=optimizer_config(3e-4, schedule="constant"),
       value_optimizer=optimizer_config(1e-3, schedule="constant"),
       value_init="reward",  # reward | sft | shared (a value head on the policy trunk)
-      kl_estimator="k1", kl_coef=0.05, kl_adaptive=False, kl_target=6.0, kl_horizon=10000,
+      kl_estimator="k1", kl_coef=0.1, kl_adaptive=False, kl_target=6.0, kl_horizon=10000,
       gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True,
       clip_eps=0.2, value_clip=0.2, value_coef=0.5, entropy_coef=0.0,
       ptx_coef=0.0, ptx_batch_size=16,
