@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from rlhf_jax.atomic_file import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -57,15 +59,6 @@ def _complete_lines(path: str) -> tuple[list[str], int]:
     data = f.read()
   end = data.rfind(b"\n") + 1
   return data[:end].decode("utf-8").splitlines(), end
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def read_metrics(workdir: str | os.PathLike[str], stage: str | None = None) -> list[dict[str, Any]]:
@@ -162,7 +155,7 @@ class MetricsWriter:
       row = json.loads(line) if line.strip() else None
       if row is not None and not (row.get("stage") == stage and row.get("step", -1) > step):
         kept.append(line + "\n")
-    _atomic_write(self._path, "".join(kept))
+    write_atomic(self._path, "".join(kept))
     self._open()
     self._tensorboard(stage, purge_step=int(step) + 1)
 
@@ -181,7 +174,7 @@ class MetricsWriter:
     entry = dict(summary.get(stage, {}))
     entry.update((k, _json_value(_scalar(k, v))) for k, v in metrics.items())
     summary[stage] = entry
-    _atomic_write(path, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
   def flush(self) -> None:
     """Flushes TensorBoard event files (the JSONL is flushed on every write)."""

@@ -17,6 +17,7 @@ from typing import Callable
 from ml_collections import ConfigDict
 
 from rlhf_jax import sharding
+from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_io import ConfigError, config_to_json
 from rlhf_jax.defaults import ALL_STAGES
 from rlhf_jax.metrics import MetricsWriter
@@ -66,10 +67,7 @@ def check_or_write_config(config: ConfigDict, workdir: str) -> None:
     if diffs:
       raise ConfigError(f"workdir {workdir} was made by a different config (differs at {', '.join(diffs[:8])}); "
                         "use a new --workdir, or the same config to resume")
-  os.makedirs(workdir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(json.dumps(resolved, indent=2, sort_keys=True))
-  os.replace(path + ".tmp", path)
+  write_atomic(path, json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def _diff(a, b, prefix=""):
@@ -106,10 +104,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
       final = {**final, "time/stage_seconds": round(time.time() - start, 2)}
       metrics.write_summary(stage, final)
       if primary:
-        os.makedirs(os.path.dirname(done), exist_ok=True)
-        with open(done + ".tmp", "w") as f:
-          json.dump(final, f, indent=2, sort_keys=True)
-        os.replace(done + ".tmp", done)
+        write_atomic(done, json.dumps(final, indent=2, sort_keys=True))
       context_lib.sync(f"done-{stage}")
       print(f"[rlhf-jax] {stage}: done in {time.time() - start:.1f}s "
             + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("eval/")), flush=True)

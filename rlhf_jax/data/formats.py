@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from rlhf_jax.atomic_file import write_atomic
 
 KINDS = ("pretraining", "demonstrations", "comparisons", "scored", "prompts")
 MIN_RESPONSES = 2
@@ -165,15 +166,4 @@ def write_records(path: str | os.PathLike[str], kind: str,
   """
   path = os.fspath(path)
   records = normalize_records(records, kind, source=f"records for {path}")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  try:
-    with open(tmp, "x", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+
+from rlhf_jax.atomic_file import write_atomic
 
 PAD_ID = 0
 UNK_ID = 1
@@ -52,21 +53,6 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a sibling temp file, then renames it over `path`."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  try:
-    with open(tmp, "xb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def train_tokenizer(
@@ -128,5 +114,5 @@ def train_tokenizer(
       max_sentence_length=1 << 20,
       minloglevel=2,
   )
-  _write_atomic(model_path, buffer.getvalue())
+  write_atomic(model_path, buffer.getvalue())
   return Tokenizer.load(model_path)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import losses
+from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.data import batching
 from rlhf_jax.data.loader import BatchLoader
 from rlhf_jax.generate import Sample, SamplingConfig, make_sampler
@@ -124,11 +125,7 @@ class PolicyEvaluator:
 def save_gold(ctx: StageContext, stage: str, gold: np.ndarray) -> None:
   """Keeps a policy's per-prompt held-out gold scores (the baseline for win rates)."""
   if ctx.is_primary:
-    path = os.path.join(ctx.stage_dir(stage), "eval_gold.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump([float(g) for g in gold], f)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(ctx.stage_dir(stage), "eval_gold.json"), json.dumps([float(g) for g in gold]))
 
 
 def load_gold(ctx: StageContext, stage: str) -> np.ndarray | None:
