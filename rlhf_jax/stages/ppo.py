@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.data import batching
