@@ -107,6 +107,20 @@ def _prompt_response_rows(
   return tokens, mask
 
 
+def _pair_rows(tok: TokenizerLike, prompts: Sequence[str], responses: Sequence[str], prompt_len: int,
+               response_len: int, stats: TruncationStats) -> tuple[np.ndarray, np.ndarray]:
+  """[B, P + R] tokens and mask of (prompt, response) pairs; counts truncation into ``stats``."""
+  width = prompt_len + response_len
+  tokens = np.zeros((len(prompts), width), np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, (prompt, response) in enumerate(zip(prompts, responses)):
+    tokens[i], mask[i] = _prompt_response_rows(
+        tok, _prompt_ids(tok, prompt, prompt_len, stats),
+        _response_ids(tok, response, response_len, stats),
+        prompt_len, response_len)
+  return tokens, mask
+
+
 def lm_batch(tok: TokenizerLike, texts: Sequence[str],
              seq_len: int) -> tuple[Batch, TruncationStats]:
   """Pretraining rows ``[bos] + text + [eos]``, right-padded.
@@ -168,14 +182,7 @@ def sft_batch(
   _check_lengths(prompt_len=prompt_len, response_len=response_len)
   n = _check_batch(prompts=prompts, responses=responses)
   stats = TruncationStats()
-  width = prompt_len + response_len
-  tokens = np.zeros((n, width), np.int32)
-  mask = np.zeros((n, width), np.int32)
-  for i, (prompt, response) in enumerate(zip(prompts, responses)):
-    tokens[i], mask[i] = _prompt_response_rows(
-        tok, _prompt_ids(tok, prompt, prompt_len, stats),
-        _response_ids(tok, response, response_len, stats),
-        prompt_len, response_len)
+  tokens, mask = _pair_rows(tok, prompts, responses, prompt_len, response_len, stats)
   loss_mask = mask.astype(np.float32)
   if mask_prompt:
     loss_mask[:, :prompt_len] = 0.0
@@ -250,13 +257,6 @@ def scored_batch(
   _check_lengths(prompt_len=prompt_len, response_len=response_len)
   n = _check_batch(prompts=prompts, responses=responses, scores=scores)
   stats = TruncationStats()
-  width = prompt_len + response_len
-  tokens = np.zeros((n, width), np.int32)
-  mask = np.zeros((n, width), np.int32)
-  for i, (prompt, response) in enumerate(zip(prompts, responses)):
-    tokens[i], mask[i] = _prompt_response_rows(
-        tok, _prompt_ids(tok, prompt, prompt_len, stats),
-        _response_ids(tok, response, response_len, stats),
-        prompt_len, response_len)
+  tokens, mask = _pair_rows(tok, prompts, responses, prompt_len, response_len, stats)
   return {"tokens": tokens, "mask": mask,
           "score": np.asarray(scores, np.float32).reshape(n)}, stats

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 from rlhf_jax import sharding, state as state_lib, tasks
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data import formats, tfds_datasets
+from rlhf_jax.data.loader import BatchLoader
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
@@ -30,6 +31,8 @@ from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
 # Record kinds a stage can ask for, and the config key of the user file for each.
 USER_FILE_KEYS = {"pretraining": "pretraining_file", "demonstrations": "demonstrations_file",
                   "comparisons": "comparisons_file", "scored": "scored_file", "prompts": "prompts_file"}
+# Key streams derived from config.seed, one per use, so adding a use never shifts another.
+INIT_STREAM = 1
 # A user file has no split of its own: every HELD_OUT_EVERY-th record is held out as "test".
 HELD_OUT_EVERY = 10
 
@@ -122,6 +125,19 @@ class StageContext:
   def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Places this host's rows of a batch on the mesh."""
     return sharding.put_batch(batch, self.mesh, self.rules)
+
+  def batch_shardings(self, batch: Any) -> Any:
+    """Shardings of a batch pytree (arrays or shape structs): rows split as the ``batch`` rule says."""
+    return jax.tree.map(lambda x: sharding.batch_sharding(self.mesh, self.rules, x.ndim), batch)
+
+  def loader(self, source, batch_size: int) -> BatchLoader:
+    """Deterministic, per-host batches of ``source`` seeded by the run's seed."""
+    return BatchLoader(len(source), batch_size, seed=self.config.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+
+  def key(self, stream: int) -> jax.Array:
+    """The PRNG key of one use (``stream``) of the run's seed."""
+    return jax.random.fold_in(jax.random.key(self.config.seed), stream)
 
   # --- models -------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class PolicyEvaluator:
     self.graphdef = graphdef
     self.sample = make_sampler(graphdef, self.sampling)
     self.log_probs = make_sequence_log_probs(graphdef, cfg.data.prompt_len)
-    self.key = jax.random.fold_in(jax.random.key(cfg.seed), EVAL_STREAM)
+    self.key = ctx.key(EVAL_STREAM)
     self.lm_eval = make_lm_eval(graphdef)
 
   def generate(self, params) -> tuple[Sample, list[str], jax.Array, jax.Array]:

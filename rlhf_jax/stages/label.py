@@ -35,7 +35,7 @@ def run(ctx: StageContext) -> dict[str, float]:
   prompts = [prompts[int(i)] for i in order[: cfg.num_prompts]]
   params, _ = ctx.load_params("sft", "lm")
   sampler = make_sampler(ctx.graphdef("lm"), evaluation.sampling_config(ctx, cfg))
-  key = jax.random.fold_in(jax.random.key(ctx.config.seed), LABEL_STREAM)
+  key = ctx.key(LABEL_STREAM)
   records, gold, rankings = [], [], []
   per_batch = max(cfg.batch_size // cfg.k, 1)
   for b, start in enumerate(range(0, len(prompts), per_batch)):

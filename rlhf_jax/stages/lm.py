@@ -14,7 +14,7 @@ import jax
 import optax
 from flax import nnx
 
-from rlhf_jax import losses
+from rlhf_jax import losses, state as state_lib
 from rlhf_jax.state import TrainState, step_key
 
 
@@ -57,6 +57,15 @@ def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     return new_state, metrics
 
   return step
+
+
+def lm_train_state(ctx, params: dict, loop_cfg) -> tuple:
+  """(state, shardings, optimizer) for training one decoder, stored under the name ``policy``."""
+  tx = state_lib.make_optimizer(loop_cfg.optimizer, loop_cfg.steps)
+  state, shardings = state_lib.create_train_state({"policy": params}, {"policy": tx},
+                                                  {"policy": ctx.param_shardings("lm")}, ctx.mesh,
+                                                  seed=ctx.config.seed)
+  return state, shardings, tx
 
 
 def make_lm_eval(graphdef: nnx.GraphDef) -> Callable:

@@ -15,6 +15,7 @@ import jax
 
 from rlhf_jax import state as state_lib
 from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.data.batching import TruncationStats
 from rlhf_jax.progress import Progress
 from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.state import TrainState
@@ -35,6 +36,11 @@ def check_finite(stage: str, step: int, metrics: Mapping[str, Any]) -> None:
     if isinstance(value, float) and not math.isfinite(value):
       raise NonFiniteError(f"stage '{stage}' step {step}: {name} = {value}; stopping, the last good "
                            "checkpoint is kept")
+
+
+def truncation_metrics(stats: TruncationStats) -> dict[str, float]:
+  """Counts of truncated examples in a batch, as metrics (truncation is never silent)."""
+  return {f"data/{k}": float(v) for k, v in stats.as_dict().items() if k.endswith("truncated")}
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

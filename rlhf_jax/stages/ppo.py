@@ -21,8 +21,7 @@ from rlhf_jax.rl.kl import update_kl_coef
 from rlhf_jax.rl.ppo import PPOConfig, make_experience_fn, make_ppo_update, value_head_params
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
-from rlhf_jax.stages.loop import run_loop
-from rlhf_jax.stages.pretrain import data_loader, truncation_metrics
+from rlhf_jax.stages.loop import run_loop, truncation_metrics
 from rlhf_jax.state import TrainState
 
 ROLLOUT_STREAM = 101
@@ -91,42 +90,57 @@ def run(ctx: StageContext) -> dict[str, float]:
 
   # Rollouts: prompts by step, sampler keys by step, so a resumed run replays the same data.
   prompts = ctx.records("prompts", "train")
-  loader = data_loader(ctx, prompts, cfg.prompts_per_iteration)
+  loader = ctx.loader(prompts, cfg.prompts_per_iteration)
   if cfg.ptx_coef:
     text = ctx.records("pretraining", "train")
-    text_loader = data_loader(ctx, text, cfg.ptx_batch_size)
+    text_loader = ctx.loader(text, cfg.ptx_batch_size)
   sampler = make_sampler(lm_graphdef, pcfg.sampling)
   experience_fn = make_experience_fn(lm_graphdef, scalar_graphdef if value_mode == "separate" else None,
                                      scalar_graphdef, pcfg, value_mode)
-  rollout_key = jax.random.fold_in(jax.random.key(ctx.config.seed), ROLLOUT_STREAM)
+  rollout_key = ctx.key(ROLLOUT_STREAM)
   rows = cfg.prompts_per_iteration * cfg.samples_per_prompt
 
-  def make_batch(step, state):
+  def rollout(params, prompt, prompt_mask, key, kl_coef):
+    sample = sampler(params["policy"], prompt, prompt_mask, key)
+    exp, metrics = experience_fn(params["policy"], reference, params["value"], reward, prompt, prompt_mask,
+                                 sample, kl_coef)
+    return sample, exp, metrics
+
+  def host_prompts(step):
     texts = [prompts[int(i)]["prompt"] for i in loader.indices_for_step(step)]
     texts = [t for t in texts for _ in range(cfg.samples_per_prompt)]
-    prompt, stats = batching.prompt_batch(tok, texts, ctx.config.data.prompt_len)
+    return texts, batching.prompt_batch(tok, texts, ctx.config.data.prompt_len)
+
+  def host_ptx(step):
+    return batching.lm_batch(tok, [text[int(i)]["text"] for i in text_loader.indices_for_step(step)],
+                             ctx.config.data.seq_len)
+
+  def make_batch(step, state):
+    texts, (prompt, stats) = host_prompts(step)
     prompt = ctx.put(prompt)
-    sample = sampler(state.params["policy"], prompt["tokens"], prompt["mask"], jax.random.fold_in(rollout_key, step))
-    exp, rollout = experience_fn(state.params["policy"], reference, state.params["value"], reward,
-                                 prompt["tokens"], prompt["mask"], sample, state.scalars["kl_coef"])
-    host = {k: float(v) for k, v in jax.device_get(rollout).items()}
+    sample, exp, rollout_metrics = rollout(state.params, prompt["tokens"], prompt["mask"],
+                                           jax.random.fold_in(rollout_key, step), state.scalars["kl_coef"])
+    host = {k: float(v) for k, v in jax.device_get(rollout_metrics).items()}
     # The gold score is read for monitoring only; nothing trains on it.
     host["rollout/gold_score"] = float(ctx.task.gold_scores(texts, evaluation.decode_responses(ctx, sample)).mean())
-    batch = {"experience": exp, "kl": rollout["rollout/kl"], "ptx": None}
+    batch = {"experience": exp, "kl": rollout_metrics["rollout/kl"], "ptx": None}
     if cfg.ptx_coef:
-      ptx, ptx_stats = batching.lm_batch(tok, [text[int(i)]["text"] for i in text_loader.indices_for_step(step)],
-                                         ctx.config.data.seq_len)
+      ptx, ptx_stats = host_ptx(step)
       batch["ptx"] = ctx.put(ptx)
       stats = stats + ptx_stats
     host.update(truncation_metrics(stats))
     return batch, host
 
-  example, _ = make_batch(0, state)
-  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(ctx.mesh, ctx.rules, x.ndim), example)
-  step = state_lib.compile_step(make_kl_step(make_ppo_update(lm_graphdef, scalar_graphdef if value_mode ==
-                                                             "separate" else None, policy_tx, value_tx, pcfg,
-                                                             value_mode), cfg, rows),
-                                shardings, batch_shardings, None, ctx.mesh)
+  # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.
+  example_prompt = host_prompts(0)[1][0]
+  _, exp_shape, metrics_shape = jax.eval_shape(rollout, state.params, example_prompt["tokens"],
+                                               example_prompt["mask"], rollout_key, state.scalars["kl_coef"])
+  batch_shape = {"experience": exp_shape, "kl": metrics_shape["rollout/kl"],
+                 "ptx": host_ptx(0)[0] if cfg.ptx_coef else None}
+  update = make_ppo_update(lm_graphdef, scalar_graphdef if value_mode == "separate" else None, policy_tx,
+                           value_tx, pcfg, value_mode)
+  step = state_lib.compile_step(make_kl_step(update, cfg, rows), shardings, ctx.batch_shardings(batch_shape),
+                                None, ctx.mesh)
 
   evaluator = evaluation.PolicyEvaluator(ctx)
   reward_fn = evaluation.make_reward_fn(scalar_graphdef)

@@ -20,9 +20,8 @@ from rlhf_jax.data import batching
 from rlhf_jax.generate import make_sampler
 from rlhf_jax.models import reward_head_std
 from rlhf_jax.stages import evaluation
-from rlhf_jax.stages.context import StageContext, StageError
-from rlhf_jax.stages.loop import run_loop
-from rlhf_jax.stages.pretrain import INIT_STREAM, batch_shardings, data_loader, truncation_metrics
+from rlhf_jax.stages.context import INIT_STREAM, StageContext, StageError
+from rlhf_jax.stages.loop import run_loop, truncation_metrics
 from rlhf_jax.state import TrainState, step_key
 from rlhf_jax.tasks import pairwise_agreement
 
@@ -65,8 +64,7 @@ def init_reward_params(ctx: StageContext) -> dict:
   """Scalar model params: the trunk from ``reward.init_from`` (or random), a fresh head."""
   cfg = ctx.config.reward
   std = cfg.head_std if cfg.head_std >= 0 else reward_head_std(ctx.model_config)
-  key = jax.random.fold_in(jax.random.key(ctx.config.seed), INIT_STREAM + 1)
-  _, params, _ = ctx.init_model("scalar", key, head_std=std)
+  _, params, _ = ctx.init_model("scalar", ctx.key(INIT_STREAM + 1), head_std=std)
   if cfg.init_from:
     lm_params, _ = ctx.load_params(cfg.init_from, "lm")
     params["trunk"] = lm_params["trunk"]
@@ -93,7 +91,7 @@ def run(ctx: StageContext) -> dict[str, float]:
   state, shardings = state_lib.create_train_state({"reward": params}, {"reward": tx},
                                                   {"reward": ctx.param_shardings("scalar")}, ctx.mesh,
                                                   seed=ctx.config.seed)
-  loader = data_loader(ctx, train, cfg.batch_size)
+  loader = ctx.loader(train, cfg.batch_size)
 
   def to_batch(rows):
     if kind == "comparisons":
@@ -102,14 +100,16 @@ def run(ctx: StageContext) -> dict[str, float]:
     return batching.scored_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                  [r["score"] for r in rows], data.prompt_len, data.response_len)
 
+  def host_batch(step):
+    return to_batch([train[int(i)] for i in loader.indices_for_step(step)])
+
   def make_batch(step, state):
     del state
-    batch, stats = to_batch([train[int(i)] for i in loader.indices_for_step(step)])
+    batch, stats = host_batch(step)
     return ctx.put(batch), truncation_metrics(stats)
 
-  example, _ = make_batch(0, None)
   step = state_lib.compile_step(make_reward_step(graphdef, tx, cfg.loss, cfg.margin), shardings,
-                                batch_shardings(example), None, ctx.mesh)
+                                ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   score_test = make_test_scorer(ctx, graphdef, test, to_batch, kind)
   state, last_eval = run_loop(ctx, "reward", state, shardings, step, make_batch, cfg.steps, cfg,
                               evaluate=lambda s, _: score_test(s.params["reward"]))
@@ -160,7 +160,7 @@ def normalisation(ctx: StageContext, graphdef, params) -> tuple[float, float]:
   batch = ctx.put(batch)
   sampler = make_sampler(ctx.graphdef("lm"), evaluation.sampling_config(ctx, ctx.config.label))
   sample = sampler(reference, batch["tokens"], batch["mask"],
-                   jax.random.fold_in(jax.random.key(ctx.config.seed), NORMALIZE_STREAM))
+                   ctx.key(NORMALIZE_STREAM))
   tokens = jnp.concatenate([batch["tokens"], sample.tokens], axis=1)
   mask = jnp.concatenate([batch["mask"], sample.mask], axis=1)
   rewards = evaluation.make_reward_fn(graphdef)(params, tokens, mask)

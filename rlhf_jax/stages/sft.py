@@ -7,15 +7,12 @@ every later ``eval/win_rate_vs_sft``.
 
 from __future__ import annotations
 
-import jax
-
 from rlhf_jax import state as state_lib
 from rlhf_jax.data import batching
 from rlhf_jax.stages import evaluation
-from rlhf_jax.stages.context import StageContext
-from rlhf_jax.stages.lm import make_lm_step
-from rlhf_jax.stages.loop import run_loop
-from rlhf_jax.stages.pretrain import INIT_STREAM, batch_shardings, data_loader, lm_train_state, truncation_metrics
+from rlhf_jax.stages.context import INIT_STREAM, StageContext
+from rlhf_jax.stages.lm import lm_train_state, make_lm_step
+from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -26,16 +23,15 @@ def run(ctx: StageContext) -> dict[str, float]:
   if cfg.init_from:
     params, _ = ctx.load_params(cfg.init_from, "lm")
   else:
-    _, params, _ = ctx.init_model("lm", jax.random.fold_in(jax.random.key(ctx.config.seed), INIT_STREAM))
+    _, params, _ = ctx.init_model("lm", ctx.key(INIT_STREAM))
   state, shardings, tx = lm_train_state(ctx, params, cfg)
   demos = ctx.records("demonstrations", "train")
-  loader = data_loader(ctx, demos, cfg.batch_size)
+  loader = ctx.loader(demos, cfg.batch_size)
   if cfg.ptx_coef:
     text = ctx.records("pretraining", "train")
-    text_loader = data_loader(ctx, text, cfg.batch_size)
+    text_loader = ctx.loader(text, cfg.batch_size)
 
-  def make_batch(step, state):
-    del state
+  def host_batch(step):
     rows = [demos[int(i)] for i in loader.indices_for_step(step)]
     batch, stats = batching.sft_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                       data.prompt_len, data.response_len, mask_prompt=cfg.mask_prompt)
@@ -44,11 +40,15 @@ def run(ctx: StageContext) -> dict[str, float]:
       ptx, ptx_stats = batching.lm_batch(tok, texts, data.seq_len)
       batch.update({f"ptx_{k}": v for k, v in ptx.items()})
       stats = stats + ptx_stats
+    return batch, stats
+
+  def make_batch(step, state):
+    del state
+    batch, stats = host_batch(step)
     return ctx.put(batch), truncation_metrics(stats)
 
-  example, _ = make_batch(0, None)
   step = state_lib.compile_step(make_lm_step(graphdef, tx, ptx_coef=cfg.ptx_coef), shardings,
-                                batch_shardings(example), None, ctx.mesh)
+                                ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   evaluator = evaluation.PolicyEvaluator(ctx)
   reference = None
   if cfg.init_from:
