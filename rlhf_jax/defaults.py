@@ -79,7 +79,7 @@ def base_config() -> ConfigDict:
   c.sft.update(dict(mask_prompt=True, ptx_coef=0.0, init_from="pretrain"))
 
   c.label = ConfigDict(dict(num_prompts=2048, k=8, batch_size=64, sampling=sampling_config()))
-  c.reward = loop_config(steps=300, batch_size=16, lr=5e-4)
+  c.reward = loop_config(steps=600, batch_size=16, lr=5e-4)
   c.reward.update(dict(loss="ranking", margin=0.0, init_from="sft", head_std=-1.0, normalize="gain_bias",
                        normalize_samples=256, eval_comparisons=128))
 
