@@ -11,6 +11,8 @@ Reference and reward params are frozen and never donated.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -29,13 +31,10 @@ VALUE_INITS = ("reward", "sft", "shared")
 
 
 def ppo_config(ctx: StageContext) -> PPOConfig:
-  """The PPO hyperparameters of ``config.ppo`` as a ``PPOConfig``."""
+  """The PPO hyperparameters of ``config.ppo`` (those ``PPOConfig`` has) plus the rollout sampler."""
   c = ctx.config.ppo
-  return PPOConfig(sampling=evaluation.sampling_config(ctx, c), kl_estimator=c.kl_estimator, gamma=c.gamma,
-                   lam=c.lam, whiten_rewards=c.whiten_rewards, whiten_advantages=c.whiten_advantages,
-                   clip_eps=c.clip_eps, value_clip=c.value_clip, value_coef=c.value_coef,
-                   entropy_coef=c.entropy_coef, ptx_coef=c.ptx_coef, epochs=c.epochs, minibatches=c.minibatches,
-                   no_eos_penalty=c.no_eos_penalty, truncate_at_stop=c.truncate_at_stop)
+  names = ({f.name for f in dataclasses.fields(PPOConfig)} - {"sampling"}) & set(c.keys())
+  return PPOConfig.from_mapping({k: c[k] for k in names}, evaluation.sampling_config(ctx, c))
 
 
 def init_value(ctx: StageContext, reward_params: dict) -> tuple[dict, dict, str]:
