@@ -1,6 +1,6 @@
 """Runs the quickstart pipeline in a fresh workdir and prints one JSON line: wall time and per-stage results.
 
-  python experiments/quickstart_benchmark.py [--seed N] [--workdir DIR] [--config.KEY=VALUE ...]
+  python experiments/quickstart_benchmark.py [--seed=N] [--workdir=DIR] [--config.KEY=VALUE ...]
 
 Targets (issue 5): whole pipeline <= 300 s on 2 CPU cores; PPO eval/win_rate_vs_sft >= 0.65.
 """
