@@ -95,19 +95,12 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
   """Samples ``cfg.max_new_tokens`` tokens after left-padded ``prompt`` [B, P]; traceable under jit."""
   b, p = prompt.shape
   n = cfg.max_new_tokens
-  cache = init_cache(model.cfg, b, p + n)
+  cache = init_cache(model.cfg, b, p + n - 1)
   logits, cache = model(prompt, prompt_mask, cache)
   last = logits[:, -1]  # left padding puts every prompt's last token in the last column
 
-  def cond(carry):
-    i, done = carry[0], carry[4]
-    going = i < n
-    if cfg.stop_at_eos:
-      going &= ~jnp.all(done)
-    return going
-
-  def body(carry):
-    i, tokens, log_probs, mask, done, last, cache = carry
+  def emit(i, tokens, log_probs, mask, done, last):
+    """Samples token i from ``last`` and writes it; rows already finished get padding."""
     token, lp = _pick(last, jax.random.fold_in(key, i), cfg)
     alive = ~done
     token = jnp.where(alive, token, cfg.pad_id)
@@ -116,12 +109,26 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
     mask = mask.at[:, i].set(alive.astype(jnp.int32))
     if cfg.stop_at_eos:
       done = done | (token == cfg.eos_id)
+    return token, alive, tokens, log_probs, mask, done
+
+  def cond(carry):
+    i, done = carry[0], carry[4]
+    going = i < n - 1  # the last token is emitted after the loop, with no forward pass after it
+    if cfg.stop_at_eos:
+      going &= ~jnp.all(done)
+    return going
+
+  def body(carry):
+    i, tokens, log_probs, mask, done, last, cache = carry
+    token, alive, tokens, log_probs, mask, done = emit(i, tokens, log_probs, mask, done, last)
     step_logits, cache = model(token[:, None], alive[:, None].astype(jnp.int32), cache)
     return i + 1, tokens, log_probs, mask, done, step_logits[:, 0], cache
 
   init = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
           jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), bool), last, cache)
-  _, tokens, log_probs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
+  i, tokens, log_probs, mask, done, last, _ = jax.lax.while_loop(cond, body, init)
+  # If every row stopped early this writes padding at column i, which is padding already.
+  _, _, tokens, log_probs, mask, _ = emit(i, tokens, log_probs, mask, done, last)
   return Sample(tokens=tokens, log_probs=log_probs, mask=mask)
 
 
