@@ -1,17 +1,32 @@
-"""Every config key with its default, and model size presets.
+"""The default config: the whole InstructGPT pipeline on the built-in default task, and model presets.
 
 Config files in ``configs/`` start from ``base_config()`` and change what
-their experiment needs; because the result is locked, every key a run can
-take is listed here, in one place.
+their experiment needs. Each stage kind's keys are defined next to the code
+that reads them (``*_config()`` in its module); this file only assembles
+them into the default chain of instances and holds the run-wide groups
+(seed, mesh, model, task, data).
 """
 
 from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from rlhf_jax.algorithms.lm import pretrain_config, sft_config
+from rlhf_jax.algorithms.ppo import ppo_config
+from rlhf_jax.algorithms.reward import reward_config
+from rlhf_jax.config_groups import loop_config, optimizer_config, sampling_config  # noqa: F401 (for configs/)
 from rlhf_jax.sharding import DEFAULT_RULES
+from rlhf_jax.stages.evaluate import eval_config
+from rlhf_jax.stages.evaluation import evaluation_config
+from rlhf_jax.stages.label import label_config
+from rlhf_jax.stages.tokenizer import tokenizer_config
 
-ALL_STAGES = ("tokenizer", "pretrain", "sft", "label", "reward", "ppo", "eval")
+# The default chain; each is also the name of its instance.
+DEFAULT_STAGES = ("tokenizer", "pretrain", "sft", "label", "reward", "ppo", "eval")
+
+# Kind -> its default instance section.
+KIND_CONFIGS = {"tokenizer": tokenizer_config, "pretrain": pretrain_config, "sft": sft_config,
+                "label": label_config, "reward": reward_config, "ppo": ppo_config, "eval": eval_config}
 
 MODEL_PRESETS = {
     # Fast enough for tests and the 5-minute CPU quickstart.
@@ -36,31 +51,23 @@ def model_config(preset: str = "tiny", vocab_size: int = 1024) -> ConfigDict:
   return ConfigDict(model)
 
 
-def optimizer_config(lr: float, warmup_steps: int = 0, schedule: str = "cosine", weight_decay: float = 0.0,
-                     grad_clip: float = 1.0) -> ConfigDict:
-  """AdamW settings of one stage (see ``rlhf_jax.state.make_optimizer``)."""
-  return ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule, end_factor=0.1, b1=0.9, b2=0.95,
-                         eps=1e-8, weight_decay=weight_decay, grad_clip=grad_clip))
-
-
-def sampling_config(max_new_tokens: int = 24, temperature: float = 1.0) -> ConfigDict:
-  """Sampler settings (see ``rlhf_jax.generate.SamplingConfig``)."""
-  return ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
-                         greedy=False, stop_at_eos=True))
-
-
-def loop_config(steps: int, batch_size: int, lr: float, log_every: int = 50) -> ConfigDict:
-  """The keys every trained stage has: steps, batch, optimizer, logging and checkpoint cadence."""
-  return ConfigDict(dict(steps=steps, batch_size=batch_size, optimizer=optimizer_config(lr),
-                         log_every=log_every, eval_every=0, checkpoint_every=max(steps // 4, 1),
-                         keep_checkpoints=2, async_checkpoints=True))
+def stage(kind: str, **values) -> ConfigDict:
+  """A stage instance section of ``kind`` with its defaults, ``values`` (inputs, settings) applied."""
+  if kind not in KIND_CONFIGS:
+    raise ValueError(f"unknown stage kind {kind!r}; known: {sorted(KIND_CONFIGS)}")
+  section = KIND_CONFIGS[kind]()
+  for key, value in values.items():
+    if key not in section:
+      raise ValueError(f"stage kind {kind!r} has no key {key!r}")
+    section[key] = value
+  return section
 
 
 def base_config() -> ConfigDict:
   """The full default config: the whole InstructGPT pipeline on the built-in default task."""
   c = ConfigDict()
   c.seed = 0
-  c.stages = ",".join(ALL_STAGES)
+  c.stages = ",".join(DEFAULT_STAGES)
   c.distributed = False  # multi-host: call jax.distributed.initialize() first
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ConfigDict(dict(rules=DEFAULT_RULES))
@@ -72,30 +79,7 @@ def base_config() -> ConfigDict:
   c.data = ConfigDict(dict(
       pretraining_file="", demonstrations_file="", comparisons_file="", scored_file="", prompts_file="",
       prompt_len=24, response_len=24, seq_len=48))
-  c.tokenizer = ConfigDict(dict(path="", vocab_size=1024, model_type="unigram", byte_fallback=True))
-
-  c.pretrain = loop_config(steps=400, batch_size=32, lr=3e-3)
-  c.sft = loop_config(steps=600, batch_size=32, lr=3e-3)
-  c.sft.update(dict(mask_prompt=True, ptx_coef=0.0, init_from="pretrain"))
-
-  c.label = ConfigDict(dict(num_prompts=2048, k=8, batch_size=64, sampling=sampling_config()))
-  c.reward = loop_config(steps=600, batch_size=16, lr=5e-4)
-  c.reward.update(dict(loss="ranking", margin=0.0, init_from="sft", head_std=-1.0, normalize="gain_bias",
-                       normalize_samples=256, eval_comparisons=128))
-
-  c.ppo = ConfigDict(dict(
-      iterations=80, prompts_per_iteration=32, samples_per_prompt=1, epochs=2, minibatches=2,
-      sampling=sampling_config(),
-      policy_optimizer=optimizer_config(3e-4, schedule="constant"),
-      value_optimizer=optimizer_config(1e-3, schedule="constant"),
-      value_init="reward",  # reward | sft | shared (a value head on the policy trunk)
-      kl_estimator="k1", kl_coef=0.1, kl_adaptive=False, kl_target=6.0, kl_horizon=10000,
-      gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True,
-      clip_eps=0.2, value_clip=0.2, value_coef=0.5, entropy_coef=0.0,
-      ptx_coef=0.0, ptx_batch_size=16,
-      no_eos_penalty=0.0, truncate_at_stop=False,
-      log_every=5, eval_every=20, checkpoint_every=20, keep_checkpoints=2, async_checkpoints=True))
-
-  c.eval = ConfigDict(dict(num_prompts=128, policy="ppo", reference="sft", sampling=sampling_config(),
-                           lm_loss_batches=4, batch_size=64))
+  c.evaluation = evaluation_config()
+  for name in DEFAULT_STAGES:
+    c[name] = stage(name)
   return c

@@ -1,9 +1,10 @@
-"""Runs the stages a config lists, in order, in one workdir; resumes; records config and summary.
+"""Runs the stage instances a config lists, in order, in one workdir; resumes; records config and summary.
 
-A stage is finished when ``WORKDIR/STAGE/DONE.json`` exists (written last,
-atomically); finished stages are skipped on a re-run, an interrupted stage
+An instance is finished when ``WORKDIR/NAME/DONE.json`` exists (written last,
+atomically); finished instances are skipped on a re-run, an interrupted one
 resumes from its own last checkpoint. A workdir made by a different config is
-refused (only ``stages`` may differ), so results stay traceable to one config.
+refused, except for keys that shaped no finished work (see
+``check_or_write_config``), so results stay traceable to one config.
 """
 
 from __future__ import annotations
@@ -12,35 +13,15 @@ import json
 import logging
 import os
 import time
-from typing import Callable
 
 from ml_collections import ConfigDict
 
 from rlhf_jax import sharding
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_io import ConfigError, config_to_json
-from rlhf_jax.defaults import ALL_STAGES
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.stages import context as context_lib
-
-
-def stage_runners() -> dict[str, Callable[[context_lib.StageContext], dict]]:
-  """Stage name -> ``run(ctx) -> final metrics``."""
-  from rlhf_jax.stages import evaluate, label, ppo, pretrain, reward, sft, tokenizer
-  return {"tokenizer": tokenizer.run, "pretrain": pretrain.run, "sft": sft.run, "label": label.run,
-          "reward": reward.run, "ppo": ppo.run, "eval": evaluate.run}
-
-
-def parse_stages(text: str) -> list[str]:
-  """``"pretrain,sft"`` -> ``["pretrain", "sft"]``; unknown names raise ``ConfigError``."""
-  stages = [s.strip() for s in text.split(",") if s.strip()]
-  unknown = [s for s in stages if s not in ALL_STAGES]
-  if unknown:
-    raise ConfigError(f"config.stages names unknown stage(s) {unknown}; known: {list(ALL_STAGES)}")
-  if not stages:
-    raise ConfigError("config.stages is empty")
-  return stages
-
+from rlhf_jax.stages import graph
 
 # Keys that may change between runs in one workdir: which stages, and where they run
 # (a checkpoint restores onto any mesh).
@@ -50,9 +31,10 @@ FREE_KEYS = ("stages", "mesh", "sharding", "distributed")
 def check_or_write_config(config: ConfigDict, workdir: str) -> None:
   """Writes ``config.json``, or checks an existing one against this config.
 
-  Besides ``FREE_KEYS``, only the sections of stages that have not started yet
-  (no ``WORKDIR/STAGE``) may differ, so one SFT and RM can serve several PPO
-  settings; anything that shaped finished work must match.
+  Besides ``FREE_KEYS``, the sections of stage instances that have not started
+  yet (no ``WORKDIR/NAME``) may differ, and new instances may be added, so one
+  SFT and RM can serve several PPO settings or further rounds; anything that
+  shaped finished work must match.
   """
   path = os.path.join(workdir, "config.json")
   resolved = json.loads(config_to_json(config))
@@ -62,7 +44,8 @@ def check_or_write_config(config: ConfigDict, workdir: str) -> None:
         previous = json.load(f)
       except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); it was not written by rlhf-jax") from e
-    free = set(FREE_KEYS) | {s for s in ALL_STAGES if not os.path.exists(os.path.join(workdir, s))}
+    names = set(graph.instances(config)) | {k for k, v in previous.items() if isinstance(v, dict) and "kind" in v}
+    free = set(FREE_KEYS) | {n for n in names if not os.path.exists(os.path.join(workdir, n))}
     diffs = sorted(d for d in _diff(previous, resolved) if d.split(".", 1)[0].split(" ", 1)[0] not in free)
     if diffs:
       raise ConfigError(f"workdir {workdir} was made by a different config (differs at {', '.join(diffs[:8])}); "
@@ -79,8 +62,9 @@ def _diff(a, b, prefix=""):
 
 
 def run(config: ConfigDict, workdir: str) -> dict:
-  """Runs ``config.stages`` in ``workdir``; returns ``summary.json``'s content."""
-  stages = parse_stages(config.stages)
+  """Runs the instances of ``config.stages`` in ``workdir``; returns ``summary.json``'s content."""
+  chain = graph.parse_stages(config)
+  graph.check_order(chain, workdir)
   # Orbax and TFDS log routine notes (read-only restores, progress bars) at WARNING.
   logging.getLogger("absl").setLevel(logging.ERROR)
   sharding.maybe_initialize_distributed(config.distributed)
@@ -89,24 +73,26 @@ def run(config: ConfigDict, workdir: str) -> dict:
   if primary:
     check_or_write_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  runners = stage_runners()
   with MetricsWriter(workdir, is_primary=primary) as metrics:
     ctx = context_lib.StageContext(config=config, workdir=workdir, mesh=mesh, metrics=metrics)
-    for stage in stages:
-      done = os.path.join(workdir, stage, "DONE.json")
+    for instance in chain:
+      name = instance.name
+      done = os.path.join(workdir, name, "DONE.json")
       if os.path.exists(done):
-        logging.info("stage %s already finished (%s): skipped", stage, done)
-        print(f"[rlhf-jax] {stage}: already finished, skipped", flush=True)
+        logging.info("stage %s already finished (%s): skipped", name, done)
+        print(f"[rlhf-jax] {name}: already finished, skipped", flush=True)
         continue
-      print(f"[rlhf-jax] {stage}: running", flush=True)
+      label = name if name == instance.kind.name else f"{name} ({instance.kind.name})"
+      print(f"[rlhf-jax] {label}: running", flush=True)
       start = time.time()
-      final = runners[stage](ctx) or {}
+      final = instance.kind.runner()(ctx, instance) or {}
       final = {**final, "time/stage_seconds": round(time.time() - start, 2)}
-      metrics.write_summary(stage, final)
+      metrics.write_summary(name, final)
       if primary:
+        os.makedirs(os.path.dirname(done), exist_ok=True)
         write_atomic(done, json.dumps(final, indent=2, sort_keys=True))
-      context_lib.sync(f"done-{stage}")
-      print(f"[rlhf-jax] {stage}: done in {time.time() - start:.1f}s "
+      context_lib.sync(f"done-{name}")
+      print(f"[rlhf-jax] {name}: done in {time.time() - start:.1f}s "
             + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("eval/")), flush=True)
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):

@@ -71,7 +71,7 @@ def update_kl_coef(
 
   `fixed` returns beta unchanged. `adaptive` is the proportional controller of
   Ziegler et al. (2019): e = clip(observed_kl / target - 1, -0.2, 0.2) and
-  beta <- beta * (1 + e * n_steps / horizon).
+  beta <- max(beta * (1 + e * n_steps / horizon), 0).
 
   Args:
     beta: scalar current coefficient (lives in the train state).
@@ -92,4 +92,5 @@ def update_kl_coef(
   if target is None or horizon is None:
     raise ValueError("adaptive KL controller needs target and horizon")
   error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
-  return beta * (1.0 + error * jnp.asarray(n_steps, jnp.float32) / horizon)
+  # A large step (n_steps > 5 * horizon) could push the coefficient below zero, rewarding divergence.
+  return jnp.maximum(beta * (1.0 + error * jnp.asarray(n_steps, jnp.float32) / horizon), 0.0)

@@ -20,8 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from rlhf_jax import sharding, state as state_lib, tasks
+from rlhf_jax import rng, sharding, state as state_lib, tasks
 from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.config_groups import sampling_from_config
+from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.data import formats, tfds_datasets
 from rlhf_jax.data.loader import BatchLoader
 from rlhf_jax.data.tokenizer import Tokenizer
@@ -31,8 +33,8 @@ from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
 # Record kinds a stage can ask for, and the config key of the user file for each.
 USER_FILE_KEYS = {"pretraining": "pretraining_file", "demonstrations": "demonstrations_file",
                   "comparisons": "comparisons_file", "scored": "scored_file", "prompts": "prompts_file"}
-# Key streams derived from config.seed, one per use, so adding a use never shifts another.
-INIT_STREAM = 1
+# Dataset names of a label instance's comparisons: INSTANCE + suffix.
+COMPARISONS_SUFFIX = "_comparisons"
 # A user file has no split of its own: every HELD_OUT_EVERY-th record is held out as "test".
 HELD_OUT_EVERY = 10
 
@@ -102,13 +104,14 @@ class StageContext:
       return {s: [{"prompt": p} for p in self.task.prompts(s)] for s in ("train", "test")}
     if kind == "scored":
       raise StageError("direct-score reward training needs data.scored_file (JSONL of prompt, response, score)")
-    if kind == "comparisons":
-      path = os.path.join(self.stage_dir("label"), "comparisons.jsonl")
+    if kind.endswith(COMPARISONS_SUFFIX):
+      source = kind[:-len(COMPARISONS_SUFFIX)]
+      path = os.path.join(self.stage_dir(source), "comparisons.jsonl")
       if not os.path.isfile(path):
-        raise StageError(f"no comparisons: run the 'label' stage first (missing {path}) "
+        raise StageError(f"no comparisons from '{source}': run that label stage first (missing {path}) "
                          "or set data.comparisons_file")
-      records = formats.read_records(path, kind)
-      held = min(self.config.reward.eval_comparisons, max(len(records) // 5, 1))
+      records = formats.read_records(path, "comparisons")
+      held = min(self.held_out_comparisons, max(len(records) // 5, 1))
       return {"train": records[held:], "test": records[:held]}
     raise StageError(f"unknown data kind {kind!r}")
 
@@ -118,9 +121,24 @@ class StageContext:
     if not os.path.isdir(tfds_datasets.dataset_path(data_dir, kind)):
       if self.is_primary:
         tfds.disable_progress_bar()
-        tfds_datasets.build_dataset(self._records_for(kind), kind, data_dir, kind)
+        record_kind = "comparisons" if kind.endswith(COMPARISONS_SUFFIX) else kind
+        tfds_datasets.build_dataset(self._records_for(kind), record_kind, data_dir, kind)
       sync(f"dataset-{kind}")
     return tfds_datasets.load_data_source(data_dir, kind, split)
+
+  @property
+  def held_out_comparisons(self) -> int:
+    """Comparisons held out of each label instance's output (the reward kind's ``eval_comparisons``)."""
+    sections = [v for v in self.config.values() if isinstance(v, ConfigDict) and v.get("kind") == "reward"]
+    return max((s.eval_comparisons for s in sections), default=128)
+
+  def comparisons(self, sources: tuple[str, ...] | list[str], split: str):
+    """Comparison records of ``split`` from label instances ``sources`` (or ``data.comparisons_file``)."""
+    if self.config.data.comparisons_file:
+      return self.records("comparisons", split)
+    if not sources:
+      raise StageError("no comparisons named: set the reward instance's 'comparisons' to label instance(s)")
+    return ConcatSource([self.records(source + COMPARISONS_SUFFIX, split) for source in sources])
 
   def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Places this host's rows of a batch on the mesh."""
@@ -135,9 +153,13 @@ class StageContext:
     return BatchLoader(len(source), batch_size, seed=self.config.seed, process_index=jax.process_index(),
                        process_count=jax.process_count())
 
-  def key(self, stream: int) -> jax.Array:
-    """The PRNG key of one use (``stream``) of the run's seed."""
-    return jax.random.fold_in(jax.random.key(self.config.seed), stream)
+  def key(self, stream: str, instance: str = "") -> jax.Array:
+    """The PRNG key of one named use (see ``rlhf_jax.rng.STREAMS``) by one stage instance."""
+    return rng.key(self.config.seed, stream, instance)
+
+  def sampling(self, section: ConfigDict) -> SamplingConfig:
+    """The sampler of a config section's ``sampling`` group, with this run's EOS and padding ids."""
+    return sampling_from_config(section.sampling, self.tokenizer.eos_id, self.tokenizer.pad_id)
 
   # --- models -------------------------------------------------------------
 
@@ -180,12 +202,29 @@ class StageContext:
     """Restores ``STAGE/params`` onto this run's mesh -> (params, extra)."""
     directory = os.path.join(self.stage_dir(stage), "params")
     if not os.path.isdir(directory):
-      raise StageError(f"missing checkpoint of stage '{stage}' ({directory}): run that stage first")
+      raise StageError(f"missing params of stage instance '{stage}' ({directory}): run that stage first")
     shardings = self.param_shardings(kind)
     abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1].to_pure_dict()
     target = state_lib.abstract_like(abstract, shardings)
     with Checkpointer(directory, read_only=True) as ckpt:
       return ckpt.restore(target)
+
+
+class ConcatSource:
+  """Random access over several record sources, one after the other."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    which = int(np.searchsorted(self.offsets, index, side="right")) - 1
+    return self.sources[which][index - int(self.offsets[which])]
 
 
 def sync(name: str) -> None:

@@ -1,21 +1,33 @@
-"""eval stage: every trained policy of the run (pretrain, sft, ppo) on the same held-out prompts.
+"""eval stage: trained policies on the same held-out prompts, a table, and the samples themselves.
 
-Metrics per policy: ``eval/gold_reward``, ``eval/rm_reward``, ``eval/kl`` (to the
-reference, ``eval.reference``), ``eval/win_rate_vs_sft`` (gold, paired per
-prompt) and ``eval/lm_loss`` (held-out pretraining text). Each policy's metrics
-go to metrics.jsonl as a stage ``eval`` row with a ``policy`` index, and to
-summary.json under ``eval`` as ``POLICY/eval/NAME``; a table is printed.
+Inputs: ``policies`` (policy instances; empty = every finished policy instance of
+the config), ``reference`` (for ``eval/kl``), ``baseline`` (for
+``eval/win_rate_vs_sft``, paired per prompt), ``reward`` (for ``eval/rm_reward``).
+Each policy's metrics go to metrics.jsonl as a row of this instance with a
+``policy_index``, and to summary.json as ``POLICY/eval/NAME``; a table and a
+few samples are printed, and ``WORKDIR/INSTANCE/samples.jsonl`` holds every
+prompt with each policy's response and its gold and RM scores.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
+from ml_collections import ConfigDict
+
+from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
+from rlhf_jax.stages.graph import POLICY, instances
 
-POLICIES = ("pretrain", "sft", "ppo")
 COLUMNS = ("eval/gold_reward", "eval/rm_reward", "eval/kl", "eval/win_rate_vs_sft", "eval/lm_loss")
+
+
+def eval_config() -> ConfigDict:
+  """Keys of an ``eval`` instance (how policies are evaluated is ``config.evaluation``)."""
+  return ConfigDict(dict(kind="eval", policies=(), reference="sft", baseline="sft", reward="reward",
+                         print_samples=3))
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -28,28 +40,73 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
-def run(ctx: StageContext) -> dict[str, float]:
-  cfg = ctx.config.eval
-  available = [p for p in POLICIES if os.path.isdir(os.path.join(ctx.stage_dir(p), "params"))]
-  if not available:
-    raise StageError(f"eval: no policy to evaluate in {ctx.workdir} (none of {list(POLICIES)} has finished)")
+def _has_params(ctx: StageContext, name: str) -> bool:
+  return os.path.isdir(os.path.join(ctx.stage_dir(name), "params"))
+
+
+def policies_to_evaluate(ctx: StageContext, cfg: ConfigDict) -> list[str]:
+  """The named policies, or every policy instance with params, in config order."""
+  if cfg.policies:
+    missing = [p for p in cfg.policies if not _has_params(ctx, p)]
+    if missing:
+      raise StageError(f"eval: policies {missing} have not finished in {ctx.workdir}")
+    names = list(cfg.policies)
+  else:
+    names = [n for n, i in instances(ctx.config).items() if i.kind.produces == POLICY and _has_params(ctx, n)]
+  if not names:
+    raise StageError(f"eval: no policy to evaluate in {ctx.workdir} (no policy instance has finished)")
+  return names
+
+
+def run(ctx: StageContext, instance) -> dict[str, float]:
+  cfg = instance.section
+  names = policies_to_evaluate(ctx, cfg)
   evaluator = evaluation.PolicyEvaluator(ctx)
-  reference = None
-  if cfg.reference:
-    reference, _ = ctx.load_params(cfg.reference, "lm")
-  reward = evaluation.reward_model(ctx)
-  sft_gold = None
-  rows: dict[str, dict[str, float]] = {}
-  for policy in sorted(available, key=lambda p: p != "sft"):
-    params, _ = ctx.load_params(policy, "lm")
-    metrics, gold = evaluator.evaluate(params, reference=reference, reward=reward, baseline_gold=sft_gold)
-    if policy == "sft":
-      sft_gold = gold
-      metrics["eval/win_rate_vs_sft"] = 0.5
-    rows[policy] = metrics
-  ordered = {p: rows[p] for p in POLICIES if p in rows}
-  for index, (policy, metrics) in enumerate(ordered.items()):
-    ctx.metrics.write("eval", index, {**metrics, "policy_index": float(POLICIES.index(policy))})
+  reference = ctx.load_params(cfg.reference, "lm")[0] if cfg.reference and _has_params(ctx, cfg.reference) else None
+  reward = evaluation.maybe_reward_scorer(ctx, cfg.reward)
+  baseline_gold = None
+  results: dict[str, evaluation.Evaluation] = {}
+  # The baseline goes first: the others' win rates are paired against its per-prompt gold.
+  for name in sorted(names, key=lambda n: n != cfg.baseline):
+    params, _ = ctx.load_params(name, "lm")
+    result = evaluator.evaluate(params, reference=reference, reward=reward, baseline_gold=baseline_gold)
+    if name == cfg.baseline:
+      baseline_gold = result.gold
+      result.metrics["eval/win_rate_vs_sft"] = 0.5
+    results[name] = result
+  results = {name: results[name] for name in names}
+  rows = {name: r.metrics for name, r in results.items()}
+  for index, metrics in enumerate(rows.values()):
+    ctx.metrics.write(instance.name, index, {**metrics, "policy_index": float(index)})
   if ctx.is_primary:
-    print(format_table(ordered), flush=True)
-  return {f"{policy}/{k}": v for policy, metrics in ordered.items() for k, v in metrics.items()}
+    write_samples(ctx, instance.name, evaluator.prompts, results)
+    print(format_table(rows), flush=True)
+    print(format_samples(evaluator.prompts, results, cfg.print_samples), flush=True)
+  return {f"{name}/{k}": v for name, metrics in rows.items() for k, v in metrics.items()}
+
+
+def write_samples(ctx: StageContext, name: str, prompts: list[str],
+                  results: dict[str, evaluation.Evaluation]) -> None:
+  """``WORKDIR/NAME/samples.jsonl``: one line per prompt with each policy's response, gold and RM score."""
+  lines = []
+  for i, prompt in enumerate(prompts):
+    policies = {}
+    for policy, r in results.items():
+      entry = {"response": r.responses[i], "gold": float(r.gold[i])}
+      if r.rm is not None:
+        entry["rm"] = float(r.rm[i])
+      policies[policy] = entry
+    lines.append(json.dumps({"prompt": prompt, "policies": policies}))
+  os.makedirs(ctx.stage_dir(name), exist_ok=True)
+  write_atomic(os.path.join(ctx.stage_dir(name), "samples.jsonl"), "\n".join(lines) + "\n")
+
+
+def format_samples(prompts: list[str], results: dict[str, evaluation.Evaluation], count: int) -> str:
+  """The first ``count`` prompts with every policy's response and scores, as text."""
+  out = []
+  for i in range(min(count, len(prompts))):
+    out.append(f"prompt: {prompts[i]}")
+    for policy, r in results.items():
+      rm = f" rm={r.rm[i]:.2f}" if r.rm is not None else ""
+      out.append(f"  {policy:>10} (gold={r.gold[i]:.2f}{rm}): {r.responses[i]}")
+  return "\n".join(out)

@@ -1,62 +1,36 @@
 """Policy evaluation on held-out prompts: gold reward, RM reward, KL to a reference, win rate, LM loss.
 
 Every policy is sampled on the same held-out prompts with the same key, so
-win rates are paired per prompt. The gold score is the task's hidden one and
-is read here only, never by a training path.
+win rates are paired per prompt. The settings (``config.evaluation``) are
+shared by every evaluation of a run (in-loop and the eval stage) so their
+numbers are comparable. The gold score is the task's hidden one and is read
+here only, never by a training path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from ml_collections import ConfigDict
 
-from rlhf_jax import losses
+from rlhf_jax.algorithms.lm import make_lm_eval
 from rlhf_jax.atomic_file import write_atomic
+from rlhf_jax.config_groups import sampling_config
 from rlhf_jax.data import batching
 from rlhf_jax.data.loader import BatchLoader
-from rlhf_jax.generate import Sample, SamplingConfig, make_sampler
-from rlhf_jax.models import Decoder
+from rlhf_jax.rollout import Rollout, make_rollout_fn, response_log_probs, response_texts
+from rlhf_jax.scoring import GoldScorer, RewardModelScorer
 from rlhf_jax.stages.context import StageContext
-from rlhf_jax.stages.lm import make_lm_eval
-
-EVAL_STREAM = 7919  # fixed key stream for evaluation samples
 
 
-def sampling_config(ctx: StageContext, section) -> SamplingConfig:
-  """A ``SamplingConfig`` from a config section's ``sampling`` group and the tokenizer's ids."""
-  s = section.sampling
-  return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                        greedy=s.greedy, stop_at_eos=s.stop_at_eos, eos_id=ctx.tokenizer.eos_id,
-                        pad_id=ctx.tokenizer.pad_id)
-
-
-def decode_responses(ctx: StageContext, sample: Sample) -> list[str]:
-  """Response texts of a sample (EOS and padding dropped)."""
-  tokens, mask = np.asarray(sample.tokens), np.asarray(sample.mask)
-  return [ctx.tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m]) for row, row_mask in zip(tokens, mask)]
-
-
-def make_sequence_log_probs(graphdef: nnx.GraphDef, prompt_len: int):
-  """Jitted ``f(params, tokens, mask) -> [B, N]`` model log-probs (temperature 1) of the response part."""
-
-  @jax.jit
-  def sequence_log_probs(params, tokens, mask):
-    model: Decoder = nnx.merge(graphdef, params)
-    logits, _ = model(tokens, mask)
-    return losses.token_log_probs(logits, tokens)[:, prompt_len:] * mask[:, prompt_len:]
-
-  return sequence_log_probs
-
-
-def make_reward_fn(graphdef: nnx.GraphDef):
-  """Jitted ``f(params, tokens, mask) -> [B]`` reward-model scores."""
-  return jax.jit(lambda params, tokens, mask: nnx.merge(graphdef, params)(tokens, mask))
+def evaluation_config() -> ConfigDict:
+  """``config.evaluation``: how every policy of a run is evaluated (in-loop and by eval instances)."""
+  return ConfigDict(dict(num_prompts=128, sampling=sampling_config(), lm_loss_batches=4, batch_size=64))
 
 
 class PolicyEvaluator:
@@ -64,81 +38,99 @@ class PolicyEvaluator:
 
   def __init__(self, ctx: StageContext):
     self.ctx = ctx
-    cfg = ctx.config
+    cfg = ctx.config.evaluation
     prompts = [r["prompt"] for r in ctx.records("prompts", "test")]
-    self.prompts = prompts[: cfg.eval.num_prompts]
-    batch, _ = batching.prompt_batch(ctx.tokenizer, self.prompts, cfg.data.prompt_len)
+    self.prompts = prompts[: cfg.num_prompts]
+    batch, _ = batching.prompt_batch(ctx.tokenizer, self.prompts, ctx.config.data.prompt_len)
     self.prompt = ctx.put(batch)
-    self.sampling = sampling_config(ctx, cfg.eval)
+    self.group = ctx.put({"group": np.arange(len(self.prompts), dtype=np.int32)})["group"]
+    self.sampling = ctx.sampling(cfg)
     graphdef = ctx.graphdef("lm")
-    self.graphdef = graphdef
-    self.sample = make_sampler(graphdef, self.sampling)
-    self.log_probs = make_sequence_log_probs(graphdef, cfg.data.prompt_len)
-    self.key = ctx.key(EVAL_STREAM)
+    self.rollout_fn = make_rollout_fn(graphdef, self.sampling)
+    sampling = self.sampling
+    self.kl_fn = jax.jit(lambda p, ref, r: (response_log_probs(graphdef, p, r, sampling)[0]
+                                            - response_log_probs(graphdef, ref, r, sampling)[0]).sum(axis=1))
+    self.key = ctx.key("eval")
     self.lm_eval = make_lm_eval(graphdef)
+    self.gold = GoldScorer(ctx.task)
 
-  def generate(self, params) -> tuple[Sample, list[str], jax.Array, jax.Array]:
-    sample = self.sample(params, self.prompt["tokens"], self.prompt["mask"], self.key)
-    tokens = jnp.concatenate([self.prompt["tokens"], sample.tokens], axis=1)
-    mask = jnp.concatenate([self.prompt["mask"], sample.mask], axis=1)
-    return sample, decode_responses(self.ctx, sample), tokens, mask
+  def rollout(self, params) -> tuple[Rollout, list[str]]:
+    """The policy's held-out rollout (same prompts and key for every policy) and its decoded responses."""
+    rollout = self.rollout_fn(params, self.prompt["tokens"], self.prompt["mask"], self.group, self.key)
+    return rollout, response_texts(self.ctx.tokenizer, rollout)
 
   def lm_loss(self, params) -> float:
     """Mean next-token loss on held-out pretraining text (the alignment tax)."""
     ctx = self.ctx
     texts = ctx.records("pretraining", "test")
-    size = ctx.config.eval.batch_size
+    size = ctx.config.evaluation.batch_size
     loader = BatchLoader(len(texts), min(size, len(texts)), seed=0, shuffle=False)
     total, count = 0.0, 0.0
-    for step in range(min(ctx.config.eval.lm_loss_batches, loader.steps_per_epoch)):
+    for step in range(min(ctx.config.evaluation.lm_loss_batches, loader.steps_per_epoch)):
       batch, _ = batching.lm_batch(ctx.tokenizer, [texts[int(i)]["text"] for i in loader.indices_for_step(step)],
                                    ctx.config.data.seq_len)
       s, n = self.lm_eval(params, ctx.put(batch))
       total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
-  def evaluate(self, params, reference=None, reward=None, baseline_gold: np.ndarray | None = None,
-               with_lm_loss: bool = True) -> tuple[dict[str, float], np.ndarray]:
-    """Eval metrics of a policy -> (metrics, per-prompt gold scores).
+  def evaluate(self, params, reference=None, reward: RewardModelScorer | None = None,
+               baseline_gold: np.ndarray | None = None, with_lm_loss: bool = True) -> "Evaluation":
+    """Eval metrics of a policy and its per-prompt responses and scores.
 
-    reference: params of the reference policy (for ``eval/kl``); reward: ``(score_fn, params)`` of the
-    reward model; baseline_gold: per-prompt gold scores of the SFT policy (for ``eval/win_rate_vs_sft``).
+    reference: params of the reference policy (for ``eval/kl``, the same log-prob definition as
+    training's KL); reward: the reward-model scorer; baseline_gold: per-prompt gold scores of the
+    baseline policy (for ``eval/win_rate_vs_sft``).
     """
-    sample, responses, tokens, mask = self.generate(params)
-    gold = self.ctx.task.gold_scores(self.prompts, responses)
+    rollout, responses = self.rollout(params)
+    gold = self.gold(rollout, self.prompts, responses)
     metrics = {"eval/gold_reward": float(gold.mean()),
-               "eval/response_length": float(np.asarray(sample.mask).sum(1).mean())}
+               "eval/response_length": float(np.asarray(rollout.response_mask).sum(1).mean())}
+    rm = None
     if reference is not None:
-      kl = (self.log_probs(params, tokens, mask) - self.log_probs(reference, tokens, mask)).sum(1)
-      metrics["eval/kl"] = float(kl.mean())
+      metrics["eval/kl"] = float(np.asarray(self.kl_fn(params, reference, rollout)).mean())
     if reward is not None:
-      score_fn, reward_params = reward
-      metrics["eval/rm_reward"] = float(score_fn(reward_params, tokens, mask).mean())
+      rm = np.asarray(reward(rollout))
+      metrics["eval/rm_reward"] = float(rm.mean())
     if baseline_gold is not None:
       wins = (gold > baseline_gold) + 0.5 * (gold == baseline_gold)
       metrics["eval/win_rate_vs_sft"] = float(wins.mean())
     if with_lm_loss:
       metrics["eval/lm_loss"] = self.lm_loss(params)
-    return metrics, gold
+    return Evaluation(metrics, responses, gold, rm)
 
 
-def save_gold(ctx: StageContext, stage: str, gold: np.ndarray) -> None:
+@dataclasses.dataclass
+class Evaluation:
+  """One policy's evaluation: metrics, responses, per-prompt gold scores [P] and RM scores [P] (or None)."""
+
+  metrics: dict[str, float]
+  responses: list[str]
+  gold: np.ndarray
+  rm: np.ndarray | None
+
+
+def save_gold(ctx: StageContext, instance: str, gold: np.ndarray) -> None:
   """Keeps a policy's per-prompt held-out gold scores (the baseline for win rates)."""
   if ctx.is_primary:
-    write_atomic(os.path.join(ctx.stage_dir(stage), "eval_gold.json"), json.dumps([float(g) for g in gold]))
+    write_atomic(os.path.join(ctx.stage_dir(instance), "eval_gold.json"), json.dumps([float(g) for g in gold]))
 
 
-def load_gold(ctx: StageContext, stage: str) -> np.ndarray | None:
-  path = os.path.join(ctx.stage_dir(stage), "eval_gold.json")
+def load_gold(ctx: StageContext, instance: str) -> np.ndarray | None:
+  path = os.path.join(ctx.stage_dir(instance), "eval_gold.json")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
     return np.asarray(json.load(f), np.float32)
 
 
-def reward_model(ctx: StageContext) -> tuple[Any, dict] | None:
-  """``(score_fn, params)`` of the trained, normalised reward model, if the reward stage has run."""
-  if not os.path.isdir(os.path.join(ctx.stage_dir("reward"), "params")):
-    return None
-  params, _ = ctx.load_params("reward", "scalar")
-  return make_reward_fn(ctx.graphdef("scalar")), params
+def reward_scorer(ctx: StageContext, instance: str) -> RewardModelScorer:
+  """The scorer of a trained (normalised) reward-model instance."""
+  params, _ = ctx.load_params(instance, "scalar")
+  return RewardModelScorer(ctx.graphdef("scalar"), params)
+
+
+def maybe_reward_scorer(ctx: StageContext, instance: str) -> Any:
+  """``reward_scorer`` if ``instance`` is set and has finished, else None."""
+  if instance and os.path.isdir(os.path.join(ctx.stage_dir(instance), "params")):
+    return reward_scorer(ctx, instance)
+  return None

@@ -85,13 +85,14 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
       will_save = done % ckpt.save_every == 0 or done == total_steps
       if done % log_every == 0 or will_save:
         values = to_floats(metrics)
-        check_finite(stage, done, values)
         values.update({k: v / pending_steps for k, v in pending_host.items()})
+        check_finite(stage, done, values)  # rollout metrics (host side) included
         pending_host, pending_steps = {}, 0
         ctx.metrics.write(stage, done, values)
         progress.update(done, {k: v for k, v in values.items() if k in PROGRESS_METRICS})
       if evaluate is not None and eval_every and done % eval_every == 0 and done != total_steps:
         last_eval = evaluate(state, done)
+        check_finite(stage, done, last_eval)
         ctx.metrics.write(stage, done, last_eval)
       if will_save:
         extra = checkpoint_extra(state) if checkpoint_extra else {}

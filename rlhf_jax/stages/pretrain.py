@@ -1,22 +1,22 @@
-"""pretrain stage: next-token training on pretraining text (the base model of the pipeline)."""
+"""pretrain stage: next-token training of a fresh decoder on pretraining text (the base model)."""
 
 from __future__ import annotations
 
 from rlhf_jax import state as state_lib
+from rlhf_jax.algorithms.lm import lm_train_state, make_lm_step
 from rlhf_jax.data import batching
-from rlhf_jax.stages.context import INIT_STREAM, StageContext
+from rlhf_jax.stages.context import StageContext
 from rlhf_jax.stages.evaluation import PolicyEvaluator
-from rlhf_jax.stages.lm import lm_train_state, make_lm_step
 from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 
-def run(ctx: StageContext) -> dict[str, float]:
-  cfg = ctx.config.pretrain
+def run(ctx: StageContext, instance) -> dict[str, float]:
+  cfg = instance.section
   tok = ctx.tokenizer
   train = ctx.records("pretraining", "train")
   loader = ctx.loader(train, cfg.batch_size)
-  graphdef, params, _ = ctx.init_model("lm", ctx.key(INIT_STREAM))
-  state, shardings, tx = lm_train_state(ctx, params, cfg)
+  graphdef, params, shardings = ctx.init_model("lm", ctx.key("init/policy", instance.name))
+  state, state_shardings, tx = lm_train_state(params, shardings, cfg, ctx.mesh, ctx.config.seed)
 
   def host_batch(step):
     texts = [train[int(i)]["text"] for i in loader.indices_for_step(step)]
@@ -27,15 +27,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     batch, stats = host_batch(step)
     return ctx.put(batch), truncation_metrics(stats)
 
-  step = state_lib.compile_step(make_lm_step(graphdef, tx), shardings, ctx.batch_shardings(host_batch(0)[0]),
-                                None, ctx.mesh)
+  step = state_lib.compile_step(make_lm_step(graphdef, tx, use_dropout=ctx.config.model.dropout > 0),
+                                state_shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   evaluator = PolicyEvaluator(ctx)
 
   def evaluate(state, step_number):
     del step_number
     return {"eval/lm_loss": evaluator.lm_loss(state.params["policy"])}
 
-  state, last_eval = run_loop(ctx, "pretrain", state, shardings, step, make_batch, cfg.steps, cfg,
+  state, last_eval = run_loop(ctx, instance.name, state, state_shardings, step, make_batch, cfg.steps, cfg,
                               evaluate=evaluate)
-  ctx.save_params("pretrain", state.params["policy"])
+  ctx.save_params(instance.name, state.params["policy"])
   return last_eval

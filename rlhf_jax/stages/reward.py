@@ -1,10 +1,10 @@
 """reward stage: a reward model on K-wise rankings (InstructGPT) or on direct scores.
 
-The RM is the policy trunk plus a scalar head, initialised from the SFT (or
-pretrained) trunk. Ranking loss: all C(K,2) pairs of one prompt in one batch
-element, one forward pass per response. After training the RM is normalised
-with a gain and bias (folded into its head) so that the reference policy's
-responses score mean 0 and std 1 (``reward.normalize``: gain_bias, bias or none).
+Inputs: ``init_from`` (a policy's trunk with a fresh head, or a reward instance
+to continue), ``comparisons`` (label instances; an iterated round trains on old
++ new comparisons), ``reference`` (the policy whose samples define the
+normalisation: after training, a gain and bias folded into the head make them
+score mean 0, std 1; ``normalize``: gain_bias, bias or none).
 """
 
 from __future__ import annotations
@@ -12,81 +12,51 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from rlhf_jax import losses, state as state_lib
+from rlhf_jax.algorithms.reward import (LOSSES, NORMALIZATIONS, comparison_rewards, fold_normalisation,
+                                        make_reward_step)
 from rlhf_jax.data import batching
-from rlhf_jax.generate import make_sampler
 from rlhf_jax.models import reward_head_std
-from rlhf_jax.stages import evaluation
-from rlhf_jax.stages.context import INIT_STREAM, StageContext, StageError
+from rlhf_jax.rollout import make_rollout_fn
+from rlhf_jax.scoring import RewardModelScorer, reward_scores
+from rlhf_jax.stages.context import StageContext, StageError
+from rlhf_jax.stages.graph import KINDS
 from rlhf_jax.stages.loop import run_loop, truncation_metrics
-from rlhf_jax.state import TrainState, step_key
 from rlhf_jax.tasks import pairwise_agreement
 
-NORMALIZE_STREAM = 47
 
-
-def comparison_rewards(graphdef, params, batch, dropout_key=None) -> jax.Array:
-  """RM scores [B, K] of a comparison batch (tokens [B, K, T]); one forward pass per response."""
-  b, k, t = batch["tokens"].shape
-  model = nnx.merge(graphdef, params)
-  return model(batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t), dropout_key).reshape(b, k)
-
-
-def make_reward_step(graphdef, optimizer, loss_kind: str, margin: float, use_dropout: bool = False):
-  """``step(state, batch, frozen) -> (state, metrics)`` for ``state.params["reward"]``."""
-
-  def objective(params, batch, key):
-    if loss_kind == "ranking":
-      rewards = comparison_rewards(graphdef, params, batch, key)
-      loss, aux = losses.ranking_loss(rewards, batch["ranks"], batch["response_mask"], margin)
-      return loss, {"train/loss": loss, "train/accuracy": aux["accuracy"], "train/reward_gap": aux["reward_gap"]}
-    rewards = nnx.merge(graphdef, params)(batch["tokens"], batch["mask"], key)
-    kind = "sigmoid_mse" if loss_kind == "direct_sigmoid" else "mse"
-    loss = losses.direct_score_loss(rewards, batch["score"], kind)
-    return loss, {"train/loss": loss}
-
-  def step(state: TrainState, batch, frozen):
-    del frozen
-    key = step_key(state) if use_dropout else None
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params["reward"], batch, key)
-    updates, opt_state = optimizer.update(grads, state.opt_state["reward"], state.params["reward"])
-    metrics["train/grad_norm"] = optax.global_norm(grads)
-    return state.replace(step=state.step + 1, params={"reward": optax.apply_updates(state.params["reward"], updates)},
-                         opt_state={"reward": opt_state}), metrics
-
-  return step
-
-
-def init_reward_params(ctx: StageContext) -> dict:
-  """Scalar model params: the trunk from ``reward.init_from`` (or random), a fresh head."""
-  cfg = ctx.config.reward
+def init_reward_params(ctx: StageContext, instance) -> dict:
+  """Scalar-model params: continue a reward instance, or a policy's trunk with a fresh head, or random."""
+  cfg = instance.section
+  source = cfg.init_from
+  if source and ctx.config[source].kind in {k.name for k in KINDS.values() if k.produces == "reward"}:
+    return ctx.load_params(source, "scalar")[0]
   std = cfg.head_std if cfg.head_std >= 0 else reward_head_std(ctx.model_config)
-  _, params, _ = ctx.init_model("scalar", ctx.key(INIT_STREAM + 1), head_std=std)
-  if cfg.init_from:
-    lm_params, _ = ctx.load_params(cfg.init_from, "lm")
-    params["trunk"] = lm_params["trunk"]
+  _, params, _ = ctx.init_model("scalar", ctx.key("init/reward", instance.name), head_std=std)
+  if source:
+    params["trunk"] = ctx.load_params(source, "lm")[0]["trunk"]
   return params
 
 
-def fold_normalisation(params: dict, gain: float, bias: float) -> dict:
-  """Head params such that the model outputs ``gain * r + bias``."""
-  return {**params, "head": params["head"] * gain, "head_bias": params["head_bias"] * gain + bias}
-
-
-def run(ctx: StageContext) -> dict[str, float]:
-  cfg = ctx.config.reward
+def run(ctx: StageContext, instance) -> dict[str, float]:
+  cfg = instance.section
   data = ctx.config.data
   tok = ctx.tokenizer
-  if cfg.loss not in ("ranking", "direct_sigmoid", "direct_mse"):
-    raise StageError(f"reward.loss must be ranking, direct_sigmoid or direct_mse, got {cfg.loss!r}")
+  if cfg.loss not in LOSSES:
+    raise StageError(f"{instance.name}.loss must be one of {LOSSES}, got {cfg.loss!r}")
+  if cfg.normalize not in NORMALIZATIONS:
+    raise StageError(f"{instance.name}.normalize must be one of {NORMALIZATIONS}, got {cfg.normalize!r}")
   kind = "comparisons" if cfg.loss == "ranking" else "scored"
-  train, test = ctx.records(kind, "train"), ctx.records(kind, "test")
-  max_k = max(len(r["responses"]) for r in list(train) + list(test)) if kind == "comparisons" else 1
+  if kind == "comparisons":
+    train, test = ctx.comparisons(cfg.comparisons, "train"), ctx.comparisons(cfg.comparisons, "test")
+  else:
+    train, test = ctx.records(kind, "train"), ctx.records(kind, "test")
+  max_k = max(len(train[i]["responses"]) for i in range(len(train))) if kind == "comparisons" else 1
+  if kind == "comparisons":
+    max_k = max([max_k] + [len(test[i]["responses"]) for i in range(len(test))])
   graphdef = ctx.graphdef("scalar")
-  params = init_reward_params(ctx)
+  params = init_reward_params(ctx, instance)
   tx = state_lib.make_optimizer(cfg.optimizer, cfg.steps)
   state, shardings = state_lib.create_train_state({"reward": params}, {"reward": tx},
                                                   {"reward": ctx.param_shardings("scalar")}, ctx.mesh,
@@ -108,15 +78,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     batch, stats = host_batch(step)
     return ctx.put(batch), truncation_metrics(stats)
 
-  step = state_lib.compile_step(make_reward_step(graphdef, tx, cfg.loss, cfg.margin), shardings,
-                                ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
+  step_fn = make_reward_step(graphdef, tx, cfg.loss, cfg.margin, use_dropout=ctx.config.model.dropout > 0)
+  step = state_lib.compile_step(step_fn, shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   score_test = make_test_scorer(ctx, graphdef, test, to_batch, kind)
-  state, last_eval = run_loop(ctx, "reward", state, shardings, step, make_batch, cfg.steps, cfg,
+  state, last_eval = run_loop(ctx, instance.name, state, shardings, step, make_batch, cfg.steps, cfg,
                               evaluate=lambda s, _: score_test(s.params["reward"]))
   params = state.params["reward"]
-  gain, bias = normalisation(ctx, graphdef, params)
+  gain, bias = normalisation(ctx, instance, graphdef, params)
   params = fold_normalisation(params, gain, bias)
-  ctx.save_params("reward", params, {"gain": gain, "bias": bias})
+  ctx.save_params(instance.name, params, {"gain": gain, "bias": bias})
   return {**last_eval, "reward/gain": gain, "reward/bias": bias}
 
 
@@ -138,7 +108,7 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
               "eval/rm_gold_accuracy": float(pairwise_agreement(gold, rm_rankings)),
               "eval/labeler_gold_agreement": float(labeler_vs_gold)}
     return evaluate
-  score = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b["tokens"], b["mask"]))
+  score = jax.jit(lambda p, b: reward_scores(graphdef, p, b["tokens"], b["mask"]))
 
   def evaluate(params):
     rewards = np.asarray(score(params, batch))
@@ -147,22 +117,20 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
   return evaluate
 
 
-def normalisation(ctx: StageContext, graphdef, params) -> tuple[float, float]:
-  """(gain, bias) making the reference (SFT) policy's responses score mean 0, std 1 on train prompts."""
-  cfg = ctx.config.reward
+def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float, float]:
+  """(gain, bias) making the reference policy's responses score mean 0, std 1 on train prompts."""
+  cfg = instance.section
   if cfg.normalize == "none":
     return 1.0, 0.0
-  if cfg.normalize not in ("gain_bias", "bias"):
-    raise StageError(f"reward.normalize must be gain_bias, bias or none, got {cfg.normalize!r}")
-  reference, _ = ctx.load_params("sft", "lm")
+  reference, _ = ctx.load_params(cfg.reference, "lm")
   prompts = [r["prompt"] for r in ctx.records("prompts", "train")][: cfg.normalize_samples]
   batch, _ = batching.prompt_batch(ctx.tokenizer, prompts, ctx.config.data.prompt_len)
-  batch = ctx.put(batch)
-  sampler = make_sampler(ctx.graphdef("lm"), evaluation.sampling_config(ctx, ctx.config.label))
-  sample = sampler(reference, batch["tokens"], batch["mask"],
-                   ctx.key(NORMALIZE_STREAM))
-  tokens = jnp.concatenate([batch["tokens"], sample.tokens], axis=1)
-  mask = jnp.concatenate([batch["mask"], sample.mask], axis=1)
-  rewards = evaluation.make_reward_fn(graphdef)(params, tokens, mask)
+  batch = ctx.put({**batch, "group": np.arange(len(prompts), dtype=np.int32)})
+  # The reference policy's samples as the label stage draws them.
+  labels = [ctx.config[n] for n in (cfg.comparisons or ()) if n in ctx.config and "sampling" in ctx.config[n]]
+  sampling = ctx.sampling(labels[0]) if labels else ctx.sampling(ctx.config.evaluation)
+  rollout = make_rollout_fn(ctx.graphdef("lm"), sampling)(reference, batch["tokens"], batch["mask"], batch["group"],
+                                                           ctx.key("reward/normalize", instance.name))
+  rewards = RewardModelScorer(graphdef, params)(rollout)
   gain, bias = losses.reward_normalisation(rewards, bias_only=cfg.normalize == "bias")
   return float(gain), float(bias)

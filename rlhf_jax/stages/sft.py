@@ -1,30 +1,30 @@
-"""sft stage: next-token loss on demonstration responses (prompt tokens masked), from the pretrained model.
+"""sft stage: next-token loss on demonstration responses (prompt tokens masked), from a policy instance.
 
-Optionally mixes in pretraining text (``sft.ptx_coef``). At the end the policy is
+Optionally mixes in pretraining text (``ptx_coef``). At the end the policy is
 evaluated on held-out prompts; its per-prompt gold scores are the baseline of
-every later ``eval/win_rate_vs_sft``.
+later ``eval/win_rate_vs_sft``.
 """
 
 from __future__ import annotations
 
 from rlhf_jax import state as state_lib
+from rlhf_jax.algorithms.lm import lm_train_state, make_lm_step
 from rlhf_jax.data import batching
 from rlhf_jax.stages import evaluation
-from rlhf_jax.stages.context import INIT_STREAM, StageContext
-from rlhf_jax.stages.lm import lm_train_state, make_lm_step
+from rlhf_jax.stages.context import StageContext
 from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 
-def run(ctx: StageContext) -> dict[str, float]:
-  cfg = ctx.config.sft
+def run(ctx: StageContext, instance) -> dict[str, float]:
+  cfg = instance.section
   data = ctx.config.data
   tok = ctx.tokenizer
   graphdef = ctx.graphdef("lm")
   if cfg.init_from:
     params, _ = ctx.load_params(cfg.init_from, "lm")
   else:
-    _, params, _ = ctx.init_model("lm", ctx.key(INIT_STREAM))
-  state, shardings, tx = lm_train_state(ctx, params, cfg)
+    _, params, _ = ctx.init_model("lm", ctx.key("init/policy", instance.name))
+  state, state_shardings, tx = lm_train_state(params, ctx.param_shardings("lm"), cfg, ctx.mesh, ctx.config.seed)
   demos = ctx.records("demonstrations", "train")
   loader = ctx.loader(demos, cfg.batch_size)
   if cfg.ptx_coef:
@@ -47,19 +47,18 @@ def run(ctx: StageContext) -> dict[str, float]:
     batch, stats = host_batch(step)
     return ctx.put(batch), truncation_metrics(stats)
 
-  step = state_lib.compile_step(make_lm_step(graphdef, tx, ptx_coef=cfg.ptx_coef), shardings,
-                                ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
+  step_fn = make_lm_step(graphdef, tx, ptx_coef=cfg.ptx_coef, use_dropout=ctx.config.model.dropout > 0)
+  step = state_lib.compile_step(step_fn, state_shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   evaluator = evaluation.PolicyEvaluator(ctx)
-  reference = None
-  if cfg.init_from:
-    reference, _ = ctx.load_params(cfg.init_from, "lm")
+  reference = ctx.load_params(cfg.init_from, "lm")[0] if cfg.init_from else None
 
   def evaluate(state, step_number):
-    metrics, gold = evaluator.evaluate(state.params["policy"], reference=reference)
+    result = evaluator.evaluate(state.params["policy"], reference=reference)
     if step_number == cfg.steps:
-      evaluation.save_gold(ctx, "sft", gold)
-    return metrics
+      evaluation.save_gold(ctx, instance.name, result.gold)
+    return result.metrics
 
-  state, last_eval = run_loop(ctx, "sft", state, shardings, step, make_batch, cfg.steps, cfg, evaluate=evaluate)
-  ctx.save_params("sft", state.params["policy"])
+  state, last_eval = run_loop(ctx, instance.name, state, state_shardings, step, make_batch, cfg.steps, cfg,
+                              evaluate=evaluate)
+  ctx.save_params(instance.name, state.params["policy"])
   return last_eval

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import os
 
+from ml_collections import ConfigDict
+
 from rlhf_jax.data.tokenizer import train_tokenizer
-from rlhf_jax.stages.context import StageContext, sync
+from rlhf_jax.stages.context import StageContext, StageError, sync
 
 
-def run(ctx: StageContext) -> dict[str, float]:
+def tokenizer_config() -> ConfigDict:
+  """``config.tokenizer``: the one tokenizer instance of a run (its name must be ``tokenizer``)."""
+  return ConfigDict(dict(kind="tokenizer", path="", vocab_size=1024, model_type="unigram", byte_fallback=True))
+
+
+def run(ctx: StageContext, instance) -> dict[str, float]:
   """Trains ``WORKDIR/tokenizer/spm.model`` on pretraining text, demonstrations and prompts (train split)."""
-  cfg = ctx.config.tokenizer
+  if instance.name != "tokenizer":
+    raise StageError(f"the tokenizer instance must be named 'tokenizer', not {instance.name!r}")
+  cfg = instance.section
   if cfg.path:
     return {"tokenizer/vocab_size": float(ctx.tokenizer.vocab_size)}
   if ctx.is_primary:

@@ -1,29 +1,24 @@
-"""PPO for language models: experience from a rollout, and the epochs x minibatches update.
+"""PPO for language models: the ppo stage kind's config keys, experience from a rollout, and the update.
 
-A rollout is a left-padded prompt [B, P] and a right-padded ``Sample`` [B, N].
-The full sequence is ``prompt ++ response`` [B, P + N]; response token i sits
-at column P + i and is predicted from (and its state's value is read at)
-column P + i - 1, so every per-token tensor here is the window
-``[:, P - 1 : P + N - 1]`` of a forward pass over the full sequence.
+One iteration: a ``Rollout`` of the policy (``rlhf_jax.rollout``), optionally
+cut at a stop token (``truncate_rollout``), scored by a ``Scorer`` (the frozen
+RM), then ``make_experience`` (reference log-probs, values, per-token rewards
+``-beta * KL + score at the last token``, GAE), then ``make_ppo_step``: E epochs x
+M minibatches of clipped policy/value updates in one compiled function, which
+also moves the KL coefficient held in the state (fixed, or the adaptive
+controller of Ziegler et al.).
 
-Policy log-probs are always those of the distribution the sampler draws
-from (``sampling_log_probs``: temperature, top-k, top-p), so old log-probs
-from the rollout and new ones from teacher forcing are comparable. The
-reference policy is read at the same temperature but without top-k/top-p:
-a truncated reference would give sampled tokens probability 0 and the KL
-penalty an infinite value.
+Log-probs are those of the policy's distribution (``rollout.policy_log_probs``:
+softmax at the sampling temperature; top-k/top-p only filter proposals), for
+the old policy, the new one and the reference alike, so the KL of a policy to
+itself is exactly 0 and PPO ratios never see a token outside the support.
 
 Value modes:
   * ``"separate"``: a ``ScalarModel`` over the full sequence, with its own
     params (``state.params["value"]``) and optimizer.
   * ``"shared"``: a scalar head on the policy trunk; ``state.params["value"]``
-    holds only ``{"head", "head_bias"}``. One objective
-    ``policy_loss - entropy_coef * entropy + ptx_coef * ptx_loss
-    + value_coef * value_loss`` is differentiated: the trunk gets the gradient
-    of all terms (through the policy optimizer), the head only the value term
-    (through the value optimizer).
-In ``"separate"`` mode the same sum is used; as the param trees are disjoint,
-each model sees only its own terms.
+    holds only ``{"head", "head_bias"}``. The trunk gets the gradient of all
+    terms (through the policy optimizer), the head only the value term.
 """
 
 from __future__ import annotations
@@ -35,26 +30,30 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from ml_collections import ConfigDict
 
 from rlhf_jax import losses
-from rlhf_jax.generate import Sample, SamplingConfig, sampling_log_probs
+from rlhf_jax.config_groups import checkpoint_config, optimizer_config, sampling_config
+from rlhf_jax.generate import SamplingConfig, sampling_log_probs
 from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl.gae import gae_advantages, per_token_rewards
-from rlhf_jax.rl.kl import kl_penalty, sequence_kl
+from rlhf_jax.rl.kl import kl_penalty, sequence_kl, update_kl_coef
 from rlhf_jax.rl.ppo_losses import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhf_jax.rl.whitening import masked_mean, masked_whiten
+from rlhf_jax.rollout import (Rollout, picked, policy_log_probs, response_hidden, response_log_probs,
+                              response_window)
 from rlhf_jax.state import TrainState, step_key
 
 Array = jax.Array
 PyTree = Any
 ValueMode = Literal["separate", "shared"]
-_VALUE_MODES = ("separate", "shared")
-MIN_LOG_PROB = -30.0  # nats; floor for tokens outside the (top-k/top-p) support
+VALUE_MODES = ("separate", "shared")
+VALUE_INITS = ("reward", "sft", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-  """PPO hyperparameters; ``sampling`` is the rollout sampler's config (defines the policy distribution).
+  """PPO hyperparameters; ``sampling`` is the rollout sampler's config. These defaults are the config's.
 
   kl_estimator: per-token KL penalty estimator "k1" | "k2" | "k3".
   gamma, lam: GAE discount and lambda over response tokens.
@@ -64,8 +63,8 @@ class PPOConfig:
   value_coef, entropy_coef, ptx_coef: weights of the value loss, entropy bonus and pretraining loss.
   epochs, minibatches: passes over the rollout and minibatches per pass (rows must divide).
   no_eos_penalty: added to the score of responses that never end (no EOS / stop token); 0 = off.
-  truncate_at_stop, stop_token: cut each response after its first ``stop_token``
-    (None: the sampler's EOS) before scoring and training.
+  truncate_at_stop, stop_token: cut each response after its first ``stop_token`` (-1: the sampler's
+    EOS) before scoring and training.
   """
 
   sampling: SamplingConfig
@@ -76,14 +75,14 @@ class PPOConfig:
   whiten_advantages: bool = True
   clip_eps: float = 0.2
   value_clip: float = 0.2
-  value_coef: float = 0.1
+  value_coef: float = 0.5
   entropy_coef: float = 0.0
   ptx_coef: float = 0.0
-  epochs: int = 1
-  minibatches: int = 1
+  epochs: int = 2
+  minibatches: int = 2
   no_eos_penalty: float = 0.0
   truncate_at_stop: bool = False
-  stop_token: int | None = None
+  stop_token: int = -1
 
   def __post_init__(self):
     if self.kl_estimator not in ("k1", "k2", "k3"):
@@ -96,34 +95,49 @@ class PPOConfig:
       raise ValueError(f"ppo.clip_eps and ppo.value_clip must be > 0, got {self.clip_eps}, {self.value_clip}")
 
   @classmethod
+  def fields(cls) -> dict[str, Any]:
+    """Field name -> default, for every field but ``sampling``."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != "sampling"}
+
+  @classmethod
   def from_mapping(cls, values: Mapping[str, Any], sampling: SamplingConfig) -> "PPOConfig":
-    """Builds from a config mapping (e.g. ``config.ppo``) plus the rollout sampling config, naming unknown keys."""
-    known = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown ppo config keys {unknown}; known: {sorted(known)}")
-    return cls(sampling=sampling, **dict(values))
+    """Builds from a config section (e.g. ``config.ppo``): its keys that are fields; the rest are ignored."""
+    return cls(sampling=sampling, **{k: values[k] for k in cls.fields() if k in values})
 
   @property
   def stop_id(self) -> int:
-    return self.sampling.eos_id if self.stop_token is None else self.stop_token
+    return self.sampling.eos_id if self.stop_token < 0 else self.stop_token
+
+
+def ppo_config() -> ConfigDict:
+  """Keys of a ``ppo`` instance (the PPOConfig fields and the loop around them).
+
+  Inputs: ``policy`` (initial policy instance), ``reference`` (KL anchor and win-rate baseline),
+  ``reward`` (the frozen reward-model instance).
+  """
+  c = ConfigDict(dict(kind="ppo", policy="sft", reference="sft", reward="reward",
+                      iterations=80, prompts_per_iteration=32, samples_per_prompt=1, sampling=sampling_config(),
+                      policy_optimizer=optimizer_config(3e-4, schedule="constant"),
+                      value_optimizer=optimizer_config(1e-3, schedule="constant"),
+                      value_init="reward",  # reward | sft | shared (a value head on the policy trunk)
+                      kl_coef=0.1, kl_adaptive=False, kl_target=6.0, kl_horizon=10000, ptx_batch_size=16))
+  c.update(PPOConfig.fields())
+  c.update(checkpoint_config(20, log_every=5, eval_every=20).to_dict())
+  return c
 
 
 @struct.dataclass
 class Experience:
-  """One PPO batch. prompt/prompt_mask: [B, P] left-padded; score: [B]; the rest [B, N] per response token.
+  """One PPO batch: the (possibly truncated) rollout and per-token tensors [B, N] over its responses.
 
-  mask: 1 for response tokens that are trained on (after truncation); log_probs: old policy
-  (teacher-forced, sampling distribution); ref_log_probs: reference policy; values: old values of the
-  state before each token; kl: per-token penalty estimator (nats); rewards: per-token rewards (after
-  optional whitening); advantages (after optional whitening) and returns (value targets).
-  All [B, N] float tensors are 0 where ``mask`` is 0.
+  log_probs: old policy (teacher-forced, policy distribution); ref_log_probs: reference policy;
+  values: old values of the state before each token; kl: per-token penalty estimator (nats);
+  rewards: per-token rewards (after optional whitening); advantages (after optional whitening) and
+  returns (value targets); score: [B] sequence score (with the no-EOS penalty). All [B, N] tensors
+  are 0 where ``rollout.response_mask`` is 0.
   """
 
-  prompt: Array
-  prompt_mask: Array
-  tokens: Array
-  mask: Array
+  rollout: Rollout
   log_probs: Array
   ref_log_probs: Array
   values: Array
@@ -132,6 +146,10 @@ class Experience:
   advantages: Array
   returns: Array
   score: Array
+
+  @property
+  def mask(self) -> Array:
+    return self.rollout.response_mask
 
 
 def value_head_params(cfg: DecoderConfig) -> dict[str, Array]:
@@ -148,6 +166,14 @@ def truncate_after_stop(tokens: Array, mask: Array, stop_token: int, pad_id: int
   return jnp.where(mask.astype(bool), tokens, pad_id), mask
 
 
+def truncate_rollout(rollout: Rollout, cfg: PPOConfig) -> Rollout:
+  """The rollout as PPO scores and trains on it: cut after the stop token when ``cfg.truncate_at_stop``."""
+  if not cfg.truncate_at_stop:
+    return rollout
+  return rollout.with_response(*truncate_after_stop(rollout.response, rollout.response_mask, cfg.stop_id,
+                                                    cfg.sampling.pad_id))
+
+
 def response_ended(tokens: Array, mask: Array, cfg: PPOConfig) -> Array:
   """[B] bool: the response contains the sampler's EOS (or, with truncation, the stop token)."""
   real = mask.astype(bool)
@@ -158,103 +184,63 @@ def response_ended(tokens: Array, mask: Array, cfg: PPOConfig) -> Array:
 
 
 def _entropy(log_probs: Array) -> Array:
-  """Entropy [...] (nats) of log-probs [..., V] that may hold -inf (top-k/top-p); NaN-free gradients."""
-  finite = jnp.where(jnp.isfinite(log_probs), log_probs, 0.0)
-  return -(jnp.exp(log_probs) * finite).sum(axis=-1)
-
-
-def _picked(log_probs: Array, tokens: Array, mask: Array) -> Array:
-  """Log-prob [B, N] of each token from log_probs [B, N, V], floored at ``MIN_LOG_PROB``; 0 where mask is 0.
-
-  Under top-k/top-p a token the old policy sampled can leave the updated policy's support (-inf); the
-  floor keeps its ratio ~0 (no gradient) and the KL diagnostics finite.
-  """
-  lp = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-  return jnp.where(mask.astype(bool), jnp.maximum(lp, MIN_LOG_PROB), 0.0)
-
-
-def _window(x: Array, p: int, n: int) -> Array:
-  """Columns P-1 .. P+N-2 of a full-sequence tensor [B, P+N, ...]: the state before each response token."""
-  return x[:, p - 1:p + n - 1]
-
-
-def _policy_forward(graphdef: nnx.GraphDef, params: PyTree, head: PyTree | None, tokens: Array, mask: Array,
-                    p: int, n: int) -> tuple[Array, Array | None]:
-  """Policy logits [B, N, V] over the response window, and shared-head values [B, N] (None without a head)."""
-  model = nnx.merge(graphdef, params)
-  hidden, _ = model.trunk(tokens, mask)
-  hidden = _window(hidden, p, n)
-  values = None
-  if head is not None:
-    values = hidden.astype(jnp.float32) @ head["head"].astype(jnp.float32) + head["head_bias"].astype(jnp.float32)
-  return model.logits_from_hidden(hidden), values
-
-
-def _values(value_graphdef: nnx.GraphDef | None, value_params: PyTree, tokens: Array, mask: Array,
-            p: int, n: int) -> Array:
-  """Separate value model: values [B, N] of the state before each response token."""
-  return _window(nnx.merge(value_graphdef, value_params).values(tokens, mask), p, n)
+  """Entropy [...] (nats) of log-probs [..., V]."""
+  return -(jnp.exp(log_probs) * log_probs).sum(axis=-1)
 
 
 def _check_value_mode(value_mode: str) -> None:
-  if value_mode not in _VALUE_MODES:
-    raise ValueError(f"value_mode must be one of {_VALUE_MODES}, got {value_mode!r}")
+  if value_mode not in VALUE_MODES:
+    raise ValueError(f"value_mode must be one of {VALUE_MODES}, got {value_mode!r}")
+
+
+def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, value_graphdef: nnx.GraphDef | None,
+                       value_params: PyTree, rollout: Rollout, cfg: PPOConfig,
+                       value_mode: ValueMode) -> tuple[Array, Array, Array]:
+  """(token log-probs [B, N], all log-probs [B, N, V], values [B, N]) of the current policy and value."""
+  model, hidden = response_hidden(policy_graphdef, policy_params, rollout)
+  all_lp = policy_log_probs(model.logits_from_hidden(hidden), cfg.sampling)
+  if value_mode == "shared":
+    head = value_params
+    values = hidden.astype(jnp.float32) @ head["head"].astype(jnp.float32) + head["head_bias"].astype(jnp.float32)
+  else:
+    values = nnx.merge(value_graphdef, value_params).values(rollout.tokens, rollout.mask)
+    values = response_window(values, rollout.prompt_len, rollout.response_len)
+  return picked(all_lp, rollout.response, rollout.response_mask), all_lp, values
 
 
 def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_params: PyTree,
-                    value_graphdef: nnx.GraphDef | None, value_params: PyTree,
-                    reward_graphdef: nnx.GraphDef | None, reward_params: PyTree,
-                    prompt: Array, prompt_mask: Array, sample: Sample, beta: Array | float, cfg: PPOConfig,
-                    value_mode: ValueMode = "separate", score: Array | None = None
-                    ) -> tuple[Experience, dict[str, Array]]:
+                    value_graphdef: nnx.GraphDef | None, value_params: PyTree, rollout: Rollout,
+                    score: Array, beta: Array | float, cfg: PPOConfig,
+                    value_mode: ValueMode = "separate") -> tuple[Experience, dict[str, Array]]:
   """Builds the PPO batch from a rollout (pure; jit with the graphdefs, ``cfg`` and ``value_mode`` static).
 
   Args:
-    policy_graphdef, policy_params: the sampling policy (a ``Decoder``).
-    ref_params: reference (SFT) policy params, same graphdef.
+    policy_graphdef, policy_params: the sampling policy (a ``Decoder``); ref_params: the reference
+      policy, same graphdef.
     value_graphdef, value_params: a ``ScalarModel`` (``"separate"``) or, for ``"shared"``, None and the
       head ``{"head", "head_bias"}`` on the policy trunk.
-    reward_graphdef, reward_params: a ``ScalarModel`` whose output is the normalised reward; unused
-      (may be None) when ``score`` is given.
-    prompt, prompt_mask: [B, P] left-padded prompts; sample: the rollout, [B, N].
+    rollout: the rollout as trained on (already through ``truncate_rollout``).
+    score: [B] scorer output on that rollout (the normalised RM score). The no-EOS penalty is added here.
     beta: scalar KL coefficient.
-    score: optional precomputed score [B] (e.g. a gold reward) instead of the reward model; it should
-      be computed on the response as truncated by ``truncate_after_stop`` when ``cfg.truncate_at_stop``.
-      The no-EOS penalty is still added.
 
   Returns:
     (experience, metrics) with scalar metrics ``rollout/*``: ``rm_score`` (scorer output),
     ``score`` (with penalty), ``kl`` (mean summed log-ratio, nats), ``kl_penalty`` (mean summed
     beta * estimator), ``total_reward``, ``response_length``, ``no_eos_fraction``, ``entropy``
-    (nats/token), ``logprob_diff`` (mean |sampler - teacher-forced| log-prob), ``value``, ``return``.
+    (nats/token), ``logprob_diff`` (mean |sampler - teacher-forced| log-prob of the sampling
+    distribution), ``value``, ``return``.
   """
   _check_value_mode(value_mode)
   s = cfg.sampling
-  p, n = prompt.shape[1], sample.tokens.shape[1]
-  tokens, mask = sample.tokens, sample.mask.astype(jnp.int32)
-  if cfg.truncate_at_stop:
-    tokens, mask = truncate_after_stop(tokens, mask, cfg.stop_id, s.pad_id)
-  full_tokens = jnp.concatenate([prompt, tokens], axis=1)
-  full_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), mask], axis=1)
+  mask = rollout.response_mask.astype(jnp.int32)
   fmask = mask.astype(jnp.float32)
-
-  head = value_params if value_mode == "shared" else None
-  logits, values = _policy_forward(policy_graphdef, policy_params, head, full_tokens, full_mask, p, n)
-  if value_mode == "separate":
-    values = _values(value_graphdef, value_params, full_tokens, full_mask, p, n)
+  log_probs, all_lp, values = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params,
+                                                 rollout, cfg, value_mode)
   values = values * fmask
-  policy_lp = sampling_log_probs(logits, s)
-  log_probs = _picked(policy_lp, tokens, mask)
-  ref_logits, _ = _policy_forward(policy_graphdef, ref_params, None, full_tokens, full_mask, p, n)
-  ref_sampling = dataclasses.replace(s, top_k=0, top_p=1.0)
-  ref_log_probs = _picked(sampling_log_probs(ref_logits, ref_sampling), tokens, mask)
+  ref_log_probs, _ = response_log_probs(policy_graphdef, ref_params, rollout, s)
 
-  if score is None:
-    if reward_graphdef is None:
-      raise ValueError("make_experience needs a reward model (reward_graphdef) or a precomputed score")
-    score = nnx.merge(reward_graphdef, reward_params)(full_tokens, full_mask)
   raw_score = score.astype(jnp.float32)
-  ended = response_ended(tokens, mask, cfg)
+  ended = response_ended(rollout.response, mask, cfg)
   score = raw_score + cfg.no_eos_penalty * (~ended).astype(jnp.float32)
 
   kl = kl_penalty(log_probs, ref_log_probs, cfg.kl_estimator) * fmask
@@ -266,9 +252,17 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   if cfg.whiten_advantages:
     advantages = masked_whiten(advantages, mask)
 
-  experience = Experience(prompt=prompt, prompt_mask=prompt_mask, tokens=tokens, mask=mask, log_probs=log_probs,
-                          ref_log_probs=ref_log_probs, values=values, kl=kl, rewards=rewards,
-                          advantages=advantages, returns=returns, score=score)
+  # The sampler reports log-probs of the truncated (top-k/top-p) distribution; compare like with like.
+  if (s.top_k or s.top_p < 1.0) and not s.is_greedy:
+    # all_lp is log_softmax(logits / T); truncating it at temperature 1 gives the sampler's distribution.
+    sampled = picked(sampling_log_probs(all_lp, dataclasses.replace(s, temperature=1.0)), rollout.response, mask)
+  else:
+    sampled = log_probs
+  finite = jnp.isfinite(sampled) & mask.astype(bool)
+  logprob_diff = masked_mean(jnp.where(finite, jnp.abs(rollout.log_probs - sampled), 0.0), finite)
+
+  experience = Experience(rollout=rollout, log_probs=log_probs, ref_log_probs=ref_log_probs, values=values, kl=kl,
+                          rewards=rewards, advantages=advantages, returns=returns, score=score)
   metrics = {
       "rollout/rm_score": raw_score.mean(),
       "rollout/score": score.mean(),
@@ -277,26 +271,23 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
       "rollout/total_reward": total_reward.mean(),
       "rollout/response_length": fmask.sum(axis=1).mean(),
       "rollout/no_eos_fraction": 1.0 - ended.astype(jnp.float32).mean(),
-      "rollout/entropy": masked_mean(_entropy(policy_lp), mask),
-      "rollout/logprob_diff": masked_mean(jnp.abs(sample.log_probs - log_probs), mask),
+      "rollout/entropy": masked_mean(_entropy(all_lp), mask),
+      "rollout/logprob_diff": logprob_diff,
       "rollout/value": masked_mean(values, mask),
       "rollout/return": masked_mean(returns, mask),
   }
   return experience, metrics
 
 
-def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None,
-                       reward_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
+def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                        value_mode: ValueMode = "separate") -> Callable:
-  """Jitted ``experience(policy_params, ref_params, value_params, reward_params, prompt, prompt_mask, sample,
-  beta, score=None) -> (Experience, metrics)``; see ``make_experience``."""
+  """Jitted ``experience(policy_params, ref_params, value_params, rollout, score, beta) -> (Experience,
+  metrics)``; see ``make_experience``."""
 
   @jax.jit
-  def experience(policy_params, ref_params, value_params, reward_params, prompt, prompt_mask, sample, beta,
-                 score=None):
-    return make_experience(policy_graphdef, policy_params, ref_params, value_graphdef, value_params,
-                           reward_graphdef, reward_params, prompt, prompt_mask, sample, beta, cfg,
-                           value_mode, score)
+  def experience(policy_params, ref_params, value_params, rollout, score, beta):
+    return make_experience(policy_graphdef, policy_params, ref_params, value_graphdef, value_params, rollout,
+                           score, beta, cfg, value_mode)
 
   return experience
 
@@ -309,19 +300,11 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
   params: {"policy": ..., "value": ...}; ptx: optional {tokens, mask, loss_mask} [b, T] pretraining rows.
   total = policy_loss - entropy_coef * entropy + value_coef * value_loss (+ ptx_coef * ptx_loss).
   """
-  p, n = exp.prompt.shape[1], exp.tokens.shape[1]
-  tokens = jnp.concatenate([exp.prompt, exp.tokens], axis=1)
-  mask = jnp.concatenate([exp.prompt_mask.astype(jnp.int32), exp.mask.astype(jnp.int32)], axis=1)
-  head = params["value"] if value_mode == "shared" else None
-  logits, values = _policy_forward(policy_graphdef, params["policy"], head, tokens, mask, p, n)
-  if value_mode == "separate":
-    values = _values(value_graphdef, params["value"], tokens, mask, p, n)
-  log_probs_all = sampling_log_probs(logits, cfg.sampling)
-  log_probs = _picked(log_probs_all, exp.tokens, exp.mask)
-
+  log_probs, all_lp, values = _policy_and_values(policy_graphdef, params["policy"], value_graphdef,
+                                                 params["value"], exp.rollout, cfg, value_mode)
   policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, exp.mask, cfg.clip_eps)
   value_loss, vm = clipped_value_loss(values, exp.values, exp.returns, exp.mask, cfg.value_clip)
-  entropy = masked_mean(_entropy(log_probs_all), exp.mask)
+  entropy = masked_mean(_entropy(all_lp), exp.mask)
   total = policy_loss + cfg.value_coef * value_loss
   if cfg.entropy_coef:
     total = total - cfg.entropy_coef * entropy
@@ -331,15 +314,13 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
       "train/entropy": entropy,
       "train/clip_frac": pm["clip_frac"],
       "train/approx_kl": pm["approx_kl_k3"],
-      "train/out_of_support_frac": masked_mean((log_probs <= MIN_LOG_PROB).astype(jnp.float32), exp.mask),
       "train/value_clip_frac": vm["value_clip_frac"],
       "train/explained_variance": explained_variance(jax.lax.stop_gradient(values), exp.returns, exp.mask),
   }
   if cfg.ptx_coef:
     if ptx is None:
       raise ValueError("ppo.ptx_coef > 0 needs a pretraining batch ('ptx')")
-    model = nnx.merge(policy_graphdef, params["policy"])
-    ptx_logits, _ = model(ptx["tokens"], ptx["mask"])
+    ptx_logits, _ = nnx.merge(policy_graphdef, params["policy"])(ptx["tokens"], ptx["mask"])
     ptx_loss, _ = losses.next_token_loss(ptx_logits, ptx["tokens"], ptx["loss_mask"])
     total = total + cfg.ptx_coef * ptx_loss
     metrics["train/ptx_loss"] = ptx_loss
@@ -364,8 +345,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
   ``step_key(state)``) split into ``cfg.minibatches`` minibatches (an inner ``lax.scan``); the ptx rows
   are split the same way. Each minibatch takes one step of ``policy_tx`` on ``state.params["policy"]``
   and of ``value_tx`` on ``state.params["value"]``. ``state.step`` grows by 1 per call. Metrics
-  ``train/*`` are means over all minibatches; ``frozen`` is unused (reference and reward models
-  only enter through ``make_experience``).
+  ``train/*`` are means over all minibatches.
   """
   _check_value_mode(value_mode)
   objective = jax.value_and_grad(
@@ -389,7 +369,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     exp: Experience = batch["experience"]
     ptx = batch.get("ptx") if cfg.ptx_coef else None
     m = cfg.minibatches
-    rows = exp.tokens.shape[0]
+    rows = exp.mask.shape[0]
 
     def epoch(carry, key):
       idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience")
@@ -409,3 +389,22 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     return new_state, jax.tree.map(jnp.mean, metrics)
 
   return update
+
+
+def make_ppo_step(update: Callable, section: Mapping[str, Any], rows: int) -> Callable:
+  """Wraps a PPO ``update``: also moves ``state.scalars["kl_coef"]`` with the rollout's KL (``batch["kl"]``).
+
+  section: the instance's config (kl_adaptive, kl_target, kl_horizon); rows: samples per iteration.
+  """
+  adaptive = bool(section["kl_adaptive"])
+  kind = "adaptive" if adaptive else "fixed"
+  target = section["kl_target"] if adaptive else None
+  horizon = section["kl_horizon"] if adaptive else None
+
+  def step(state: TrainState, batch, frozen):
+    new_state, metrics = update(state, batch, frozen)
+    beta = update_kl_coef(state.scalars["kl_coef"], batch["kl"], rows, kind=kind, target=target, horizon=horizon)
+    metrics["train/kl_coef"] = state.scalars["kl_coef"]
+    return new_state.replace(scalars={**new_state.scalars, "kl_coef": beta}), metrics
+
+  return step

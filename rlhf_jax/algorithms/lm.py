@@ -1,4 +1,4 @@
-"""The language-model train and eval steps shared by pretraining and SFT.
+"""Next-token training: the pretrain and sft stage kinds' config keys, train step and eval step.
 
 A batch is ``{"tokens", "mask", "loss_mask"}``, each [B, T]; the loss is the
 mean next-token cross-entropy over tokens whose ``loss_mask`` is 1. SFT masks
@@ -8,17 +8,35 @@ mixed in with weight ``ptx_coef``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
 from rlhf_jax import losses, state as state_lib
+from rlhf_jax.config_groups import loop_config
 from rlhf_jax.state import TrainState, step_key
 
 
-def lm_loss(graphdef: nnx.GraphDef, params, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def pretrain_config() -> ConfigDict:
+  """Keys of a ``pretrain`` instance: a fresh decoder trained on pretraining text."""
+  c = loop_config(steps=400, batch_size=32, lr=3e-3)
+  c.kind = "pretrain"
+  return c
+
+
+def sft_config() -> ConfigDict:
+  """Keys of an ``sft`` instance. Inputs: ``init_from`` (a policy instance; "" = fresh init)."""
+  c = loop_config(steps=600, batch_size=32, lr=3e-3)
+  c.update(dict(kind="sft", init_from="pretrain", mask_prompt=True, ptx_coef=0.0))
+  return c
+
+
+def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array],
+            dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """Mean next-token loss of a decoder on ``batch`` -> (loss, number of target tokens)."""
   model = nnx.merge(graphdef, params)
   logits, _ = model(batch["tokens"], batch["mask"], dropout_key=dropout_key)
@@ -30,7 +48,8 @@ def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
   """Builds ``step(state, batch, frozen) -> (state, metrics)`` for next-token training of ``state.params[model]``.
 
   With ``ptx_coef > 0`` the batch also holds ``ptx_tokens``/``ptx_mask``/``ptx_loss_mask`` and the
-  objective is ``loss + ptx_coef * ptx_loss``.
+  objective is ``loss + ptx_coef * ptx_loss``. With ``use_dropout`` the model's dropout is applied with
+  a key derived from the state's step.
   """
 
   def step(state: TrainState, batch: dict, frozen: dict):
@@ -50,7 +69,7 @@ def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     (total, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params[model])
     updates, opt_state = optimizer.update(grads, state.opt_state[model], state.params[model])
     params = optax.apply_updates(state.params[model], updates)
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
     metrics["train/total_loss"] = total
     new_state = state.replace(step=state.step + 1, params={**state.params, model: params},
                               opt_state={**state.opt_state, model: opt_state})
@@ -59,13 +78,13 @@ def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
   return step
 
 
-def lm_train_state(ctx, params: dict, loop_cfg) -> tuple:
-  """(state, shardings, optimizer) for training one decoder, stored under the name ``policy``."""
+def lm_train_state(params: dict, shardings: dict, loop_cfg: ConfigDict, mesh: Mesh,
+                   seed: int) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
+  """(state, state shardings, optimizer) for training one decoder, stored under the name ``policy``."""
   tx = state_lib.make_optimizer(loop_cfg.optimizer, loop_cfg.steps)
-  state, shardings = state_lib.create_train_state({"policy": params}, {"policy": tx},
-                                                  {"policy": ctx.param_shardings("lm")}, ctx.mesh,
-                                                  seed=ctx.config.seed)
-  return state, shardings, tx
+  state, state_shardings = state_lib.create_train_state({"policy": params}, {"policy": tx}, {"policy": shardings},
+                                                        mesh, seed=seed)
+  return state, state_shardings, tx
 
 
 def make_lm_eval(graphdef: nnx.GraphDef) -> Callable:

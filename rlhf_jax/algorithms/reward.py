@@ -1,0 +1,84 @@
+"""Reward models: the reward stage kind's config keys, the ranking / direct-score train step, normalisation.
+
+The RM is a trunk plus a scalar head. Ranking loss (InstructGPT): all C(K,2)
+pairs of one prompt in one batch element, one forward pass per response.
+After training the RM is normalised with a gain and bias folded into its head,
+so that the reference policy's responses score mean 0 and std 1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from rlhf_jax import losses
+from rlhf_jax.config_groups import loop_config
+from rlhf_jax.scoring import reward_scores
+from rlhf_jax.state import TrainState, step_key
+
+LOSSES = ("ranking", "direct_sigmoid", "direct_mse")
+NORMALIZATIONS = ("gain_bias", "bias", "none")
+
+
+def reward_config() -> ConfigDict:
+  """Keys of a ``reward`` instance.
+
+  Inputs: ``init_from`` (a policy instance: its trunk and a fresh head; a reward instance: continue
+  that RM; "" = random), ``comparisons`` (label instances whose comparisons it trains on, held-out
+  rows taken from each), ``reference`` (the policy whose samples define the normalisation).
+  """
+  c = loop_config(steps=600, batch_size=16, lr=5e-4)
+  c.update(dict(kind="reward", init_from="sft", comparisons=("label",), reference="sft", loss="ranking",
+                margin=0.0, head_std=-1.0, normalize="gain_bias", normalize_samples=256, eval_comparisons=128))
+  return c
+
+
+def comparison_rewards(graphdef: nnx.GraphDef, params, batch, dropout_key=None) -> jax.Array:
+  """RM scores [B, K] of a comparison batch (tokens [B, K, T]); one forward pass per response."""
+  b, k, t = batch["tokens"].shape
+  return reward_scores(graphdef, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t),
+                       dropout_key).reshape(b, k)
+
+
+def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float) -> Callable:
+  """``objective(params, batch, key) -> (loss, metrics)`` of the chosen loss (see ``LOSSES``)."""
+  if loss_kind not in LOSSES:
+    raise ValueError(f"reward.loss must be one of {LOSSES}, got {loss_kind!r}")
+
+  def objective(params, batch, key):
+    if loss_kind == "ranking":
+      rewards = comparison_rewards(graphdef, params, batch, key)
+      loss, aux = losses.ranking_loss(rewards, batch["ranks"], batch["response_mask"], margin)
+      return loss, {"train/loss": loss, "train/accuracy": aux["accuracy"], "train/reward_gap": aux["reward_gap"]}
+    rewards = reward_scores(graphdef, params, batch["tokens"], batch["mask"], key)
+    kind = "sigmoid_mse" if loss_kind == "direct_sigmoid" else "mse"
+    loss = losses.direct_score_loss(rewards, batch["score"], kind)
+    return loss, {"train/loss": loss}
+
+  return objective
+
+
+def make_reward_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_kind: str,
+                     margin: float, use_dropout: bool = False) -> Callable:
+  """``step(state, batch, frozen) -> (state, metrics)`` for ``state.params["reward"]``."""
+  objective = reward_objective(graphdef, loss_kind, margin)
+
+  def step(state: TrainState, batch, frozen):
+    del frozen
+    key = step_key(state) if use_dropout else None
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params["reward"], batch, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state["reward"], state.params["reward"])
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    return state.replace(step=state.step + 1, params={"reward": optax.apply_updates(state.params["reward"], updates)},
+                         opt_state={"reward": opt_state}), metrics
+
+  return step
+
+
+def fold_normalisation(params: dict, gain: float, bias: float) -> dict:
+  """Head params such that the model outputs ``gain * r + bias``."""
+  return {**params, "head": params["head"] * gain, "head_bias": params["head_bias"] * gain + bias}

@@ -1,0 +1,148 @@
+"""The one rollout: prompts, sampled responses and the log-probs they were drawn with.
+
+Every stage that samples from a policy (label, reward normalisation, PPO, eval,
+and later RFT, best-of-n, GRPO, RLOO, online DPO) makes its samples with
+``make_rollout_fn`` and reads per-token log-probs with ``response_log_probs``,
+so prompt+response concatenation, the response window and the definition of
+the policy's distribution live here only.
+
+Layout: a left-padded prompt [B, P] and a right-padded response [B, N]; the
+full sequence is ``prompt ++ response`` [B, P + N]. Response token i sits at
+column P + i and is predicted from column P + i - 1, so every per-token
+tensor is the window ``[:, P - 1 : P + N - 1]`` of a forward pass over the
+full sequence.
+
+The policy's distribution (what KL, PPO ratios and evaluation measure) is the
+model's softmax at the sampling temperature. Top-k / top-p only filter what
+the sampler proposes: they are left out of log-probs used for learning, so a
+policy's KL to itself is 0 for every sampling setting and a token can never
+fall outside the support of the distribution it is scored under.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from rlhf_jax.generate import Sample, SamplingConfig, generate
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Rollout:
+  """Responses sampled from one policy.
+
+  prompt, prompt_mask: [B, P] left-padded; response, response_mask: [B, N] right-padded;
+  log_probs: [B, N] float32 log-probs of the sampled tokens under the distribution they were drawn
+  from (temperature, top-k, top-p), 0 where ``response_mask`` is 0; group: [B] int32 prompt index,
+  equal for the k samples of one prompt.
+  """
+
+  prompt: Array
+  prompt_mask: Array
+  response: Array
+  response_mask: Array
+  log_probs: Array
+  group: Array
+
+  @property
+  def prompt_len(self) -> int:
+    return self.prompt.shape[1]
+
+  @property
+  def response_len(self) -> int:
+    return self.response.shape[1]
+
+  @property
+  def tokens(self) -> Array:
+    """The full sequences [B, P + N]."""
+    return jnp.concatenate([self.prompt, self.response], axis=1)
+
+  @property
+  def mask(self) -> Array:
+    """Attention mask [B, P + N] (int32) of the full sequences."""
+    return jnp.concatenate([self.prompt_mask.astype(jnp.int32), self.response_mask.astype(jnp.int32)], axis=1)
+
+  def with_response(self, response: Array, response_mask: Array) -> "Rollout":
+    """The same rollout with its response replaced (e.g. truncated at a stop token); log-probs masked."""
+    return self.replace(response=response, response_mask=response_mask,
+                        log_probs=jnp.where(response_mask.astype(bool), self.log_probs, 0.0))
+
+
+def rollout_from_sample(prompt: Array, prompt_mask: Array, sample: Sample, group: Array | None = None) -> Rollout:
+  """Wraps a sampler ``Sample`` and its prompts as a ``Rollout`` (group defaults to one per row)."""
+  if group is None:
+    group = jnp.arange(prompt.shape[0], dtype=jnp.int32)
+  return Rollout(prompt=prompt, prompt_mask=prompt_mask, response=sample.tokens, response_mask=sample.mask,
+                 log_probs=sample.log_probs, group=group)
+
+
+def make_rollout_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable[..., Rollout]:
+  """Jitted ``rollout(params, prompt, prompt_mask, group, key) -> Rollout`` sampling a decoder."""
+
+  @jax.jit
+  def rollout(params, prompt: Array, prompt_mask: Array, group: Array, key: Array) -> Rollout:
+    sample = generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, sampling)
+    return rollout_from_sample(prompt, prompt_mask, sample, group)
+
+  return rollout
+
+
+def repeat_prompts(prompts: Sequence[str], k: int) -> tuple[list[str], np.ndarray]:
+  """Each prompt k times in a row -> (prompts [B*k], group ids [B*k] int32)."""
+  if k < 1:
+    raise ValueError(f"samples per prompt must be >= 1, got {k}")
+  return [p for p in prompts for _ in range(k)], np.repeat(np.arange(len(prompts), dtype=np.int32), k)
+
+
+def response_window(x: Array, prompt_len: int, response_len: int) -> Array:
+  """Columns P-1 .. P+N-2 of a full-sequence tensor [B, P+N, ...]: the state before each response token."""
+  return x[:, prompt_len - 1:prompt_len + response_len - 1]
+
+
+def policy_log_probs(logits: Array, sampling: SamplingConfig) -> Array:
+  """Log-probs [..., V] (float32) of the policy's distribution: softmax at the sampling temperature.
+
+  Greedy decoding uses temperature 1. Top-k/top-p are not applied (see the module docstring).
+  """
+  logits = logits.astype(jnp.float32)
+  if not sampling.is_greedy and sampling.temperature != 1.0:
+    logits = logits / sampling.temperature
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def picked(log_probs: Array, tokens: Array, mask: Array) -> Array:
+  """Log-prob [B, N] of each token from log_probs [B, N, V]; 0 where mask is 0."""
+  lp = jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.where(mask.astype(bool), lp, 0.0)
+
+
+def response_hidden(graphdef: nnx.GraphDef, params, rollout: Rollout) -> tuple[nnx.Module, Array]:
+  """(model, trunk hidden states [B, N, D] of the state before each response token)."""
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.trunk(rollout.tokens, rollout.mask)
+  return model, response_window(hidden, rollout.prompt_len, rollout.response_len)
+
+
+def response_log_probs(graphdef: nnx.GraphDef, params, rollout: Rollout,
+                       sampling: SamplingConfig) -> tuple[Array, Array]:
+  """Teacher-forced log-probs of a rollout's responses under a policy.
+
+  Returns ``(token_log_probs [B, N], all_log_probs [B, N, V])`` of ``policy_log_probs``; token
+  log-probs are 0 where the response mask is 0. Used for old and new PPO log-probs, the reference
+  policy, and ``eval/kl``: one definition everywhere.
+  """
+  model, hidden = response_hidden(graphdef, params, rollout)
+  all_lp = policy_log_probs(model.logits_from_hidden(hidden), sampling)
+  return picked(all_lp, rollout.response, rollout.response_mask), all_lp
+
+
+def response_texts(tokenizer, rollout: Rollout) -> list[str]:
+  """Decoded responses of a rollout (EOS and padding dropped)."""
+  tokens, mask = np.asarray(rollout.response), np.asarray(rollout.response_mask)
+  return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m]) for row, row_mask in zip(tokens, mask)]
