@@ -2,7 +2,10 @@
 
 Configs are locked ``ml_collections.ConfigDict``s: an override of a key that
 does not exist fails with a message naming the key and the closest known
-ones, so a typo never silently runs the default.
+ones, so a typo never silently runs the default. The command line parses its
+overrides with ``ml_collections.config_flags`` (see ``main.py``) and uses
+``check_override_key`` here for the error message; ``apply_overrides`` does
+the same for code that holds ``(key, text)`` pairs.
 """
 
 from __future__ import annotations
@@ -48,6 +51,31 @@ def _all_keys(config: ConfigDict, prefix: str = "") -> list[str]:
   return keys
 
 
+def flat_items(config: ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """``(dotted key, value)`` of every leaf (non-group) key, in the config's order."""
+  items = []
+  for k, v in config.items():
+    if isinstance(v, ConfigDict):
+      items.extend(flat_items(v, prefix + k + "."))
+    else:
+      items.append((prefix + k, v))
+  return items
+
+
+def check_override_key(config: ConfigDict, key: str) -> None:
+  """Raises ``ConfigError`` unless ``key`` (dotted) names a leaf of ``config``; names close matches."""
+  parts = key.split(".")
+  node = config
+  for i, part in enumerate(parts):
+    if not isinstance(node, ConfigDict) or part not in node:
+      close = difflib.get_close_matches(key, _all_keys(config), n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in --config.{key}{hint}")
+    node = node[part]
+  if isinstance(node, ConfigDict):
+    raise ConfigError(f"--config.{key} names a group; set one of its keys instead")
+
+
 def _parse_value(text: str, current: Any, key: str) -> Any:
   """Parses ``text`` as the type of the value it replaces."""
   try:
@@ -74,24 +102,41 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
 
 def apply_overrides(config: ConfigDict, overrides: Iterable[tuple[str, str]]) -> ConfigDict:
   """Applies ``(dotted_key, text)`` overrides in place; unknown keys raise ``ConfigError``."""
-  known = _all_keys(config)
   for key, text in overrides:
-    parts = key.split(".")
+    check_override_key(config, key)
+    *groups, leaf = key.split(".")
     node = config
-    for i, part in enumerate(parts):
-      here = ".".join(parts[: i + 1])
-      if not isinstance(node, ConfigDict) or part not in node:
-        close = difflib.get_close_matches(key, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown config key '{here}' in --config.{key}{hint}")
-      if i < len(parts) - 1:
-        node = node[part]
-    if isinstance(node[parts[-1]], ConfigDict):
-      raise ConfigError(f"--config.{key} names a group; set one of its keys instead")
-    node[parts[-1]] = _parse_value(text, node[parts[-1]], key)
+    for part in groups:
+      node = node[part]
+    node[leaf] = _parse_value(text, node[leaf], key)
   return config
 
 
 def config_to_json(config: ConfigDict) -> str:
   """The resolved config as stable, indented JSON (what a run records in ``config.json``)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def config_from_json(text: str) -> ConfigDict:
+  """The locked ``ConfigDict`` of a recorded ``config.json`` (lists stay lists; readers convert)."""
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"not a config.json written by rlhf-jax ({e})") from e
+  if not isinstance(values, dict):
+    raise ConfigError("not a config.json written by rlhf-jax (not a JSON object)")
+  config = ConfigDict(values)
+  config.lock()
+  return config
+
+
+def read_workdir_config(workdir: str) -> ConfigDict:
+  """The resolved config a run recorded in ``WORKDIR/config.json``."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"no config.json in {workdir}: not a workdir of an rlhf-jax run")
+  with open(path) as f:
+    try:
+      return config_from_json(f.read())
+    except ConfigError as e:
+      raise ConfigError(f"{path}: {e}") from e

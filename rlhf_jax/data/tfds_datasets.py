@@ -77,6 +77,15 @@ class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls):
     return None
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "Dataset ... downloaded and prepared ..." to stdout for every build; these
+  # in-memory datasets download nothing, so the lines are only noise.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
