@@ -15,7 +15,7 @@ from flax import nnx  # noqa: E402
 
 from rlhf_jax import sharding, state as state_lib  # noqa: E402
 from rlhf_jax.models import Decoder, DecoderConfig  # noqa: E402
-from rlhf_jax.stages.lm import make_lm_step  # noqa: E402
+from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
 
 
 def train(mesh, flavour, steps=3):

@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.pretrain.steps=30", "--config.pretrain.batch_size=16", "--config.pretrain.log_every=5",
         "--config.sft.steps=10", "--config.sft.batch_size=16", "--config.sft.log_every=5",
         "--config.label.num_prompts=40", "--config.reward.steps=10", "--config.reward.batch_size=8",
-        "--config.reward.log_every=5", "--config.reward.normalize_samples=32", "--config.eval.num_prompts=16",
-        "--config.eval.lm_loss_batches=1", "--config.ppo.iterations=4", "--config.ppo.prompts_per_iteration=8",
+        "--config.reward.log_every=5", "--config.reward.normalize_samples=32", "--config.evaluation.num_prompts=16",
+        "--config.evaluation.lm_loss_batches=1", "--config.ppo.iterations=4", "--config.ppo.prompts_per_iteration=8",
         "--config.ppo.log_every=1", "--config.ppo.eval_every=2", "--config.ppo.checkpoint_every=2"]
 
 
@@ -105,7 +105,7 @@ def test_bad_input_is_named_and_nothing_is_lost(pipeline_workdir, tmp_path):
   assert proc.returncode == 2 and "unknown stage" in proc.stderr and "finetune" in proc.stderr
   proc = cli(tmp_path / "b", "--config.stages=sft", "--config.tokenizer.path=" + str(
       pipeline_workdir / "tokenizer" / "spm.model"), check=False)
-  assert proc.returncode == 2 and "missing checkpoint of stage 'pretrain'" in proc.stderr
+  assert proc.returncode == 2 and "stage 'sft' needs 'pretrain' (config.sft.init_from)" in proc.stderr
   proc = cli(tmp_path / "c", "--config.pretrain.stepz=3", check=False)
   assert proc.returncode == 2 and "pretrain.stepz" in proc.stderr
 

@@ -12,10 +12,13 @@ import pytest
 from flax import nnx
 
 from rlhf_jax import sharding, state as state_lib
-from rlhf_jax.generate import Sample, SamplingConfig, make_sampler
+from rlhf_jax.algorithms.ppo import (PPOConfig, make_experience, make_experience_fn, make_ppo_step,
+                                     make_ppo_update, truncate_after_stop, truncate_rollout, value_head_params)
+from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
-from rlhf_jax.rl.ppo import (PPOConfig, make_experience, make_experience_fn, make_ppo_update,
-                             truncate_after_stop, value_head_params)
+from rlhf_jax.rl.kl import update_kl_coef
+from rlhf_jax.rollout import Rollout, make_rollout_fn, policy_log_probs
+from rlhf_jax.scoring import RewardModelScorer
 from rlhf_jax.state import TrainState, seed_key_data
 
 EOS, PAD = 3, 0
@@ -41,18 +44,24 @@ def models():
 
 
 # Jitted functions are cached per config so that tests sharing a config compile once.
-sampler = functools.cache(make_sampler)
+rollout_fn = functools.cache(make_rollout_fn)
 experience_fn = functools.cache(make_experience_fn)
+GROUP = jnp.arange(PROMPT.shape[0], dtype=jnp.int32)
 
 
-def rollout(models, sampling, key=0):
-  return sampler(models["policy_g"], sampling)(models["policy"], PROMPT, PROMPT_MASK, jax.random.key(key))
+def rollout(models, sampling, key=0) -> Rollout:
+  return rollout_fn(models["policy_g"], sampling)(models["policy"], PROMPT, PROMPT_MASK, GROUP, jax.random.key(key))
 
 
-def experience(models, cfg, sample, beta=0.1, ref=None, score=None):
-  fn = experience_fn(models["policy_g"], models["value_g"], models["reward_g"], cfg)
-  return fn(models["policy"], models["ref"] if ref is None else ref, models["value"], models["reward"],
-            PROMPT, PROMPT_MASK, sample, beta, score)
+def rm_score(models, r):
+  return RewardModelScorer(models["reward_g"], models["reward"])(r)
+
+
+def experience(models, cfg, r, beta=0.1, ref=None, score=None):
+  r = truncate_rollout(r, cfg)
+  score = rm_score(models, r) if score is None else score
+  fn = experience_fn(models["policy_g"], models["value_g"], cfg)
+  return fn(models["policy"], models["ref"] if ref is None else ref, models["value"], r, score, beta)
 
 
 TRUNCATED_SAMPLING = SamplingConfig(6, temperature=0.7, top_k=5, top_p=0.9, eos_id=EOS)
@@ -60,36 +69,69 @@ TRUNCATED_SAMPLING = SamplingConfig(6, temperature=0.7, top_k=5, top_p=0.9, eos_
 
 @pytest.mark.parametrize("sampling", [SAMPLING, TRUNCATED_SAMPLING])
 def test_teacher_forced_log_probs_match_sampler(models, sampling):
-  sample = rollout(models, sampling)
-  exp, metrics = experience(models, PPOConfig(sampling=sampling), sample)
-  real = np.asarray(sample.mask, bool)
-  np.testing.assert_allclose(np.asarray(exp.log_probs)[real], np.asarray(sample.log_probs)[real], atol=2e-5)
+  r = rollout(models, sampling)
+  exp, metrics = experience(models, PPOConfig(sampling=sampling), r)
+  real = np.asarray(r.response_mask, bool)
+  if sampling is SAMPLING:  # no truncation: the policy distribution is the sampling distribution
+    np.testing.assert_allclose(np.asarray(exp.log_probs)[real], np.asarray(r.log_probs)[real], atol=2e-5)
+  # Under top-k/top-p the sampler's truncated log-probs are compared with the truncated teacher-forced ones.
   assert float(metrics["rollout/logprob_diff"]) < 1e-5
   assert np.all(np.asarray(exp.log_probs)[~real] == 0)
   assert all(np.isfinite(float(v)) for v in metrics.values())
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_kl_against_itself_is_zero(models, estimator):
-  sample = rollout(models, SAMPLING)
-  cfg = PPOConfig(sampling=SAMPLING, kl_estimator=estimator)
-  exp, metrics = experience(models, cfg, sample, beta=0.5, ref=models["policy"])
+KL_SAMPLINGS = [SAMPLING, TRUNCATED_SAMPLING, SamplingConfig(6, temperature=1.0, top_k=8, eos_id=EOS),
+                SamplingConfig(6, temperature=0.5, top_p=0.5, eos_id=EOS)]
+
+
+@pytest.mark.parametrize("sampling, estimator", [(s, "k1") for s in KL_SAMPLINGS] + [(TRUNCATED_SAMPLING, "k3")])
+def test_kl_against_itself_is_zero_for_every_sampling_setting(models, sampling, estimator):
+  r = rollout(models, sampling)
+  cfg = PPOConfig(sampling=sampling, kl_estimator=estimator)
+  exp, metrics = experience(models, cfg, r, beta=0.5, ref=models["policy"])
   np.testing.assert_allclose(exp.kl, 0.0, atol=1e-6)
   assert abs(float(metrics["rollout/kl"])) < 1e-5 and abs(float(metrics["rollout/kl_penalty"])) < 1e-5
   # Against a different reference the penalty is not zero.
-  _, other = experience(models, cfg, sample, beta=0.5)
+  _, other = experience(models, cfg, r, beta=0.5)
   assert abs(float(other["rollout/kl"])) > 1e-3
 
 
+def test_tokens_outside_the_top_k_support_keep_their_true_log_probs(models):
+  """Old log-probs are the policy distribution's (no -30 floor), so KL rewards and ratios stay exact."""
+  sampling = SamplingConfig(6, temperature=0.7, top_k=2, eos_id=EOS)
+  r = hand_rollout()  # tokens chosen by hand: most lie outside any row's top-2
+  exp, metrics = experience(models, PPOConfig(sampling=sampling), r, beta=0.1)
+  full_logits, _ = nnx.merge(models["policy_g"], models["policy"])(r.tokens, r.mask)
+  p, n = r.prompt_len, r.response_len
+  lp = policy_log_probs(full_logits[:, p - 1:p + n - 1], sampling)
+  expected = np.take_along_axis(np.asarray(lp), np.asarray(r.response)[..., None], -1)[..., 0]
+  real = np.asarray(r.response_mask, bool)
+  np.testing.assert_allclose(np.asarray(exp.log_probs)[real], expected[real], atol=1e-5)
+  assert np.all(np.isfinite(np.asarray(exp.log_probs))) and np.all(np.asarray(exp.log_probs)[real] > -25)
+  # The same params give ratio 1 everywhere: nothing clipped, KL(old || new) 0.
+  tx = optax.sgd(0.0)
+  state = make_state({"policy": models["policy"], "value": models["value"]}, {"policy": tx, "value": tx})
+  cfg = PPOConfig(sampling=sampling, epochs=1, minibatches=1)
+  _, m = jax.jit(make_ppo_update(models["policy_g"], models["value_g"], tx, tx, cfg))(
+      state, {"experience": exp, "ptx": None})
+  assert float(m["train/clip_frac"]) == 0.0 and abs(float(m["train/approx_kl"])) < 1e-6
+
+
+def test_adaptive_kl_coefficient_never_goes_negative():
+  beta = update_kl_coef(0.1, 0.0, 10_000, kind="adaptive", target=6.0, horizon=100)
+  assert float(beta) == 0.0
+  assert float(update_kl_coef(0.1, 12.0, 10, kind="adaptive", target=6.0, horizon=100)) == pytest.approx(0.102)
+
+
 def test_returns_are_score_to_go_without_discount_or_kl(models):
-  sample = rollout(models, SAMPLING, key=3)
+  r = rollout(models, SAMPLING, key=3)
   cfg = PPOConfig(sampling=SAMPLING, gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False)
-  exp, metrics = experience(models, cfg, sample, beta=0.0)
-  full = jnp.concatenate([PROMPT, sample.tokens], 1)
-  full_mask = jnp.concatenate([PROMPT_MASK, sample.mask], 1)
+  exp, metrics = experience(models, cfg, r, beta=0.0)
+  full = jnp.concatenate([PROMPT, r.response], 1)
+  full_mask = jnp.concatenate([PROMPT_MASK, r.response_mask], 1)
   rm = nnx.merge(models["reward_g"], models["reward"])(full, full_mask)
   np.testing.assert_allclose(exp.score, rm, atol=1e-5)
-  real = np.asarray(sample.mask, bool)
+  real = np.asarray(r.response_mask, bool)
   expected = np.broadcast_to(np.asarray(rm)[:, None], real.shape)
   np.testing.assert_allclose(np.asarray(exp.returns)[real], expected[real], atol=1e-5)
   np.testing.assert_allclose(np.asarray(exp.advantages + exp.values)[real], expected[real], atol=1e-5)
@@ -99,14 +141,15 @@ def test_returns_are_score_to_go_without_discount_or_kl(models):
   assert abs(float(metrics["rollout/rm_score"]) - float(rm.mean())) < 1e-5
 
 
-def hand_sample():
+def hand_rollout() -> Rollout:
   tokens = jnp.array([[5, 7, 3, 0, 0, 0], [5, 6, 5, 6, 5, 6], [7, 7, 8, 9, 10, 11], [4, 4, 4, 4, 3, 0]], jnp.int32)
   mask = jnp.array([[1, 1, 1, 0, 0, 0], [1] * 6, [1] * 6, [1, 1, 1, 1, 1, 0]], jnp.int32)
-  return Sample(tokens=tokens, log_probs=jnp.zeros(tokens.shape), mask=mask)
+  return Rollout(prompt=PROMPT, prompt_mask=PROMPT_MASK, response=tokens, response_mask=mask,
+                 log_probs=jnp.zeros(tokens.shape), group=GROUP)
 
 
 def test_no_eos_penalty_and_truncation_change_the_score(models):
-  sample = hand_sample()
+  sample = hand_rollout()
   base = PPOConfig(sampling=SAMPLING)
   gold = jnp.array([1.0, 2.0, 3.0, 4.0])
   exp, metrics = experience(models, dataclasses.replace(base, no_eos_penalty=-10.0), sample, score=gold)
@@ -116,13 +159,13 @@ def test_no_eos_penalty_and_truncation_change_the_score(models):
 
   truncating = dataclasses.replace(base, truncate_at_stop=True, stop_token=7, no_eos_penalty=-10.0)
   exp_t, metrics_t = experience(models, truncating, sample)
-  tokens, mask = truncate_after_stop(sample.tokens, sample.mask, 7, PAD)
+  tokens, mask = truncate_after_stop(sample.response, sample.response_mask, 7, PAD)
   np.testing.assert_array_equal(mask, [[1, 1, 0, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
   np.testing.assert_array_equal(exp_t.mask, mask)
-  np.testing.assert_array_equal(exp_t.tokens[2], [7, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(exp_t.rollout.response[2], [7, 0, 0, 0, 0, 0])
   rm = nnx.merge(models["reward_g"], models["reward"])
   truncated = rm(jnp.concatenate([PROMPT, tokens], 1), jnp.concatenate([PROMPT_MASK, mask], 1))
-  untruncated = rm(jnp.concatenate([PROMPT, sample.tokens], 1), jnp.concatenate([PROMPT_MASK, sample.mask], 1))
+  untruncated = rm(sample.tokens, sample.mask)
   # Row 1 never stops: penalised; rows 0 and 2 stop at the stop token, row 3 at EOS.
   np.testing.assert_allclose(exp_t.score, truncated + jnp.array([0.0, -10.0, 0.0, 0.0]), atol=1e-5)
   assert abs(float(exp_t.score[2] - untruncated[2])) > 1e-4
@@ -137,8 +180,7 @@ def make_state(params, txs, seed=0):
 
 
 def test_update_with_zero_advantages_only_moves_the_value_model(models):
-  sample = rollout(models, SAMPLING, key=1)
-  exp, _ = experience(models, PPOConfig(sampling=SAMPLING), sample)
+  exp, _ = experience(models, PPOConfig(sampling=SAMPLING), rollout(models, SAMPLING, key=1))
   cfg = PPOConfig(sampling=SAMPLING, epochs=2, minibatches=2, entropy_coef=0.0, ptx_coef=0.0)
   exp = exp.replace(advantages=jnp.zeros_like(exp.advantages))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.0))
@@ -160,10 +202,9 @@ def test_shared_value_head_with_ptx_through_compile_step(models):
   cfg = PPOConfig(sampling=sampling, epochs=2, minibatches=2, entropy_coef=0.01, ptx_coef=0.5,
                   whiten_rewards=True, kl_estimator="k3")
   head = value_head_params(MODEL)
-  sample = rollout(models, sampling, key=2)
-  exp, metrics = jax.jit(make_experience, static_argnums=(0, 3, 5, 11, 12))(
-      models["policy_g"], models["policy"], models["ref"], None, head, models["reward_g"], models["reward"],
-      PROMPT, PROMPT_MASK, sample, 0.1, cfg, "shared")
+  r = rollout(models, sampling, key=2)
+  exp, metrics = jax.jit(make_experience, static_argnums=(0, 3, 8, 9))(
+      models["policy_g"], models["policy"], models["ref"], None, head, r, rm_score(models, r), 0.1, cfg, "shared")
   np.testing.assert_array_equal(exp.values, 0.0)  # zero-initialised head
   rng = np.random.default_rng(0)
   ptx = {"tokens": jnp.asarray(rng.integers(4, 16, (2, 8)), jnp.int32), "mask": jnp.ones((2, 8), jnp.int32),
@@ -191,9 +232,7 @@ def test_shared_value_head_with_ptx_through_compile_step(models):
 def test_config_validation():
   with pytest.raises(ValueError, match="kl_estimator"):
     PPOConfig(sampling=SAMPLING, kl_estimator="k4")
-  with pytest.raises(ValueError, match="unknown ppo config keys"):
-    PPOConfig.from_mapping({"epoch": 2}, SAMPLING)
-  assert PPOConfig.from_mapping({"epochs": 2}, SAMPLING).epochs == 2
+  assert PPOConfig.from_mapping({"epochs": 3, "iterations": 5}, SAMPLING).epochs == 3
 
 
 def test_ppo_raises_a_simple_reward():
@@ -206,19 +245,21 @@ def test_ppo_raises_a_simple_reward():
   cfg = PPOConfig(sampling=sampling, epochs=2, minibatches=2, lam=0.95, value_clip=1.0)
   tx = optax.adam(3e-3)
   state = make_state({"policy": policy, "value": value}, {"policy": tx, "value": tx})
-  sampler = make_sampler(policy_g, sampling)
-  experience_fn = make_experience_fn(policy_g, value_g, None, cfg)
-  update = jax.jit(make_ppo_update(policy_g, value_g, tx, tx, cfg))
+  state = state.replace(scalars={"kl_coef": jnp.float32(0.01)})
+  sample_fn = make_rollout_fn(policy_g, sampling)
+  experience_fn = make_experience_fn(policy_g, value_g, cfg)
+  kl_config = {"kl_adaptive": False, "kl_target": 6.0, "kl_horizon": 10000}
+  update = jax.jit(make_ppo_step(make_ppo_update(policy_g, value_g, tx, tx, cfg), kl_config, 32))
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(np.concatenate([np.full((32, 1), 2), rng.integers(4, vocab, (32, 2))], 1), jnp.int32)
   prompt_mask = jnp.ones_like(prompt)
   scores = []
   for it in range(15):
-    sample = sampler(state.params["policy"], prompt, prompt_mask, jax.random.key(it))
-    score = ((sample.tokens == target) * sample.mask).sum(1) / sample.mask.sum(1)
-    exp, metrics = experience_fn(state.params["policy"], policy, state.params["value"], None, prompt, prompt_mask,
-                                 sample, 0.01, score)
-    state, _ = update(state, {"experience": exp, "ptx": None})
+    r = sample_fn(state.params["policy"], prompt, prompt_mask, jnp.arange(32), jax.random.key(it))
+    score = ((r.response == target) * r.response_mask).sum(1) / r.response_mask.sum(1)
+    exp, metrics = experience_fn(state.params["policy"], policy, state.params["value"], r, score,
+                                 state.scalars["kl_coef"])
+    state, train = update(state, {"experience": exp, "ptx": None, "kl": metrics["rollout/kl"]}, None)
     scores.append(float(metrics["rollout/rm_score"]))
   assert scores[0] < 0.3
   assert np.mean(scores[-3:]) > scores[0] + 0.3, scores

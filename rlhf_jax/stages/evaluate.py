@@ -45,14 +45,16 @@ def _has_params(ctx: StageContext, name: str) -> bool:
 
 
 def policies_to_evaluate(ctx: StageContext, cfg: ConfigDict) -> list[str]:
-  """The named policies, or every policy instance with params, in config order."""
+  """The named policies, or every policy instance with params (in ``config.stages`` order)."""
   if cfg.policies:
     missing = [p for p in cfg.policies if not _has_params(ctx, p)]
     if missing:
       raise StageError(f"eval: policies {missing} have not finished in {ctx.workdir}")
     names = list(cfg.policies)
   else:
+    listed = [s.strip() for s in ctx.config.stages.split(",")]
     names = [n for n, i in instances(ctx.config).items() if i.kind.produces == POLICY and _has_params(ctx, n)]
+    names.sort(key=lambda n: (listed.index(n) if n in listed else len(listed), n))
   if not names:
     raise StageError(f"eval: no policy to evaluate in {ctx.workdir} (no policy instance has finished)")
   return names

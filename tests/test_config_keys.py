@@ -1,0 +1,79 @@
+"""Every config key acts: a tiny run of the whole default chain reads every key of the defaults.
+
+Reads are recorded at ``ConfigDict.__getitem__`` (attribute access goes
+through it); keys that only a setting switches on are listed in
+``READ_ONLY_WHEN`` with that setting, and that list must be exact.
+"""
+
+import ml_collections
+import pytest
+
+from rlhf_jax import defaults, pipeline
+
+# Keys a run reads only under another setting (key -> when); tiny_config switches on the others
+# (ptx in sft and ppo, adaptive KL, dropout).
+READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_mse (scored data)"}
+
+
+def _leaves(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
+
+
+def _paths(config, prefix=""):
+  out = {id(config): prefix}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_paths(value, f"{prefix}{key}."))
+  return out
+
+
+def tiny_config():
+  c = defaults.base_config()
+  c.pretrain.update(dict(steps=4, batch_size=8, log_every=2))
+  c.sft.update(dict(steps=4, batch_size=8, log_every=2, ptx_coef=0.1))
+  c.label.update(dict(num_prompts=8, k=2))
+  c.reward.update(dict(steps=4, batch_size=4, log_every=2, normalize_samples=8))
+  c.evaluation.update(dict(num_prompts=8, lm_loss_batches=1))
+  c.ppo.update(dict(iterations=2, prompts_per_iteration=4, log_every=1, eval_every=1, checkpoint_every=1,
+                    ptx_coef=0.1, ptx_batch_size=4, kl_adaptive=True))
+  c.model.dropout = 0.1
+  return c
+
+
+def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
+  config = tiny_config()
+  paths = _paths(config)
+  read = set()
+  quiet = [0]  # > 0 while the whole config is serialised (config.json), which is not a use
+  cd = ml_collections.ConfigDict
+  originals = {name: getattr(cd, name) for name in ("__getitem__", "to_dict", "items")}
+
+  def recording_getitem(self, key):
+    if not quiet[0] and id(self) in paths:
+      read.add(paths[id(self)] + key)
+    return originals["__getitem__"](self, key)
+
+  def whole_group(name):
+    # A group handed over whole (e.g. config.model to DecoderConfig, config.mesh to make_mesh) is read;
+    # the root serialised to config.json or walked for its instances is not.
+    def wrapper(self, *args, **kwargs):
+      quiet[0] += 1
+      try:
+        if quiet[0] == 1 and id(self) in paths and self is not config:
+          read.update(paths[id(self)] + k for k in _leaves(self))
+        return originals[name](self, *args, **kwargs)
+      finally:
+        quiet[0] -= 1
+    return wrapper
+
+  monkeypatch.setattr(cd, "__getitem__", recording_getitem)
+  monkeypatch.setattr(cd, "to_dict", whole_group("to_dict"))
+  monkeypatch.setattr(cd, "items", whole_group("items"))
+  pipeline.run(config, str(tmp_path))
+  monkeypatch.undo()
+  unread = {k for k in _leaves(config) if k not in read}
+  assert unread == set(READ_ONLY_WHEN), sorted(unread)
