@@ -51,10 +51,10 @@ def pipeline_workdir(prepared, tmp_path_factory):
   return workdir
 
 
-def kill_when_checkpointed(workdir, stage, step, args):
+def kill_when_checkpointed(workdir, stage, step, args, base=None):
   """Starts the CLI, SIGKILLs it once STAGE has a checkpoint at >= step, and checks it died unfinished."""
-  cmd = [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}",
-         *TINY, *args]
+  base = base or [f"--config={ROOT}/configs/quickstart.py", *TINY]
+  cmd = [sys.executable, "-m", "rlhf_jax", f"--workdir={workdir}", *base, *args]
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = workdir / stage / "checkpoints"
   deadline = time.time() + 600
@@ -147,3 +147,42 @@ def test_ppo_kill_9_then_resume_matches_uninterrupted_run(prepared, tmp_path):
   sa = json.loads((whole / "summary.json").read_text())["ppo"]
   sb = json.loads((killed / "summary.json").read_text())["ppo"]
   assert sa["ppo/kl_coef"] == pytest.approx(sb["ppo/kl_coef"], rel=1e-6)
+
+
+# Two tiny rounds of configs/iterated.py.
+ROUNDS = [f"--config={ROOT}/configs/iterated.py:2", "--config.pretrain.steps=30", "--config.pretrain.batch_size=16",
+          "--config.sft.steps=10", "--config.sft.batch_size=16", "--config.evaluation.num_prompts=16",
+          "--config.evaluation.lm_loss_batches=1"]
+for _r in (1, 2):
+  ROUNDS += [f"--config.label_{_r}.num_prompts=24", f"--config.reward_{_r}.steps=6", f"--config.reward_{_r}.batch_size=8",
+             f"--config.reward_{_r}.normalize_samples=16", f"--config.ppo_{_r}.iterations=8",
+             f"--config.ppo_{_r}.prompts_per_iteration=8", f"--config.ppo_{_r}.checkpoint_every=2",
+             f"--config.ppo_{_r}.log_every=1", f"--config.ppo_{_r}.eval_every=0"]
+ROUNDS += ["--config.label_3.num_prompts=16"]
+
+
+def test_iterated_rounds_kill_9_in_round_2_resumes_identically(tmp_path):
+  def run(workdir, *args):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax", f"--workdir={workdir}", *ROUNDS, *args],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+  round_1 = tmp_path / "round_1"
+  run(round_1, "--config.stages=tokenizer,pretrain,sft,label_1,reward_1,ppo_1")
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  shutil.copytree(round_1, whole)
+  shutil.copytree(round_1, killed)
+  run(whole)
+  kill_when_checkpointed(killed, "ppo_2", 4, [], base=ROUNDS)
+  proc = run(killed)
+  assert "ppo_1: already finished" in proc.stdout and "reward_2: already finished" in proc.stdout
+  for stage in ("ppo_2", "label_3", "eval"):
+    assert rows(whole, stage) == rows(killed, stage), stage
+  summary = json.loads((whole / "summary.json").read_text())
+  untimed = lambda d: {k: v for k, v in d.items() if not k.startswith("time/")}  # noqa: E731
+  assert untimed(json.loads((killed / "summary.json").read_text())["eval"]) == untimed(summary["eval"])
+  # Round 2 read both rounds' comparisons and continued round 1's models.
+  assert {"ppo_1/eval/gold_reward", "ppo_2/eval/gold_reward", "sft/eval/gold_reward"} <= set(summary["eval"])
+  assert "label/rm_accuracy" in summary["label_2"] and "label/rm_accuracy" in summary["label_3"]
+  assert "label/rm_accuracy" not in summary["label_1"]
