@@ -14,8 +14,10 @@ from ml_collections import ConfigDict
 from rlhf_jax.algorithms.lm import pretrain_config, sft_config
 from rlhf_jax.algorithms.ppo import ppo_config
 from rlhf_jax.algorithms.reward import reward_config
+from rlhf_jax.algorithms.rft import rft_config
 from rlhf_jax.config_groups import loop_config, optimizer_config, sampling_config  # noqa: F401 (for configs/)
 from rlhf_jax.sharding import DEFAULT_RULES
+from rlhf_jax.stages.best_of_n import best_of_n_config
 from rlhf_jax.stages.evaluate import eval_config
 from rlhf_jax.stages.evaluation import evaluation_config
 from rlhf_jax.stages.label import label_config
@@ -26,7 +28,8 @@ DEFAULT_STAGES = ("tokenizer", "pretrain", "sft", "label", "reward", "ppo", "eva
 
 # Kind -> its default instance section.
 KIND_CONFIGS = {"tokenizer": tokenizer_config, "pretrain": pretrain_config, "sft": sft_config,
-                "label": label_config, "reward": reward_config, "ppo": ppo_config, "eval": eval_config}
+                "label": label_config, "reward": reward_config, "ppo": ppo_config, "eval": eval_config,
+                "rft": rft_config, "best_of_n": best_of_n_config}
 
 MODEL_PRESETS = {
     # Fast enough for tests and the 5-minute CPU quickstart.

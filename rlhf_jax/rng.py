@@ -25,6 +25,10 @@ STREAMS = {
     "reward/normalize": "samples of the reference policy for RM normalisation",
     "rollout": "PPO rollouts, folded with the iteration",
     "eval": "held-out evaluation samples (the same for every policy of a run)",
+    "rft/prompts": "which train prompts an RFT round samples (numpy, per round)",
+    "rft/samples": "an RFT round's samples, folded with round and batch",
+    "rft/batches": "which selected samples each RFT step trains on (numpy, per step)",
+    "bon/samples": "best-of-n evaluation samples",
     "sample": "the `rlhf-jax sample` subcommand, folded with --seed",
 }
 

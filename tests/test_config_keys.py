@@ -5,14 +5,17 @@ through it); keys that only a setting switches on are listed in
 ``READ_ONLY_WHEN`` with that setting, and that list must be exact.
 """
 
+import json
+
 import ml_collections
-import pytest
 
 from rlhf_jax import defaults, pipeline
 
 # Keys a run reads only under another setting (key -> when); tiny_config switches on the others
 # (ptx in sft and ppo, adaptive KL, dropout).
-READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_mse (scored data)"}
+READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_mse (scored data)",
+                  "rft.top_fraction": "rft.selection = top_fraction",
+                  "rft.kl_beta": "rft.selection = kl_aware"}
 
 
 def _leaves(config, prefix=""):
@@ -41,6 +44,11 @@ def tiny_config():
   c.ppo.update(dict(iterations=2, prompts_per_iteration=4, log_every=1, eval_every=1, checkpoint_every=1,
                     ptx_coef=0.1, ptx_batch_size=4, kl_adaptive=True))
   c.model.dropout = 0.1
+  # The kinds outside the default chain, with the settings that switch their other keys on.
+  c.rft = defaults.stage("rft", selection="threshold", rounds=2, prompts_per_round=4, samples_per_prompt=2,
+                         improve_passes=2, improve_steps=1, batch_size=4, log_every=1, checkpoint_every=2)
+  c.bon = defaults.stage("best_of_n", ns=(1, 2), num_prompts=4)
+  c.stages += ",rft,bon"
   return c
 
 
@@ -77,3 +85,14 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
   monkeypatch.undo()
   unread = {k for k in _leaves(config) if k not in read}
   assert unread == set(READ_ONLY_WHEN), sorted(unread)
+  # Compute counters of the sampling and training stages, against what their settings imply.
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["sft"]["compute/grad_steps"] == 4 and summary["sft"]["compute/flops"] > 0
+  assert summary["rft"]["compute/grad_steps"] <= 4 and summary["rft"]["compute/samples"] == 2 * 4 * 2
+  assert 0 < summary["rft"]["compute/tokens_generated"] <= 16 * c_sampled(config.rft)
+  assert summary["bon"]["compute/samples"] == 4 * 2
+  assert {"bon/2/gold_reward", "bon/2/kl_formula", "bon/2/kl_estimate"} <= set(summary["bon"])
+
+
+def c_sampled(section):
+  return section.sampling.max_new_tokens

@@ -51,6 +51,8 @@ KINDS = {k.name: k for k in (
     StageKind("reward", REWARD, {"init_from": POLICY, "comparisons": COMPARISONS, "reference": POLICY},
               optional=("init_from",), accepts={"init_from": (POLICY, REWARD)}),
     StageKind("ppo", POLICY, {"policy": POLICY, "reference": POLICY, "reward": REWARD}),
+    StageKind("rft", POLICY, {"policy": POLICY, "reference": POLICY, "reward": REWARD}),
+    StageKind("best_of_n", None, {"policy": POLICY, "reward": REWARD}),
     StageKind("eval", None, {"policies": POLICY, "reference": POLICY, "baseline": POLICY, "reward": REWARD},
               optional=("policies", "reference", "baseline", "reward")),
 )}

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from rlhf_jax import state as state_lib
+from rlhf_jax import compute, state as state_lib
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.data.batching import TruncationStats
 from rlhf_jax.progress import Progress
@@ -43,6 +43,14 @@ def truncation_metrics(stats: TruncationStats) -> dict[str, float]:
   return {f"data/{k}": float(v) for k, v in stats.as_dict().items() if k.endswith("truncated")}
 
 
+def step_counts(model_cfg, batch: Mapping[str, Any], lm_head: bool = True) -> compute.Counts:
+  """Compute of one training step on a host batch of full sequences: every ``*tokens`` array [..., T]
+  is one forward and backward pass (e.g. an SFT batch and its ``ptx_tokens``)."""
+  flops = sum(compute.sequence_flops(model_cfg, int(v.size // v.shape[-1]), int(v.shape[-1]), lm_head, train=True)
+              for k, v in batch.items() if k.endswith("tokens"))
+  return compute.Counts(grad_steps=1.0, flops=flops)
+
+
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
   """One host fetch of a metrics dict -> Python floats."""
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
@@ -57,7 +65,8 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   """Runs ``step_fn`` from the last checkpoint (if any) to ``total_steps``.
 
   make_batch(step, state) -> (device batch, host-side metrics such as truncation counts), the latter
-  averaged over the steps since the last log line;
+  averaged over the steps since the last log line, except ``compute/*`` increments, which are summed
+  into cumulative totals (logged with every row, saved with checkpoints, and returned);
   evaluate(state, step) -> eval metrics, called every ``eval_every`` steps and at the end.
   Returns the final state and the last eval metrics.
   """
@@ -65,8 +74,11 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   ckpt = Checkpointer(directory, save_every=loop_cfg["checkpoint_every"], keep=loop_cfg["keep_checkpoints"],
                       async_save=loop_cfg["async_checkpoints"])
   start = ckpt.latest_step() or 0
+  # Cumulative compute counters (``compute/*`` increments from make_batch), restored with the state.
+  totals = {k: 0.0 for k in compute.KEYS}
   if start:
-    state, _ = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
+    state, extra = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
+    totals.update({k: float(v) for k, v in (extra or {}).get("compute", {}).items()})
   # Lines a killed run wrote after its last checkpoint (or before its first) are replayed below.
   ctx.metrics.truncate_after(stage, start)
   progress = Progress(stage, total_steps, start_step=start, enabled=ctx.is_primary)
@@ -78,7 +90,10 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
     for step in range(start, total_steps):
       batch, host_metrics = make_batch(step, state)
       for k, v in host_metrics.items():
-        pending_host[k] = pending_host.get(k, 0.0) + v
+        if k in totals:
+          totals[k] += v
+        else:
+          pending_host[k] = pending_host.get(k, 0.0) + v
       pending_steps += 1
       state, metrics = step_fn(state, batch, frozen)
       done = step + 1
@@ -86,6 +101,7 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
       if done % log_every == 0 or will_save:
         values = to_floats(metrics)
         values.update({k: v / pending_steps for k, v in pending_host.items()})
+        values.update(totals)
         check_finite(stage, done, values)  # rollout metrics (host side) included
         pending_host, pending_steps = {}, 0
         ctx.metrics.write(stage, done, values)
@@ -96,10 +112,11 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
         ctx.metrics.write(stage, done, last_eval)
       if will_save:
         extra = checkpoint_extra(state) if checkpoint_extra else {}
-        ckpt.save(done, state, extra, force=done == total_steps)
+        ckpt.save(done, state, {**extra, "compute": dict(totals)}, force=done == total_steps)
     if evaluate is not None:
       last_eval = evaluate(state, total_steps)
       ctx.metrics.write(stage, total_steps, last_eval)
+    last_eval = {**last_eval, **{k: v for k, v in totals.items() if v}}
   finally:
     progress.close()
     ckpt.wait()

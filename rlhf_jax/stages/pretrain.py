@@ -7,7 +7,7 @@ from rlhf_jax.algorithms.lm import lm_train_state, make_lm_step
 from rlhf_jax.data import batching
 from rlhf_jax.stages.context import StageContext
 from rlhf_jax.stages.evaluation import PolicyEvaluator
-from rlhf_jax.stages.loop import run_loop, truncation_metrics
+from rlhf_jax.stages.loop import run_loop, step_counts, truncation_metrics
 
 
 def run(ctx: StageContext, instance) -> dict[str, float]:
@@ -25,7 +25,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def make_batch(step, state):
     del state
     batch, stats = host_batch(step)
-    return ctx.put(batch), truncation_metrics(stats)
+    return ctx.put(batch), {**truncation_metrics(stats), **step_counts(ctx.model_config, batch).metrics()}
 
   step = state_lib.compile_step(make_lm_step(graphdef, tx, use_dropout=ctx.config.model.dropout > 0),
                                 state_shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)

@@ -1,0 +1,71 @@
+"""Compute accounting: samples drawn, tokens generated, gradient steps and estimated FLOPs.
+
+Every stage that samples or trains reports cumulative ``compute/samples``,
+``compute/tokens_generated``, ``compute/grad_steps`` and ``compute/flops`` so
+arms of an ablation can be matched on any of them. FLOPs count matrix
+multiplies as 2 x multiply-adds, as XLA runs them: a forward pass over T
+tokens that attend to C positions costs ``2 * T * (weights + 2 * L * C * d)``
+(plus the LM head where logits are computed); a training step costs 3 forward
+passes (forward + backward). Attention is counted over the positions actually
+computed (the full sequence, or the whole KV cache while decoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rlhf_jax.models import DecoderConfig
+
+KEYS = ("compute/samples", "compute/tokens_generated", "compute/grad_steps", "compute/flops")
+
+
+def matmul_weights(cfg: DecoderConfig, lm_head: bool = True) -> int:
+  """Weights that take part in a matmul per token (embeddings are lookups; norms and biases ignored)."""
+  head_dim = cfg.d_model // cfg.num_heads
+  kv_dim = (cfg.num_kv_heads or cfg.num_heads) * head_dim
+  attention = cfg.d_model * (cfg.d_model + 2 * kv_dim) + cfg.d_model * cfg.d_model
+  mlp = (3 if cfg.flavour == "llama" else 2) * cfg.d_model * cfg.d_ff
+  return cfg.num_layers * (attention + mlp) + (cfg.d_model * cfg.vocab_size if lm_head else cfg.d_model)
+
+
+def forward_flops(cfg: DecoderConfig, tokens: int, context: int, lm_head: bool = True) -> float:
+  """FLOPs of a forward pass over ``tokens`` tokens that each attend to ``context`` positions."""
+  attention = 2 * cfg.num_layers * context * cfg.d_model  # QK^T and AV, multiply-adds
+  return 2.0 * tokens * (matmul_weights(cfg, lm_head) + attention)
+
+
+def sequence_flops(cfg: DecoderConfig, batch: int, length: int, lm_head: bool = True, train: bool = False) -> float:
+  """FLOPs of a full-sequence pass over [batch, length] (x3 with ``train``: forward and backward)."""
+  return (3.0 if train else 1.0) * forward_flops(cfg, batch * length, length, lm_head)
+
+
+def generation_flops(cfg: DecoderConfig, batch: int, prompt_len: int, decode_steps: int, cache_len: int) -> float:
+  """FLOPs of sampling: prefill [batch, prompt_len] then ``decode_steps`` one-token steps over the cache."""
+  prefill = forward_flops(cfg, batch * prompt_len, cache_len)
+  return prefill + decode_steps * forward_flops(cfg, batch, cache_len)
+
+
+@dataclasses.dataclass
+class Counts:
+  """Increments of the four counters, added into a stage's cumulative totals."""
+
+  samples: float = 0.0
+  tokens_generated: float = 0.0
+  grad_steps: float = 0.0
+  flops: float = 0.0
+
+  def __add__(self, other: "Counts") -> "Counts":
+    return Counts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+  def metrics(self) -> dict[str, float]:
+    """As metrics named ``compute/...``."""
+    return dict(zip(KEYS, map(float, dataclasses.astuple(self))))
+
+
+def rollout_counts(cfg: DecoderConfig, batch: int, prompt_len: int, response_lengths, max_new_tokens: int,
+                   samples: int | None = None) -> Counts:
+  """Counts of one sampler call: ``response_lengths`` [B] real tokens per row (host array)."""
+  lengths = [int(x) for x in response_lengths]
+  steps = max(max(lengths, default=0) - 1, 0)  # the loop stops when every row has ended
+  return Counts(samples=float(batch if samples is None else samples), tokens_generated=float(sum(lengths)),
+                flops=generation_flops(cfg, batch, prompt_len, steps, prompt_len + max_new_tokens - 1))
