@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhf_jax.generate import SamplingConfig, make_sampler, sampling_log_probs
+from rlhf_jax.generate import SamplingConfig, inverse_cdf_sample, make_sampler, sampling_log_probs
 from rlhf_jax.models import Decoder, DecoderConfig
 
 EOS = 3
@@ -80,3 +80,25 @@ def test_top_k_and_top_p_restrict_support():
   np.testing.assert_allclose(hot[0], ref / ref.sum(), atol=1e-6)
   with pytest.raises(ValueError, match="top_p"):
     SamplingConfig(1, top_p=0.0)
+
+
+def test_inverse_cdf_sample_frequencies_and_support():
+  probs = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
+  log_probs = jnp.log(jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (40000, 5)))
+  tokens = np.asarray(inverse_cdf_sample(jax.random.key(3), log_probs))
+  freq = np.bincount(tokens, minlength=5) / len(tokens)
+  np.testing.assert_allclose(freq, probs, atol=0.01)
+  assert freq[4] == 0 and tokens.dtype == np.int32
+
+
+def test_bfloat16_sampler_log_probs_match_teacher_forcing():
+  cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64, dtype="bfloat16")
+  model = Decoder(cfg, rngs=nnx.Rngs(1))
+  graphdef, params = nnx.split(model)
+  sampling = SamplingConfig(max_new_tokens=8, eos_id=EOS, stop_at_eos=False)
+  sample = make_sampler(graphdef, sampling)(params, PROMPT, PROMPT_MASK, jax.random.key(2))
+  assert sample.log_probs.dtype == jnp.float32
+  logits, _ = model(jnp.concatenate([PROMPT, sample.tokens], 1), jnp.concatenate([PROMPT_MASK, sample.mask], 1))
+  p = PROMPT.shape[1]
+  forced = jnp.take_along_axis(sampling_log_probs(logits[:, p - 1:-1], sampling), sample.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(sample.log_probs, forced, atol=2e-2)

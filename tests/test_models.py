@@ -38,9 +38,9 @@ def test_left_padding_gives_unpadded_logits(flavour):
     np.testing.assert_allclose(logits[i, 10 - len(row):], alone[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
-def test_cached_decoding_matches_full_forward(flavour):
-  cfg = tiny(flavour)
+@pytest.mark.parametrize("flavour,scan", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_cached_decoding_matches_full_forward(flavour, scan):
+  cfg = tiny(flavour, scan_layers=scan)
   model = Decoder(cfg, rngs=nnx.Rngs(1))
   tokens, mask, _ = left_padded_batch()
   # Extend every row by 5 real tokens, decoded one at a time after a 10-token prefill.
@@ -106,6 +106,42 @@ def test_bfloat16_compute():
   tokens, mask, _ = left_padded_batch()
   logits, _ = Decoder(cfg, rngs=nnx.Rngs(0))(tokens, mask)
   assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_bfloat16_logits_are_float32_and_cache_matches_full_pass(flavour):
+  """The LM head runs in float32 under bf16 compute: logits are float32 (not bf16 values upcast), and
+  teacher-forced log-probs from the full pass and from KV-cache decoding agree closely."""
+  cfg = tiny(flavour, dtype="bfloat16")
+  model = Decoder(cfg, rngs=nnx.Rngs(4))
+  tokens, mask, _ = left_padded_batch()
+  logits, _ = model(tokens, mask)
+  assert logits.dtype == jnp.float32
+  # bf16 has 8 mantissa bits: values rounded to it sit on a coarse grid; float32 head outputs do not.
+  assert not np.array_equal(np.asarray(logits), np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32)))
+  hidden, _ = model.trunk(tokens, mask)
+  np.testing.assert_allclose(model.logits_from_hidden(hidden),
+                             hidden.astype(jnp.float32) @ model.trunk.embed[...].astype(jnp.float32).T
+                             if cfg.tie_embeddings else hidden.astype(jnp.float32) @ model.lm_head[...], rtol=1e-5,
+                             atol=1e-5)
+
+  extra = jax.random.randint(jax.random.key(5), (3, 6), 4, cfg.vocab_size)
+  full_tokens = jnp.concatenate([tokens, extra], axis=1)
+  full_mask = jnp.concatenate([mask, jnp.ones((3, 6), jnp.int32)], axis=1)
+  full, _ = model(full_tokens, full_mask)
+  cache = init_cache(cfg, 3, 16)
+  prefill, cache = model(tokens, mask, cache)
+  steps = [prefill]
+  for t in range(5):
+    out, cache = model(extra[:, t:t + 1], jnp.ones((3, 1), jnp.int32), cache)
+    steps.append(out)
+  cached = jnp.concatenate(steps, axis=1)  # logits for positions 0 .. 14
+  targets = full_tokens[:, 1:]
+  lp_full = jnp.take_along_axis(jax.nn.log_softmax(full[:, :-1]), targets[..., None], -1)[..., 0]
+  lp_cached = jnp.take_along_axis(jax.nn.log_softmax(cached), targets[..., None], -1)[..., 0]
+  real = np.asarray(full_mask[:, 1:], bool) & np.asarray(full_mask[:, :-1], bool)
+  # The cache stores bf16 keys/values exactly as the full pass computes them: only summation order differs.
+  np.testing.assert_allclose(np.asarray(lp_cached)[real], np.asarray(lp_full)[real], atol=2e-2)
 
 
 def test_reward_read_at_last_real_token_and_value_head_zero():

@@ -89,24 +89,35 @@ class DecoderConfig:
 class KVCache:
   """Preallocated keys/values for all layers, plus per-row bookkeeping.
 
-  k, v: [L, B, S, KV, Dh]; valid: [B, S] (slot holds a real token);
-  index: scalar, next slot to write; next_pos: [B], position id of the next real token.
+  k, v: per layer [B, KV, S, Dh] (heads before slots: the layout the attention products read
+  directly). With a layer loop they are tuples of L arrays, so that each layer's decode step writes
+  its own buffer in place; with ``scan_layers`` they are stacked arrays [L, B, KV, S, Dh] carried
+  through the scan. valid: [B, S] (slot holds a real token); index: scalar, next slot to write;
+  next_pos: [B], position id of the next real token.
   """
 
-  k: Array
-  v: Array
+  k: Any
+  v: Any
   valid: Array
   index: Array
   next_pos: Array
 
+  def layer(self, i: int) -> tuple[Array, Array]:
+    """Layer ``i``'s (k, v), each [B, KV, S, Dh]."""
+    return self.k[i], self.v[i]
+
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> KVCache:
   """An empty cache for ``batch`` rows and ``length`` slots, in the compute dtype."""
-  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_dim)
-  return KVCache(
-      k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-      valid=jnp.zeros((batch, length), jnp.bool_),
-      index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32))
+  shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+  if cfg.scan_layers:
+    k = jnp.zeros((cfg.num_layers, *shape), cfg.dtype)
+    v = jnp.zeros((cfg.num_layers, *shape), cfg.dtype)
+  else:
+    k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+  return KVCache(k=k, v=v, valid=jnp.zeros((batch, length), jnp.bool_),
+                 index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32))
 
 
 def positions_from_mask(mask: Array, offset: Array | None = None) -> Array:
@@ -161,10 +172,11 @@ class Trunk(nnx.Module):
       q_slots = cache.index + jnp.arange(t)
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask.astype(bool), cache.index, axis=1)
       cache_index = cache.index
-    x = self.embed[...].astype(cfg.dtype)[tokens]
+    # Gather, then cast: casting the whole table first costs a [V, D] pass per call (per decode step).
+    x = self.embed[...][tokens].astype(cfg.dtype)
     if cfg.flavour == "gpt2":
-      x = x + self.pos_embed[...].astype(cfg.dtype)[jnp.minimum(positions, cfg.max_len - 1)]
-    x = layers.dropout(x, cfg.dropout, None if dropout_key is None else jax.random.fold_in(dropout_key, -1))
+      x = x + self.pos_embed[...][jnp.minimum(positions, cfg.max_len - 1)].astype(cfg.dtype)
+    x = layers.dropout(x, cfg.dropout, None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
 
     def apply_block(graphdef, state, x, ckv, key):
@@ -177,25 +189,38 @@ class Trunk(nnx.Module):
     new_k = new_v = None
     if cfg.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
+      if cache is None:
+        def body(h, xs):
+          state, key = xs
+          return apply_block(graphdef, state, h, None, key)[0], None
 
-      def body(h, xs):
-        state, ck, cv, key = xs
-        h, ckv = apply_block(graphdef, state, h, None if ck is None else (ck, cv), key)
-        return h, (None, None) if ckv is None else ckv
+        x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+      else:
+        # The whole cache rides in the carry and each layer writes its slice back in place; scanning
+        # over it as xs/ys would rebuild the stacked cache every decode step.
+        def body(carry, xs):
+          h, ck, cv, i = carry
+          state, key = xs
+          ckv = (jax.lax.dynamic_index_in_dim(ck, i, keepdims=False),
+                 jax.lax.dynamic_index_in_dim(cv, i, keepdims=False))
+          h, (lk, lv) = apply_block(graphdef, state, h, ckv, key)
+          ck = jax.lax.dynamic_update_index_in_dim(ck, lk, i, axis=0)
+          cv = jax.lax.dynamic_update_index_in_dim(cv, lv, i, axis=0)
+          return (h, ck, cv, i + 1), None
 
-      xs = (stacked, None if cache is None else cache.k, None if cache is None else cache.v, layer_keys)
-      x, (new_k, new_v) = jax.lax.scan(body, x, xs)
+        (x, new_k, new_v, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
+                                               (stacked, layer_keys))
     else:
       ks, vs = [], []
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
-        ckv = None if cache is None else (cache.k[i], cache.v[i])
+        ckv = None if cache is None else cache.layer(i)
         x, ckv = apply_block(graphdef, state, x, ckv, None if layer_keys is None else layer_keys[i])
         if ckv is not None:
           ks.append(ckv[0])
           vs.append(ckv[1])
       if cache is not None:
-        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+        new_k, new_v = tuple(ks), tuple(vs)
     x = self.final_norm(x)
     new_cache = None
     if cache is not None:
@@ -215,13 +240,19 @@ class Decoder(nnx.Module):
                                   (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
 
   def logits_from_hidden(self, hidden: Array) -> Array:
-    """hidden [..., D] -> logits [..., V] in float32."""
-    dt = self.cfg.dtype
+    """hidden [..., D] -> logits [..., V], computed in float32 whatever the compute dtype.
+
+    The head runs in float32 because bf16 logits lose ~2 digits of every log-prob (PPO ratios,
+    KL and the sampler's log-probs all read them).
+    """
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
     if self.cfg.tie_embeddings:
-      out = hidden @ self.trunk.embed[...].astype(dt).T
+      # Contract on the embedding's D axis directly: no transposed [D, V] copy of the table.
+      out = jax.lax.dot_general(h, self.trunk.embed[...].astype(jnp.float32), (((1,), (1,)), ((), ())))
     else:
-      out = hidden @ self.lm_head[...].astype(dt)
-    return out.astype(jnp.float32)
+      out = h @ self.lm_head[...].astype(jnp.float32)
+    return out.reshape(*lead, -1)
 
   def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
                dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:

@@ -1,0 +1,323 @@
+"""The benchmarks: each builds its inputs at one ``Size``, drives the library's own compiled
+functions and returns one JSON-able record. Units are in the key names (``_s`` seconds, ``_per_s``
+per second); times are medians of ``reps`` calls after one warm-up, compile time apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.benchmarks import library
+from experiments.benchmarks.sizes import Size
+from experiments.benchmarks.timing import bench, peak_rss_mb, timed
+from rlhf_jax import generate as generate_lib, sharding as shd, state as state_lib
+from rlhf_jax.generate import SamplingConfig
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel, reward_head_std
+
+Record = dict[str, Any]
+FIRST_TOKEN = 4  # ids below are pad/bos/eos/unk: random data never holds them, so EOS never stops a row
+
+
+@dataclasses.dataclass
+class Env:
+  """What every benchmark shares: the size, the mesh and the measured matmul peak (GFLOP/s)."""
+
+  size: Size
+  reps: int
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  peak_gflops: float | None = None
+  mem_gbps: float | None = None
+
+  @property
+  def model(self) -> DecoderConfig:
+    return self.size.model
+
+
+def make_env(size: Size, reps: int) -> Env:
+  mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  return Env(size=size, reps=reps, mesh=mesh, rules=shd.DEFAULT_RULES)
+
+
+def init_params(env: Env, make: Callable[[nnx.Rngs], nnx.Module], seed: int) -> tuple[nnx.GraphDef, dict, dict]:
+  """Sharded init of a module -> (graphdef, params as a plain dict, their shardings)."""
+  graphdef, params = shd.init_sharded(make, jax.random.key(seed), env.mesh, env.rules)
+  abstract = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[1]
+  return graphdef, params.to_pure_dict(), state_lib.param_shardings(abstract, env.mesh, env.rules)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def random_tokens(env: Env, shape: tuple[int, ...], seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(FIRST_TOKEN, env.model.vocab_size, shape, dtype=np.int32)
+
+
+def put_batch(env: Env, batch: Any) -> Any:
+  return jax.tree.map(lambda x: jax.device_put(x, shd.batch_sharding(env.mesh, env.rules, np.ndim(x))), batch)
+
+
+def batch_shardings(env: Env, batch: Any) -> Any:
+  return jax.tree.map(lambda x: shd.batch_sharding(env.mesh, env.rules, x.ndim), batch)
+
+
+def optimizer(lr: float, grad_clip: float):
+  """The library's AdamW at a constant rate, weight decay 0 (the peer's settings)."""
+  return state_lib.make_optimizer({"lr": lr, "schedule": "constant", "weight_decay": 0.0, "grad_clip": grad_clip},
+                                  1_000_000)
+
+
+def common(name: str, env: Env, **fields) -> Record:
+  # The load average says whether other work shared the machine while this ran.
+  return {"name": name, **fields, "backend": jax.default_backend(), "devices": jax.device_count(),
+          "peak_rss_mb": round(peak_rss_mb(), 1), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+def matmul_peak(env: Env) -> Record:
+  """GFLOP/s of one n x n x n matmul in the size's dtype (median and max over reps); MFU uses the max."""
+  n, dtype = env.size.matmul_n, jnp.dtype(env.size.matmul_dtype)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  inner = 10
+  timed(lambda: mm(a, b))
+  gflops = []
+  for _ in range(max(env.reps, 5)):
+    seconds, _ = timed(lambda: [mm(a, b) for _ in range(inner)])
+    gflops.append(2 * n ** 3 * inner / seconds / 1e9)
+  env.peak_gflops = max(gflops)
+  return common("matmul_peak", env, gflops=round(float(np.median(gflops)), 1), gflops_max=round(max(gflops), 1),
+                n=n, dtype=str(dtype))
+
+
+def mem_bandwidth(env: Env) -> Record:
+  """GB/s of an elementwise pass over a large float32 array (bytes read + written)."""
+  n = (64 << 20) if jax.default_backend() == "cpu" else (1 << 30)
+  if env.size.matmul_n < 1024:  # the tiny test size
+    n = 4 << 20
+  x = jnp.ones((n // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.5 + 1.0)
+  stats = bench(lambda: f(x), max(env.reps, 5))
+  env.mem_gbps = 2 * n / stats["median_s"] / 1e9
+  return common("mem_bandwidth", env, gbps=round(env.mem_gbps, 1), bytes=2 * n)
+
+
+# ----------------------------------------------------------------------------- generate
+
+def generate(env: Env) -> Record:
+  """``make_sampler``: prefill + exactly ``gen_new`` sampled tokens per prompt (temperature 1, no EOS stop)."""
+  s = env.size
+  graphdef, params, _ = init_params(env, lambda r: Decoder(env.model, rngs=r), 0)
+  prompt = put_batch(env, random_tokens(env, (s.gen_batch, s.gen_prompt), 1))
+  mask = put_batch(env, np.ones((s.gen_batch, s.gen_prompt), np.int32))
+  sampler = generate_lib.make_sampler(graphdef, SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, stop_at_eos=False))
+  key = jax.random.key(2)
+  stats = bench(lambda: sampler(params, prompt, mask, key).tokens, env.reps)
+  new_tokens = s.gen_batch * s.gen_new
+  rec = common("generate", env, new_tokens_per_s=round(new_tokens / stats["median_s"], 1),
+               s_per_call=round(stats["median_s"], 4), compile_s=round(stats["compile_s"], 2),
+               batch=s.gen_batch, prompt_len=s.gen_prompt, new_tokens=s.gen_new)
+  if env.mem_gbps:
+    # Each decode step must read every weight (in the compute dtype) and the KV cache once.
+    itemsize = jnp.dtype(env.model.dtype).itemsize
+    cache_len = s.gen_prompt + s.gen_new - 1
+    cache_bytes = 2 * env.model.num_layers * s.gen_batch * cache_len * env.model.d_model * itemsize
+    step_bytes = count_params(params) * itemsize + cache_bytes / 2  # the cache is half full on average
+    bound_s = s.gen_new * step_bytes / (env.mem_gbps * 1e9)
+    rec["memory_bound_s"] = round(bound_s, 4)
+    rec["fraction_of_memory_bound"] = round(bound_s / stats["median_s"], 3)
+  return rec
+
+
+# ----------------------------------------------------------------------------- trainers
+
+def _train(env: Env, step, state, shardings, batch) -> dict[str, float]:
+  """Times a donated ``compile_step`` step: each call feeds the returned state back in."""
+  compiled = state_lib.compile_step(step, shardings, batch_shardings(env, batch), None, env.mesh)
+  holder = [state]
+
+  def once():
+    holder[0], metrics = compiled(holder[0], batch, None)
+    return metrics
+
+  return bench(once, env.reps)
+
+
+def sft_step(env: Env) -> Record:
+  """``make_lm_step`` + ``compile_step``: one AdamW step (lr 1e-4, wd 0, no clip) on sft_batch x sft_len tokens."""
+  s = env.size
+  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0)
+  tx = optimizer(1e-4, 0.0)
+  state, state_sh = state_lib.create_train_state({"policy": params}, {"policy": tx}, {"policy": shardings},
+                                                 env.mesh, seed=0)
+  loss_mask = np.ones((s.sft_batch, s.sft_len), np.float32)
+  loss_mask[:, 0] = 0
+  batch = put_batch(env, {"tokens": random_tokens(env, (s.sft_batch, s.sft_len), 1),
+                          "mask": np.ones((s.sft_batch, s.sft_len), np.int32), "loss_mask": loss_mask})
+  n_params = count_params(params)
+  stats = _train(env, library.make_lm_step()(graphdef, tx), state, state_sh, batch)
+  tokens_per_s = s.sft_batch * s.sft_len / stats["median_s"]
+  # The peer's formula (6 N per token), and the same plus attention's score/mix products (12 L D T per token).
+  flops = {"mfu": 6 * n_params, "mfu_attn": 6 * n_params + 12 * env.model.num_layers * env.model.d_model * s.sft_len}
+  mfu = {k: round(f * tokens_per_s / (env.peak_gflops * 1e9), 3) if env.peak_gflops else None for k, f in flops.items()}
+  return common("sft_step", env, tokens_per_s=round(tokens_per_s, 1), ms_per_step=round(1e3 * stats["median_s"], 2),
+                **mfu, compile_s=round(stats["compile_s"], 2), n_params=n_params,
+                mfu_formula="6 * n_params * tokens_per_s / matmul_peak.gflops_max")
+
+
+def reward_step(env: Env) -> Record:
+  """``make_reward_step`` (ranking loss, K=2 = Bradley-Terry) + ``compile_step``: AdamW, clip 1.0, one
+  [2 * rm_pairs, rm_len] forward."""
+  s = env.size
+  graphdef, params, shardings = init_params(
+      env, lambda r: ScalarModel(env.model, reward_head_std(env.model), rngs=r), 0)
+  tx = optimizer(1e-5, 1.0)
+  state, state_sh = state_lib.create_train_state({"reward": params}, {"reward": tx}, {"reward": shardings},
+                                                 env.mesh, seed=0)
+  batch = put_batch(env, {"tokens": random_tokens(env, (s.rm_pairs, 2, s.rm_len), 1),
+                          "mask": np.ones((s.rm_pairs, 2, s.rm_len), np.int32),
+                          "ranks": np.tile(np.array([[0, 1]], np.int32), (s.rm_pairs, 1)),
+                          "response_mask": np.ones((s.rm_pairs, 2), np.int32)})
+  step = library.make_reward_step()(graphdef, tx, "ranking", 0.0)
+  stats = _train(env, step, state, state_sh, batch)
+  return common("reward_step", env, pairs_per_s=round(s.rm_pairs / stats["median_s"], 2),
+                ms_per_step=round(1e3 * stats["median_s"], 2), compile_s=round(stats["compile_s"], 2))
+
+
+# ----------------------------------------------------------------------------- RL iteration
+
+def _forward_timer(env: Env, fn: Callable, params, *args) -> float:
+  """Median seconds of ``jit(fn)(params, *args)``: one model's forward pass, timed on its own."""
+  f = jax.jit(fn)
+  return bench(lambda: f(params, *args), env.reps)["median_s"]
+
+
+def _rl_pipeline(env: Env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg, value_mode, prompt, prompt_mask):
+  """The library's rollout -> score -> experience functions, as
+  ``(rollout(params, key), score(rollout), experience(policy, value, rollout, score) -> Experience)``.
+
+  Newer library: ``make_rollout_fn`` + ``RewardModelScorer`` + ``make_experience_fn(rollout, score)``;
+  older: ``make_sampler`` + ``make_experience_fn`` that runs the reward model itself (score is None).
+  """
+  beta = jnp.float32(0.05)
+  if library.rollout_api():
+    from rlhf_jax import rollout as rollout_lib, scoring
+    rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling)
+    group = jnp.repeat(jnp.arange(env.size.rl_prompts, dtype=jnp.int32), env.size.rl_samples)
+    scorer = scoring.RewardModelScorer(sc_gd, reward)
+    exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, pcfg, value_mode)
+    return (lambda params, key: rollout_fn(params, prompt, prompt_mask, group, key), scorer,
+            lambda policy, value, rollout, score: exp_fn(policy, ref, value, rollout, score, beta)[0])
+  sampler = generate_lib.make_sampler(lm_gd, sampling)
+  exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, sc_gd, pcfg, value_mode)
+  return (lambda params, key: sampler(params, prompt, prompt_mask, key), lambda rollout: None,
+          lambda policy, value, sample, score: exp_fn(policy, ref, value, reward, prompt, prompt_mask, sample,
+                                                      beta)[0])
+
+
+def _full_sequence(rollout, prompt, prompt_mask):
+  """(tokens, mask) [B, P + N] of a ``Rollout`` (newer library) or of prompt ++ ``Sample`` (older)."""
+  if hasattr(rollout, "response"):
+    return rollout.tokens, rollout.mask
+  return jnp.concatenate([prompt, rollout.tokens], axis=1), jnp.concatenate([prompt_mask, rollout.mask], axis=1)
+
+
+def rl_iter(env: Env, value_mode: str = "separate") -> Record:
+  """One PPO iteration through the library: rollout (KV-cache sampler) -> reward-model score -> experience
+  (policy, reference and value forwards, KL penalty beta 0.05, GAE) -> ``make_ppo_update`` under
+  ``compile_step`` (1 epoch, 1 minibatch, clip 1.0).
+
+  ``phases``: generate, reward, experience and update are the library's compiled functions each timed
+  alone; reference and value are the forward passes inside ``experience``, timed as standalone model
+  calls (value is 0 with a shared value head).
+  """
+  s, cfg = env.size, env.model
+  lm_gd, policy, policy_sh = init_params(env, lambda r: Decoder(cfg, rngs=r), 0)
+  ref = jax.tree.map(jnp.copy, policy)
+  sc_gd, reward, _ = init_params(env, lambda r: ScalarModel(cfg, reward_head_std(cfg), rngs=r), 1)
+  if value_mode == "separate":
+    _, value, value_sh = init_params(env, lambda r: ScalarModel(cfg, 0.0, rngs=r), 2)
+  else:
+    rep = shd.replicated(env.mesh)
+    value = jax.device_put(library.ppo("value_head_params")(cfg), rep)
+    value_sh = jax.tree.map(lambda _: rep, value)
+  value_gd = sc_gd if value_mode == "separate" else None
+
+  sampling = SamplingConfig(max_new_tokens=s.rl_new, temperature=1.0, stop_at_eos=False)
+  pcfg = library.ppo("PPOConfig")(sampling=sampling, epochs=1, minibatches=1)
+  policy_tx, value_tx = optimizer(1e-6, 1.0), optimizer(1e-5, 1.0)
+  state, state_sh = state_lib.create_train_state({"policy": policy, "value": value},
+                                                 {"policy": policy_tx, "value": value_tx},
+                                                 {"policy": policy_sh, "value": value_sh}, env.mesh, seed=0)
+  rows = s.rl_prompts * s.rl_samples
+  prompt = put_batch(env, np.repeat(random_tokens(env, (s.rl_prompts, s.rl_prompt), 1), s.rl_samples, axis=0))
+  prompt_mask = put_batch(env, np.ones((rows, s.rl_prompt), np.int32))
+
+  rollout_fn, score_fn, experience_fn = _rl_pipeline(env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg,
+                                                     value_mode, prompt, prompt_mask)
+  update = library.ppo("make_ppo_update")(lm_gd, value_gd, policy_tx, value_tx, pcfg, value_mode)
+  rollout0 = rollout_fn(policy, jax.random.key(0))
+  exp0 = experience_fn(policy, value, rollout0, score_fn(rollout0))
+  step = state_lib.compile_step(update, state_sh, batch_shardings(env, {"experience": exp0, "ptx": None}),
+                                None, env.mesh)
+  holder = {"state": state, "i": 0}
+
+  def iteration():
+    st = holder["state"]
+    holder["i"] += 1
+    rollout = rollout_fn(st.params["policy"], jax.random.key(holder["i"]))
+    exp = experience_fn(st.params["policy"], st.params["value"], rollout, score_fn(rollout))
+    holder["state"], metrics = step(st, {"experience": exp, "ptx": None}, None)
+    return metrics
+
+  whole = bench(iteration, env.reps)
+
+  def params(name):
+    return holder["state"].params[name]
+
+  rollout = rollout_fn(params("policy"), jax.random.key(0))
+  score = score_fn(rollout)
+  exp = experience_fn(params("policy"), params("value"), rollout, score)
+  tokens, mask = _full_sequence(rollout, prompt, prompt_mask)
+  phases = {
+      "generate": bench(lambda: rollout_fn(params("policy"), jax.random.key(0)), env.reps)["median_s"],
+      "reward": (bench(lambda: score_fn(rollout), env.reps)["median_s"] if score is not None else
+                 _forward_timer(env, lambda p, t, m: nnx.merge(sc_gd, p)(t, m), reward, tokens, mask)),
+      "experience": bench(lambda: experience_fn(params("policy"), params("value"), rollout, score),
+                          env.reps)["median_s"],
+      "reference": _forward_timer(env, lambda p, t, m: nnx.merge(lm_gd, p)(t, m)[0], ref, tokens, mask),
+      "value": (_forward_timer(env, lambda p, t, m: nnx.merge(sc_gd, p).values(t, m), params("value"), tokens, mask)
+                if value_mode == "separate" else 0.0),
+  }
+
+  def update_once():
+    holder["state"], metrics = step(holder["state"], {"experience": exp, "ptx": None}, None)
+    return metrics
+
+  phases["update"] = bench(update_once, env.reps)["median_s"]
+  name = "rl_iter" if value_mode == "separate" else "rl_iter_shared"
+  return common(name, env, s_per_iter=round(whole["median_s"], 3), compile_s=round(whole["compile_s"], 2),
+                phases={k: round(v, 4) for k, v in phases.items()}, value_mode=value_mode, rows=rows,
+                prompt_len=s.rl_prompt, new_tokens=s.rl_new)
+
+
+BENCHMARKS: dict[str, Callable[[Env], Record]] = {
+    "matmul_peak": matmul_peak,
+    "mem_bandwidth": mem_bandwidth,
+    "generate": generate,
+    "sft_step": sft_step,
+    "reward_step": reward_step,
+    "rl_iter": rl_iter,
+    "rl_iter_shared": lambda env: rl_iter(env, "shared"),
+}

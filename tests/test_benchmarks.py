@@ -1,0 +1,90 @@
+"""The speed suite (experiments/benchmarks) runs at a tiny size and drives the library's own functions.
+
+No timings are asserted: this only keeps the suite from rotting as the library changes.
+"""
+
+import functools
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.benchmarks import library, sizes, suite  # noqa: E402
+from rlhf_jax import generate as generate_lib, state as state_lib  # noqa: E402
+
+KEYS = {
+    "matmul_peak": {"gflops", "gflops_max"},
+    "mem_bandwidth": {"gbps"},
+    "generate": {"new_tokens_per_s", "compile_s"},
+    "sft_step": {"tokens_per_s", "ms_per_step", "mfu", "compile_s"},
+    "reward_step": {"pairs_per_s", "compile_s"},
+    "rl_iter": {"s_per_iter", "phases", "compile_s"},
+    "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
+}
+PHASES = {"generate", "reference", "reward", "value", "update"}
+
+
+def _spy(calls, name, fn):
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    calls.append((name, fn))
+    return fn(*args, **kwargs)
+  return wrapper
+
+
+@pytest.fixture(scope="module")
+def results():
+  """Every benchmark once at the tiny size, with spies on the library entry points it must go through."""
+  calls = []
+  patch = pytest.MonkeyPatch()
+  patch.setattr(state_lib, "compile_step", _spy(calls, "compile_step", state_lib.compile_step))
+  patch.setattr(generate_lib, "make_sampler", _spy(calls, "make_sampler", generate_lib.make_sampler))
+  try:
+    from rlhf_jax import rollout as rollout_lib
+    patch.setattr(rollout_lib, "make_rollout_fn", _spy(calls, "make_rollout_fn", rollout_lib.make_rollout_fn))
+  except ImportError:  # an older library samples rollouts with make_sampler alone
+    pass
+  original_find = library.find
+
+  def find(name, *modules):
+    return _spy(calls, name, original_find(name, *modules))
+
+  patch.setattr(library, "find", find)
+  try:
+    env = suite.make_env(sizes.SIZES["tiny"], reps=1)
+    records = {name: bench(env) for name, bench in suite.BENCHMARKS.items()}
+  finally:
+    patch.undo()
+  return records, calls
+
+
+@pytest.mark.parametrize("name", sorted(KEYS))
+def test_benchmark_record_has_its_keys(results, name):
+  record = results[0][name]
+  assert record["name"] == name
+  assert KEYS[name] | {"peak_rss_mb"} <= set(record)
+  json.dumps(record)
+  if name.startswith("rl_iter"):
+    assert PHASES <= set(record["phases"])
+    assert all(v >= 0 for v in record["phases"].values())
+
+
+def test_benchmarks_drive_library_functions(results):
+  _, calls = results
+  called = {name for name, _ in calls}
+  assert {"compile_step", "make_lm_step", "make_reward_step", "make_ppo_update", "make_experience_fn"} <= called
+  assert "make_sampler" in called or "make_rollout_fn" in called
+  for name, fn in calls:
+    assert fn.__module__.startswith("rlhf_jax."), (name, fn.__module__)
+
+
+def test_command_line_prints_json_lines():
+  out = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/run.py"), "--size=tiny", "--reps=1",
+                        "--only=generate"], capture_output=True, text=True, check=True, timeout=600).stdout
+  names = [json.loads(line)["name"] for line in out.splitlines() if line.startswith("{")]
+  assert names == ["matmul_peak", "mem_bandwidth", "generate"]
