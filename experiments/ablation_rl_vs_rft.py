@@ -1,0 +1,251 @@
+"""RL versus reward-filtered fine-tuning at matched compute, from one shared SFT + RM per seed.
+
+  python experiments/ablation_rl_vs_rft.py --workdir=DIR [--seeds=2] [--preset=quick|full]
+      [--match=samples|flops] [--config.x=y ...]
+
+Per seed, one workdir (DIR/seed_S) holds the shared pipeline (tokenizer,
+pretrain, sft, label, reward) and the arms: PPO, PPO-ptx, RFT best-of-N
+(RAFT / Llama 2 rejection sampling), ReST-style RFT (rising threshold, two
+Improve passes per Grow), and best-of-n of the SFT policy for n = 1..64. The
+RFT arms get the PPO arm's budget: the same number of samples drawn
+(``--match=samples``) or the same estimated FLOPs (``--match=flops``, which
+gives RFT more samples since it skips the value model and the PPO epochs).
+Writes DIR/ablation.json (every arm's metrics, compute and eval curve),
+DIR/ablation.md (mean +/- std over seeds) and DIR/ablation.png (gold reward
+against sqrt(KL), RM reward dashed, with Gao et al.'s best-of-n and RL forms
+fitted). Re-running resumes: finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+from rlhf_jax import compute, defaults, pipeline
+from rlhf_jax.metrics import read_metrics
+from rlhf_jax.models import DecoderConfig
+
+ARMS = ("ppo", "ppo_ptx", "rft_bon", "rft_rest")
+LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "rft_bon": "RFT best-of-N", "rft_rest": "ReST RFT"}
+BON_NS = (1, 2, 4, 8, 16, 32, 64)
+TABLE_BON_NS = (4, 16, 64)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory of the ablation (one sub-workdir per seed).")
+flags.DEFINE_integer("seeds", 2, "Number of seeds (0 .. seeds-1).")
+flags.DEFINE_enum("preset", "quick", ["quick", "full"], "quick: <= 20 min for 2 seeds on 2 CPU cores.")
+flags.DEFINE_enum("match", "samples", ["samples", "flops"], "What the RFT arms are matched to PPO on.")
+config_flags.DEFINE_config_dict("config", defaults.base_config(), "The shared pipeline's config (override keys).")
+
+
+def model_of(config: ConfigDict) -> DecoderConfig:
+  values = config.model.to_dict()
+  values["vocab_size"] = config.tokenizer.vocab_size
+  return DecoderConfig.from_mapping(values)
+
+
+def ppo_flops_per_sample(config: ConfigDict, ppo: ConfigDict) -> float:
+  """Estimated FLOPs per PPO sample: generation, 4 scoring passes (policy, reference, value, RM), and
+  ``epochs`` training passes of policy and value (x3 each), at full response length."""
+  m, p, n = model_of(config), config.data.prompt_len, ppo.sampling.max_new_tokens
+  gen = compute.generation_flops(m, 1, p, n - 1, p + n - 1)
+  lm, scalar = compute.sequence_flops(m, 1, p + n), compute.sequence_flops(m, 1, p + n, lm_head=False)
+  value = scalar if ppo.value_init != "shared" else 0.0
+  return gen + 2 * lm + value + scalar + ppo.epochs * 3 * (lm + value)
+
+
+def rft_flops(config: ConfigDict, rft: ConfigDict) -> float:
+  """Estimated FLOPs of an RFT instance: samples (generation, RM, 2 log-prob passes) and SFT steps."""
+  m, p, n = model_of(config), config.data.prompt_len, rft.sampling.max_new_tokens
+  per_sample = (compute.generation_flops(m, 1, p, n - 1, p + n - 1) + compute.sequence_flops(m, 1, p + n, False)
+                + 2 * compute.sequence_flops(m, 1, p + n))
+  samples = rft.rounds * rft.prompts_per_round * rft.samples_per_prompt
+  steps = rft.rounds * rft.improve_passes * rft.improve_steps
+  return samples * per_sample + steps * compute.sequence_flops(m, rft.batch_size, p + n, train=True)
+
+
+def match_rft(config: ConfigDict, rft: ConfigDict, match: str) -> None:
+  """Sets ``rft.prompts_per_round`` so the arm uses the PPO arm's samples or FLOPs (in place)."""
+  ppo = config.ppo
+  ppo_samples = ppo.iterations * ppo.prompts_per_iteration * ppo.samples_per_prompt
+  per_round = rft.rounds * rft.samples_per_prompt
+  if match == "samples":
+    rft.prompts_per_round = max(ppo_samples // per_round, 1)
+    return
+  budget = ppo_samples * ppo_flops_per_sample(config, ppo)
+  rft.prompts_per_round = 1
+  one = rft_flops(config, rft)
+  rft.prompts_per_round = 2
+  slope = rft_flops(config, rft) - one
+  rft.prompts_per_round = max(int((budget - one) // slope) + 1, 1)
+
+
+def arm_config(base: ConfigDict, seed: int, preset: str, match: str) -> ConfigDict:
+  """The config of one seed's workdir: the shared pipeline, the four arms, best-of-n and eval."""
+  c = ConfigDict(base.to_dict())
+  c.seed = seed
+  if preset == "quick":
+    c.reward.steps = min(c.reward.steps, 400)
+  evals = 8
+  c.ppo.eval_every = max(c.ppo.iterations // evals, 1)
+  c.ppo_ptx = ConfigDict(c.ppo.to_dict())
+  c.ppo_ptx.ptx_coef = 0.5
+  for name, selection, passes in (("rft_bon", "best_of_n", 1), ("rft_rest", "threshold", 2)):
+    arm = defaults.stage("rft", selection=selection, rounds=4, samples_per_prompt=8, improve_passes=passes,
+                         improve_steps=10 // passes, batch_size=16, threshold_start=0.5, threshold_step=0.25)
+    arm.sampling = ConfigDict(c.ppo.sampling.to_dict())
+    match_rft(c, arm, match)
+    arm.eval_every = arm.improve_passes * arm.improve_steps
+    arm.checkpoint_every = arm.eval_every
+    c[name] = arm
+  c.bon = defaults.stage("best_of_n", ns=BON_NS, num_prompts=min(c.evaluation.num_prompts, 64))
+  c.eval.policies = ("sft",) + ARMS
+  c.stages = "tokenizer,pretrain,sft,label,reward," + ",".join(ARMS) + ",bon,eval"
+  return c
+
+
+def curve(workdir: str, name: str) -> list[dict[str, float]]:
+  """The in-loop eval points of an arm: step, gold, RM reward, KL."""
+  return [{"step": r["step"], "gold": r["eval/gold_reward"], "rm": r.get("eval/rm_reward"), "kl": r["eval/kl"]}
+          for r in read_metrics(workdir, name) if "eval/gold_reward" in r and "eval/kl" in r]
+
+
+def collect(workdir: str) -> dict:
+  """One seed's results: per arm (and SFT, best-of-n) its final metrics, compute and curve."""
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  ev = summary["eval"]
+  out = {}
+  for name in ("sft",) + ARMS:
+    out[name] = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith(name + "/eval/")}
+    out[name]["compute"] = {k: v for k, v in summary.get(name, {}).items() if k.startswith("compute/")}
+    out[name]["curve"] = curve(workdir, name) if name != "sft" else []
+  sft_gold = out["sft"]["eval/gold_reward"]
+  bon = summary["bon"]
+  out["bon"] = {int(n): {"eval/gold_reward": bon[f"bon/{n}/gold_reward"], "eval/rm_reward": bon[f"bon/{n}/rm_reward"],
+                         "eval/kl": bon[f"bon/{n}/kl_formula"], "kl_estimate": bon[f"bon/{n}/kl_estimate"],
+                         "samples_per_prompt": n} for n in BON_NS}
+  out["sft"]["eval/gold_reward"] = sft_gold
+  return out
+
+
+def fit_gao(d: np.ndarray, r: np.ndarray, form: str) -> tuple[float, float]:
+  """Least-squares (a, b) of Gao et al.'s R(d) = d (a - b d) ("bon") or d (a - b log d) ("rl"); d = sqrt(KL)."""
+  keep = d > 0
+  d, r = d[keep], r[keep]
+  second = d * d if form == "bon" else d * np.log(d)
+  design = np.stack([d, -second], axis=1)
+  (a, b), *_ = np.linalg.lstsq(design, r, rcond=None)
+  return float(a), float(b)
+
+
+def mean_std(values) -> str:
+  values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+  if not values:
+    return "-"
+  return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def table(runs: list[dict]) -> str:
+  """Markdown table, mean +/- std over seeds."""
+  head = ("| method | gold reward | RM reward | KL to SFT (nats) | win rate vs SFT | samples | grad steps | "
+          "PFLOPs |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+  lines = [head]
+  rows = [(LABELS[n], [r[n] for r in runs]) for n in ("sft",) + ARMS]
+  rows += [(f"best-of-{n} (SFT)", [r["bon"][n] for r in runs]) for n in TABLE_BON_NS]
+  for label, entries in rows:
+    get = lambda key: mean_std([e.get(key) for e in entries])  # noqa: E731
+    comp = lambda key, scale=1.0: mean_std([e.get("compute", {}).get(key, 0.0) * scale for e in entries])  # noqa: E731
+    samples = mean_std([e.get("compute", {}).get("compute/samples") or None for e in entries]) if "compute" in \
+        entries[0] else str(entries[0]["samples_per_prompt"]) + "/prompt"
+    lines.append(f"| {label} | {get('eval/gold_reward')} | {get('eval/rm_reward')} | {get('eval/kl')} | "
+                 f"{get('eval/win_rate_vs_sft')} | {samples} | {comp('compute/grad_steps')} | "
+                 f"{comp('compute/flops', 1e-15)} |")
+  return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: str) -> dict:
+  """Gold (solid) and RM (dashed) reward gain over SFT against sqrt(KL), with Gao et al.'s fits."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  colors = {"ppo": "tab:blue", "ppo_ptx": "tab:cyan", "rft_bon": "tab:green", "rft_rest": "tab:olive",
+            "bon": "tab:red"}
+  fits = {}
+  series = {}
+  for name in ARMS:
+    pts = [(math.sqrt(max(p["kl"], 0.0)), p["gold"] - run["sft"]["eval/gold_reward"], p["rm"])
+           for run in runs for p in run[name]["curve"]]
+    series[name] = pts
+  series["bon"] = [(math.sqrt(max(run["bon"][n]["eval/kl"], 0.0)),
+                    run["bon"][n]["eval/gold_reward"] - run["bon"][1]["eval/gold_reward"],
+                    run["bon"][n]["eval/rm_reward"] - run["bon"][1]["eval/rm_reward"]) for run in runs for n in BON_NS]
+  for name, pts in series.items():
+    if not pts:
+      continue
+    d, gold, rm = (np.array([p[i] if p[i] is not None else np.nan for p in pts], float) for i in range(3))
+    order = np.argsort(d)
+    label = "best-of-n (SFT)" if name == "bon" else LABELS[name]
+    ax.plot(d[order], gold[order], "o", color=colors[name], label=f"{label}: gold", alpha=0.8)
+    ax.plot(d[order], rm[order] * 0.1, "x", color=colors[name], alpha=0.5)
+    form = "bon" if name == "bon" else "rl"
+    if name in ("bon", "ppo") and len(d) >= 3:
+      a, b = fit_gao(d, gold, form)
+      fits[name] = {"form": "d(a - b d)" if form == "bon" else "d(a - b log d)", "a": a, "b": b}
+      grid = np.linspace(max(d.min(), 1e-3), d.max(), 100)
+      fit = grid * (a - b * (grid if form == "bon" else np.log(grid)))
+      ax.plot(grid, fit, "-", color=colors[name], lw=1.5, label=f"{label}: Gao fit {fits[name]['form']}")
+      a_rm, b_rm = fit_gao(d[~np.isnan(rm)], rm[~np.isnan(rm)] * 0.1, form)
+      ax.plot(grid, grid * (a_rm - b_rm * (grid if form == "bon" else np.log(grid))), "--", color=colors[name],
+              lw=1.2, label=f"{label}: RM reward x0.1 (fit)")
+  ax.axhline(0.0, color="grey", lw=0.5)
+  ax.set_xlabel("sqrt(KL to SFT)  [sqrt(nats)]")
+  ax.set_ylabel("gold reward gain over SFT (RM reward x0.1 dashed)")
+  ax.set_title("RL vs reward-filtered fine-tuning: gold (o) and proxy RM (x, dashed) reward")
+  ax.legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return fits
+
+
+def run_ablation(base: ConfigDict, workdir: str, seeds: int, preset: str, match: str) -> dict:
+  """Runs (or resumes) every seed, then writes ablation.json, .md and .png; returns the JSON content."""
+  os.makedirs(workdir, exist_ok=True)
+  runs = []
+  for seed in range(seeds):
+    sub = os.path.join(workdir, f"seed_{seed}")
+    config = arm_config(base, seed, preset, match)
+    print(f"[ablation] seed {seed}: {sub} (rft_bon {config.rft_bon.prompts_per_round} prompts/round, "
+          f"rft_rest {config.rft_rest.prompts_per_round})", flush=True)
+    pipeline.run(config, sub)
+    runs.append(collect(sub))
+  fits = plot(runs, os.path.join(workdir, "ablation.png"))
+  result = {"preset": preset, "match": match, "seeds": seeds, "runs": runs, "gao_fits": fits}
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  md = (f"# RL vs RFT ablation ({preset} preset, matched on {match}, {seeds} seeds, mean ± std)\n\n"
+        + table(runs) + "\n")
+  with open(os.path.join(workdir, "ablation.md"), "w") as f:
+    f.write(md)
+  print(md, flush=True)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  run_ablation(FLAGS.config, FLAGS.workdir, FLAGS.seeds, FLAGS.preset, FLAGS.match)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
