@@ -90,3 +90,18 @@ def test_iterated_config_rounds(rounds):
 def test_stage_helper_rejects_unknown_keys():
   with pytest.raises(ValueError, match="has no key 'kl'"):
     defaults.stage("ppo", kl=0.1)
+
+
+def test_rounds_table_reads_each_round_from_the_summary():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("rounds_table", ROOT / "experiments" / "rounds_table.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  summary = {"eval": {"sft/eval/gold_reward": 0.6, "ppo_1/eval/gold_reward": 0.8, "ppo_1/eval/kl": 4.0,
+                      "ppo_1/eval/win_rate_vs_sft": 0.7},
+             "ppo_1": {}, "reward_1": {"eval/rm_accuracy": 0.74},
+             "label_2": {"label/rm_accuracy": 0.58, "label/rm_gold_accuracy": 0.62,
+                         "label/labeler_gold_agreement": 0.74}}
+  lines = module.rounds_table(summary).splitlines()
+  assert len(lines) == 4
+  assert lines[3] == "| 1 | ppo_1 | 0.800 | 4.00 | 0.700 | 0.740 | 0.580 / 0.620 | 0.740 |"
