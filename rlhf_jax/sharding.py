@@ -7,11 +7,11 @@ axes. The mesh always has the axes ``data``, ``fsdp`` and ``tensor``.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -79,13 +79,13 @@ def _rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:
   return out
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Iterable[Sequence[Any]]) -> PartitionSpec:
-  """PartitionSpec for one array. A dimension that the mapped mesh axes do not divide stays
-  replicated (logged), so tiny test models still run on big meshes; a mesh axis is used once."""
+def _spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+          rules: Iterable[Sequence[Any]]) -> tuple[PartitionSpec, list[tuple[str, int, tuple[str, ...]]]]:
+  """(PartitionSpec, [(logical name, size, mesh axes)] of dimensions left replicated because the mesh axes
+  their rule names do not divide them)."""
   rule = _rules_dict(rules)
   used: set[str] = set()
-  spec = []
+  spec, indivisible = [], []
   for name, dim in zip(logical_axes, shape):
     axes = rule.get(name) if name is not None else None
     if axes is None:
@@ -96,12 +96,20 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     size = math.prod(mesh.shape[a] for a in axes_t)
     if not axes_t or dim % size:
       if axes_t:
-        logging.info("logical axis %r (size %d) not divisible by mesh axes %s: replicated", name, dim, axes_t)
+        indivisible.append((name, dim, axes_t))
       spec.append(None)
       continue
     used.update(axes_t)
     spec.append(axes_t[0] if len(axes_t) == 1 else axes_t)
-  return PartitionSpec(*spec)
+  return PartitionSpec(*spec), indivisible
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Iterable[Sequence[Any]]) -> PartitionSpec:
+  """PartitionSpec for one array. A dimension that the mapped mesh axes do not divide stays
+  replicated, so tiny test models still run on big meshes (``replicated_params`` lists them, and the
+  stage context logs and counts them once per run); a mesh axis is used once."""
+  return _spec(logical_axes, shape, mesh, rules)[0]
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Iterable[Sequence[Any]]) -> Any:
@@ -135,34 +143,120 @@ def init_sharded(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, mesh: M
   return graphdef, jax.jit(init, out_shardings=shardings)(key)
 
 
+def batch_axes(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that the ``batch`` rule splits rows over, e.g. ("data", "fsdp")."""
+  axes = _rules_dict(rules).get(BATCH)
+  if axes is None:
+    return ()
+  axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes_t if mesh.shape[a] > 1)
+
+
+def data_parallel_size(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> int:
+  """How many ways batch rows are split (data x fsdp with the default rules), over all processes."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
 def batch_sharding(mesh: Mesh, rules: Iterable[Sequence[Any]], ndim: int) -> NamedSharding:
   """Sharding of a batch array [B, ...]: rows split as the ``batch`` rule says, the rest replicated.
 
   A scalar (ndim 0) is replicated."""
   if ndim == 0:
     return NamedSharding(mesh, PartitionSpec())
-  axes = _rules_dict(rules).get(BATCH)
-  if axes is not None:
-    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
-    axes_t = tuple(a for a in axes_t if mesh.shape[a] > 1)
-    axes = None if not axes_t else (axes_t[0] if len(axes_t) == 1 else axes_t)
+  axes_t = batch_axes(mesh, rules)
+  axes = None if not axes_t else (axes_t[0] if len(axes_t) == 1 else axes_t)
   return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 
 
-def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Iterable[Sequence[Any]]) -> dict[str, jax.Array]:
-  """Places this process's rows of a batch on the mesh (multi-host safe).
+def rows_sharding(mesh: Mesh, rules: Iterable[Sequence[Any]], shape: Sequence[int]) -> NamedSharding:
+  """``batch_sharding`` for an array of ``shape``, replicated if the data-parallel size does not divide its
+  rows (a device-made batch with a fixed row count, e.g. PPO experience of 7 rollouts on 4-way data)."""
+  if len(shape) and shape[0] % data_parallel_size(mesh, rules):
+    return NamedSharding(mesh, PartitionSpec())
+  return batch_sharding(mesh, rules, len(shape))
 
-  Each host passes its own slice; the global batch is the concatenation over hosts.
+
+def local_row_multiple(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> int:
+  """How many distinct row blocks of a batch this process's devices hold (the data-parallel size on one
+  host); each process pads its rows to a multiple of this."""
+  dp = data_parallel_size(mesh, rules)
+  blocks = batch_sharding(mesh, rules, 1).addressable_devices_indices_map((dp,)).values()
+  return len({(s[0].start, s[0].stop) for s in blocks}) or 1
+
+
+def padded_rows(rows: int, multiple: int) -> int:
+  """``rows`` rounded up to a multiple of ``multiple`` (at least one block)."""
+  return max(-(-rows // multiple), 1) * multiple
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Pads the rows (axis 0) of every array of a host batch to a multiple of ``multiple``.
+
+  Padded rows are all zeros: every mask, loss mask and response mask is 0 there, so a loss or mean
+  normalised by a mask ignores them without knowing about padding (attention over a fully masked row
+  is finite). Scalars (ndim 0) are left alone. Returns ``(padded batch, valid [rows_padded] bool)``,
+  real rows first.
   """
-  rules = tuple(rules)
+  sizes = {len(np.asarray(v)) for v in batch.values() if np.ndim(v)}
+  if len(sizes) > 1:
+    raise ValueError(f"batch arrays differ in rows: { {k: np.shape(v) for k, v in batch.items()} }")
+  rows = sizes.pop() if sizes else 0
+  target = padded_rows(rows, multiple)
   out = {}
   for name, value in batch.items():
     value = np.asarray(value)
+    if value.ndim and target != rows:
+      value = np.concatenate([value, np.zeros((target - rows, *value.shape[1:]), value.dtype)])
+    out[name] = value
+  return out, np.arange(target) < rows
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Iterable[Sequence[Any]],
+              with_valid: bool = False) -> dict[str, jax.Array]:
+  """Places this process's rows of a host batch on the mesh: the one rule for every host batch.
+
+  Each host passes its own rows (the global batch is the concatenation over hosts, in process
+  order); they are padded with zero rows (``pad_batch``) to a multiple of this host's share of the
+  data-parallel size, so any row count fits any mesh. Masks are 0 on padded rows, so mask-normalised
+  losses ignore them; anything that averages or counts rows must read ``valid``: with
+  ``with_valid`` the result also holds ``"valid"`` [B_padded] int32 (1 = a real row).
+  """
+  rules = tuple(rules)
+  padded, valid = pad_batch(batch, local_row_multiple(mesh, rules))
+  if with_valid:
+    padded["valid"] = valid.astype(np.int32)
+  out = {}
+  for name, value in padded.items():
     sharding = batch_sharding(mesh, rules, value.ndim)
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
 
+def take_rows(tree: Any, valid: jax.Array, rows: int) -> Any:
+  """The ``rows`` real rows (in order) of every array [B_padded, ...] of a padded batch pytree; for use
+  under ``jit`` where a computation must see exactly the real rows (batch statistics, minibatch splits).
+  ``rows`` (static) must equal ``valid.sum()``."""
+  index = jnp.nonzero(valid, size=rows, fill_value=0)[0]
+  return jax.tree.map(lambda x: x[index], tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """A fully replicated sharding on ``mesh``."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def replicated_params(state: Any, mesh: Mesh, rules: Iterable[Sequence[Any]]) -> dict[str, str]:
+  """Arrays of an ``nnx`` state (abstract is fine) that stay replicated along a mesh axis their rules
+  name because it does not divide the dimension (e.g. 4 heads on tensor=8): path -> "name=size on axes"."""
+  rules = tuple(rules)
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    if not isinstance(leaf, nnx.Variable):
+      continue
+    axes = leaf.get_metadata().get("logical_axes")
+    if axes is None:
+      continue
+    _, indivisible = _spec(axes, leaf.get_value().shape, mesh, rules)
+    if indivisible:
+      found[jax.tree_util.keystr(path)] = ", ".join(f"{n}={d} on {'x'.join(a)}" for n, d, a in indivisible)
+  return found

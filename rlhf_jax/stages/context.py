@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Callable
 
@@ -51,6 +52,7 @@ class StageContext:
   workdir: str
   mesh: Mesh
   metrics: MetricsWriter
+  _reported: set = dataclasses.field(default_factory=set, init=False, repr=False)
 
   @property
   def rules(self) -> tuple:
@@ -140,13 +142,34 @@ class StageContext:
       raise StageError("no comparisons named: set the reward instance's 'comparisons' to label instance(s)")
     return ConcatSource([self.records(source + COMPARISONS_SUFFIX, split) for source in sources])
 
-  def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Places this host's rows of a batch on the mesh."""
-    return sharding.put_batch(batch, self.mesh, self.rules)
+  def put(self, batch: dict[str, np.ndarray], with_valid: bool = False) -> dict[str, jax.Array]:
+    """Places this host's rows of a batch on the mesh, padded with zero rows to fit the data axes.
+
+    Padded rows have every mask 0 (mask-normalised losses ignore them); per-row means and counts must
+    use ``valid`` (``with_valid=True`` adds it; ``real_rows`` drops padded rows on the host). See
+    ``sharding.put_batch``.
+    """
+    return sharding.put_batch(batch, self.mesh, self.rules, with_valid=with_valid)
+
+  @staticmethod
+  def real_rows(x: Any, valid: Any) -> np.ndarray:
+    """The real rows of a padded device array [B_padded, ...] as numpy (``valid`` from ``put``)."""
+    return np.asarray(x)[np.asarray(valid).astype(bool)]
+
+  @property
+  def data_parallel_size(self) -> int:
+    """Ways batch rows are split over the mesh (data x fsdp with the default rules)."""
+    return sharding.data_parallel_size(self.mesh, self.rules)
 
   def batch_shardings(self, batch: Any) -> Any:
-    """Shardings of a batch pytree (arrays or shape structs): rows split as the ``batch`` rule says."""
+    """Shardings of a host batch pytree (arrays or shape structs) as ``put`` places it: rows split as the
+    ``batch`` rule says (``put`` pads them to fit)."""
     return jax.tree.map(lambda x: sharding.batch_sharding(self.mesh, self.rules, x.ndim), batch)
+
+  def device_batch_shardings(self, batch: Any) -> Any:
+    """Shardings of a batch made on the device with a fixed row count (never padded): rows split as the
+    ``batch`` rule says where the data axes divide them, else replicated."""
+    return jax.tree.map(lambda x: sharding.rows_sharding(self.mesh, self.rules, x.shape), batch)
 
   def loader(self, source, batch_size: int) -> BatchLoader:
     """Deterministic, per-host batches of ``source`` seeded by the run's seed."""
@@ -185,7 +208,29 @@ class StageContext:
 
   def param_shardings(self, kind: str) -> dict:
     abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1]
+    self._report_replicated(kind, abstract)
     return state_lib.param_shardings(abstract, self.mesh, self.rules)
+
+  def _report_replicated(self, kind: str, abstract: nnx.State) -> None:
+    """Once per run and model kind: logs the parameters whose dimensions the mesh cannot split (e.g. 4
+    heads on tensor=8, which then stay replicated there) and records their count as the metrics row
+    ``stage="mesh"`` / ``summary.json["mesh"]``: ``mesh/replicated_params`` (and ``..._scalar`` for the
+    reward/value model), with the mesh shape, so a "tensor=8" run that really was replicated shows."""
+    if kind in self._reported:
+      return
+    self._reported.add(kind)
+    found = sharding.replicated_params(abstract, self.mesh, self.rules)
+    if found:
+      logging.warning("mesh %s cannot split %d %s parameter(s), replicated along those axes: %s",
+                      dict(self.mesh.shape), len(found), kind,
+                      "; ".join(f"{path} ({why})" for path, why in found.items()))
+    suffix = "" if kind == "lm" else f"_{kind}"
+    row = {f"mesh/replicated_params{suffix}": float(len(found)),
+           **{f"mesh/{axis}": float(size) for axis, size in self.mesh.shape.items()},
+           "mesh/data_parallel": float(self.data_parallel_size)}
+    if self.metrics is not None:  # None for commands outside a run (``rlhf-jax sample``)
+      self.metrics.write("mesh", 0, row)
+      self.metrics.write_summary("mesh", row)
 
   def graphdef(self, kind: str) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[0]

@@ -42,8 +42,10 @@ class PolicyEvaluator:
     prompts = [r["prompt"] for r in ctx.records("prompts", "test")]
     self.prompts = prompts[: cfg.num_prompts]
     batch, _ = batching.prompt_batch(ctx.tokenizer, self.prompts, ctx.config.data.prompt_len)
-    self.prompt = ctx.put(batch)
-    self.group = ctx.put({"group": np.arange(len(self.prompts), dtype=np.int32)})["group"]
+    # Padded to fit the mesh; every metric reads the real rows (``valid``) only.
+    self.prompt = ctx.put({**batch, "group": np.arange(len(self.prompts), dtype=np.int32)}, with_valid=True)
+    self.group = self.prompt["group"]
+    self.valid = np.asarray(self.prompt["valid"]).astype(bool)
     self.sampling = ctx.sampling(cfg)
     graphdef = ctx.graphdef("lm")
     self.rollout_fn = make_rollout_fn(graphdef, self.sampling)
@@ -55,9 +57,10 @@ class PolicyEvaluator:
     self.gold = GoldScorer(ctx.task)
 
   def rollout(self, params) -> tuple[Rollout, list[str]]:
-    """The policy's held-out rollout (same prompts and key for every policy) and its decoded responses."""
+    """The policy's held-out rollout (same prompts and key for every policy; padded rows included) and the
+    decoded responses of the real rows."""
     rollout = self.rollout_fn(params, self.prompt["tokens"], self.prompt["mask"], self.group, self.key)
-    return rollout, response_texts(self.ctx.tokenizer, rollout)
+    return rollout, [r for r, v in zip(response_texts(self.ctx.tokenizer, rollout), self.valid) if v]
 
   def lm_loss(self, params) -> float:
     """Mean next-token loss on held-out pretraining text (the alignment tax)."""
@@ -82,14 +85,15 @@ class PolicyEvaluator:
     baseline policy (for ``eval/win_rate_vs_sft``).
     """
     rollout, responses = self.rollout(params)
-    gold = self.gold(rollout, self.prompts, responses)
+    real = lambda x: self.ctx.real_rows(x, self.valid)  # noqa: E731
+    gold = self.gold(None, self.prompts, responses)
     metrics = {"eval/gold_reward": float(gold.mean()),
-               "eval/response_length": float(np.asarray(rollout.response_mask).sum(1).mean())}
+               "eval/response_length": float(real(rollout.response_mask).sum(1).mean())}
     rm = None
     if reference is not None:
-      metrics["eval/kl"] = float(np.asarray(self.kl_fn(params, reference, rollout)).mean())
+      metrics["eval/kl"] = float(real(self.kl_fn(params, reference, rollout)).mean())
     if reward is not None:
-      rm = np.asarray(reward(rollout))
+      rm = real(reward(rollout))
       metrics["eval/rm_reward"] = float(rm.mean())
     if baseline_gold is not None:
       wins = (gold > baseline_gold) + 0.5 * (gold == baseline_gold)

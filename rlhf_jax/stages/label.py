@@ -59,10 +59,12 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     chunk = prompts[start:start + per_batch]
     repeated, group = repeat_prompts(chunk, cfg.k)
     batch, _ = batching.prompt_batch(ctx.tokenizer, repeated, ctx.config.data.prompt_len)
-    batch = ctx.put({**batch, "group": group})
+    # Padded to fit the mesh; only the real rows' responses and scores are read.
+    batch = ctx.put({**batch, "group": group}, with_valid=True)
     rollout = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
-    responses = response_texts(ctx.tokenizer, rollout)
-    scores = np.asarray(scorer(rollout)) if scorer is not None else None
+    real = np.asarray(batch["valid"]).astype(bool)
+    responses = [r for r, v in zip(response_texts(ctx.tokenizer, rollout), real) if v]
+    scores = ctx.real_rows(scorer(rollout), real) if scorer is not None else None
     for i, prompt in enumerate(chunk):
       rows = slice(i * cfg.k, (i + 1) * cfg.k)
       ranking = ctx.task.rank(prompt, responses[rows], seed=rank_seed + start + i)

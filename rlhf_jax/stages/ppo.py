@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.algorithms import ppo
@@ -82,35 +83,54 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     return batching.lm_batch(tok, [text[int(i)]["text"] for i in text_loader.indices_for_step(step)],
                              ctx.config.data.seq_len)
 
+  # Prompts (and ptx rows) are padded to fit the mesh; the rollout's real rows are gathered right after
+  # sampling, so the experience, its batch statistics (whitening, means) and the minibatch split are
+  # those of exactly ``rows`` rows on any mesh (held replicated where the data axes do not divide them).
+  real_rows = sharding.rows_sharding(ctx.mesh, ctx.rules, (rows,))
+  compact = jax.jit(lambda r, valid: sharding.take_rows(r, valid, rows), out_shardings=real_rows)
+
   def collect(params, prompt, key, kl_coef):
-    """One iteration's experience: rollout -> truncation -> RM score -> experience."""
-    rollout = truncate(rollout_fn(params["policy"], prompt["tokens"], prompt["mask"], prompt["group"], key))
+    """One iteration's experience: rollout -> real rows -> truncation -> RM score -> experience."""
+    rollout = rollout_fn(params["policy"], prompt["tokens"], prompt["mask"], prompt["group"], key)
+    if rollout.prompt.shape[0] != rows:
+      rollout = compact(rollout, prompt["valid"])
+    rollout = truncate(rollout)
     exp, metrics = experience_fn(params["policy"], reference, params["value"], rollout, scorer(rollout), kl_coef)
     return rollout, exp, metrics
 
   def make_batch(step, state):
     texts, prompt, stats = host_prompts(step)
-    rollout, exp, rollout_metrics = collect(state.params, ctx.put(prompt), jax.random.fold_in(rollout_key, step),
-                                            state.scalars["kl_coef"])
+    rollout, exp, rollout_metrics = collect(state.params, ctx.put(prompt, with_valid=True),
+                                            jax.random.fold_in(rollout_key, step), state.scalars["kl_coef"])
     host = {k: float(v) for k, v in jax.device_get(rollout_metrics).items()}
     # The gold score is read for monitoring only; nothing trains on it.
     host["rollout/gold_score"] = float(gold(rollout, texts, response_texts(tok, rollout)).mean())
     batch = {"experience": exp, "kl": rollout_metrics["rollout/kl"], "ptx": None}
     if cfg.ptx_coef:
       ptx, ptx_stats = host_ptx(step)
-      batch["ptx"] = ctx.put(ptx)
+      batch["ptx"] = ctx.put(ptx, with_valid=True)
       stats = stats + ptx_stats
     host.update(truncation_metrics(stats))
     return batch, host
 
   # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.
-  example = host_prompts(0)[1]
+  example = {**host_prompts(0)[1], "valid": np.ones(rows, np.int32)}
   _, exp_shape, metrics_shape = jax.eval_shape(collect, state.params, example, rollout_key, state.scalars["kl_coef"])
   batch_shape = {"experience": exp_shape, "kl": metrics_shape["rollout/kl"],
-                 "ptx": host_ptx(0)[0] if cfg.ptx_coef else None}
+                 "ptx": {**host_ptx(0)[0], "valid": np.zeros(1, np.int32)} if cfg.ptx_coef else None}
   update = ppo.make_ppo_update(lm_graphdef, value_graphdef, policy_tx, value_tx, pcfg, value_mode)
-  step = state_lib.compile_step(ppo.make_ppo_step(update, cfg, rows), shardings, ctx.batch_shardings(batch_shape),
-                                None, ctx.mesh)
+  ppo_step = ppo.make_ppo_step(update, cfg, rows)
+
+  def step_fn(state, batch, frozen):
+    if batch["ptx"] is not None:  # the update splits ptx rows into minibatches: real rows only
+      ptx = dict(batch["ptx"])
+      batch = {**batch, "ptx": sharding.take_rows(ptx, ptx.pop("valid"), cfg.ptx_batch_size)}
+    return ppo_step(state, batch, frozen)
+
+  batch_shardings = {"experience": ctx.device_batch_shardings(exp_shape),
+                     "kl": ctx.device_batch_shardings(metrics_shape["rollout/kl"]),
+                     "ptx": ctx.batch_shardings(batch_shape["ptx"])}
+  step = state_lib.compile_step(step_fn, shardings, batch_shardings, None, ctx.mesh)
 
   evaluator = evaluation.PolicyEvaluator(ctx)
   baseline_gold = evaluation.load_gold(ctx, cfg.reference)

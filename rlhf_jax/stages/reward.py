@@ -91,19 +91,22 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
 
 
 def make_test_scorer(ctx, graphdef, test, to_batch, kind):
-  """``f(params) -> eval metrics`` on held-out data: pairwise accuracy against labels and against gold."""
+  """``f(params) -> eval metrics`` on held-out data: pairwise accuracy against labels and against gold.
+
+  The held-out rows are padded to fit the mesh; every metric reads the real rows only."""
   rows = [test[i] for i in range(len(test))]
-  batch, _ = to_batch(rows)
-  batch = ctx.put(batch)
+  host, _ = to_batch(rows)
+  batch = ctx.put(host, with_valid=True)
+  valid = batch.pop("valid")
   if kind == "comparisons":
     score = jax.jit(lambda p, b: comparison_rewards(graphdef, p, b))
     gold = [ctx.task.gold_scores([r["prompt"]] * len(r["responses"]), r["responses"]) for r in rows]
     labeler_vs_gold = pairwise_agreement(gold, [r["ranking"] for r in rows])
 
     def evaluate(params):
-      rewards = np.asarray(score(params, batch))
+      rewards = ctx.real_rows(score(params, batch), valid)
       rm_rankings = [list(np.argsort(-rewards[i, :len(r["responses"])], kind="stable")) for i, r in enumerate(rows)]
-      _, aux = losses.ranking_loss(jnp.asarray(rewards), batch["ranks"], batch["response_mask"])
+      _, aux = losses.ranking_loss(jnp.asarray(rewards), host["ranks"], host["response_mask"])
       return {"eval/rm_accuracy": float(aux["accuracy"]),
               "eval/rm_gold_accuracy": float(pairwise_agreement(gold, rm_rankings)),
               "eval/labeler_gold_agreement": float(labeler_vs_gold)}
@@ -111,9 +114,8 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
   score = jax.jit(lambda p, b: reward_scores(graphdef, p, b["tokens"], b["mask"]))
 
   def evaluate(params):
-    rewards = np.asarray(score(params, batch))
-    target = np.asarray(batch["score"])
-    return {"eval/rm_score_corr": float(np.corrcoef(rewards, target)[0, 1])}
+    rewards = ctx.real_rows(score(params, batch), valid)
+    return {"eval/rm_score_corr": float(np.corrcoef(rewards, host["score"])[0, 1])}
   return evaluate
 
 
@@ -125,12 +127,12 @@ def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float,
   reference, _ = ctx.load_params(cfg.reference, "lm")
   prompts = [r["prompt"] for r in ctx.records("prompts", "train")][: cfg.normalize_samples]
   batch, _ = batching.prompt_batch(ctx.tokenizer, prompts, ctx.config.data.prompt_len)
-  batch = ctx.put({**batch, "group": np.arange(len(prompts), dtype=np.int32)})
+  batch = ctx.put({**batch, "group": np.arange(len(prompts), dtype=np.int32)}, with_valid=True)
   # The reference policy's samples as the label stage draws them.
   labels = [ctx.config[n] for n in (cfg.comparisons or ()) if n in ctx.config and "sampling" in ctx.config[n]]
   sampling = ctx.sampling(labels[0]) if labels else ctx.sampling(ctx.config.evaluation)
   rollout = make_rollout_fn(ctx.graphdef("lm"), sampling)(reference, batch["tokens"], batch["mask"], batch["group"],
                                                            ctx.key("reward/normalize", instance.name))
-  rewards = RewardModelScorer(graphdef, params)(rollout)
-  gain, bias = losses.reward_normalisation(rewards, bias_only=cfg.normalize == "bias")
+  rewards = ctx.real_rows(RewardModelScorer(graphdef, params)(rollout), batch["valid"])
+  gain, bias = losses.reward_normalisation(jnp.asarray(rewards), bias_only=cfg.normalize == "bias")
   return float(gain), float(bias)
