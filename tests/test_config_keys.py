@@ -91,6 +91,11 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
   assert summary["rft"]["compute/grad_steps"] <= 4 and summary["rft"]["compute/samples"] == 2 * 4 * 2
   assert 0 < summary["rft"]["compute/tokens_generated"] <= 16 * c_sampled(config.rft)
   assert summary["bon"]["compute/samples"] == 4 * 2
+  assert summary["label"]["compute/samples"] == 8 * 2 and summary["label"]["compute/grad_steps"] == 0
+  assert summary["reward"]["compute/grad_steps"] == 4 and summary["reward"]["compute/samples"] == 8
+  ppo = config.ppo
+  assert summary["ppo"]["compute/samples"] == ppo.iterations * ppo.prompts_per_iteration
+  assert summary["ppo"]["compute/grad_steps"] == ppo.iterations * ppo.epochs * ppo.minibatches
   assert {"bon/2/gold_reward", "bon/2/kl_formula", "bon/2/kl_estimate"} <= set(summary["bon"])
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from rlhf_jax import rng
+from rlhf_jax import compute, rng
 from rlhf_jax.config_groups import sampling_config
 from rlhf_jax.data import batching, formats
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
@@ -53,7 +53,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   rollout_fn = make_rollout_fn(ctx.graphdef("lm"), ctx.sampling(cfg))
   scorer = evaluation.reward_scorer(ctx, cfg.reward) if cfg.reward else None
   key = ctx.key("label/samples", instance.name)
-  records, gold, rm = [], [], []
+  records, gold, rm, counts = [], [], [], compute.Counts()
   per_batch = max(cfg.batch_size // cfg.k, 1)
   for b, start in enumerate(range(0, len(prompts), per_batch)):
     chunk = prompts[start:start + per_batch]
@@ -63,6 +63,12 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     batch = ctx.put({**batch, "group": group}, with_valid=True)
     rollout = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
     real = np.asarray(batch["valid"]).astype(bool)
+    lengths = np.asarray(rollout.response_mask).sum(axis=1)[real]
+    counts += compute.rollout_counts(ctx.model_config, len(real), rollout.prompt_len, lengths,
+                                     rollout.response_len, samples=int(real.sum()))
+    if scorer is not None:
+      counts.flops += compute.sequence_flops(ctx.model_config, len(real), rollout.prompt_len + rollout.response_len,
+                                             lm_head=False)
     responses = [r for r, v in zip(response_texts(ctx.tokenizer, rollout), real) if v]
     scores = ctx.real_rows(scorer(rollout), real) if scorer is not None else None
     for i, prompt in enumerate(chunk):
@@ -81,7 +87,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   metrics = {"label/comparisons": float(len(records)), "label/k": float(cfg.k),
              "label/labeler_gold_agreement": float(pairwise_agreement(gold, rankings)),
              "label/sample_gold_mean": float(np.mean([g.mean() for g in gold])),
-             "label/distinct_fraction": float(distinct)}
+             "label/distinct_fraction": float(distinct), **counts.metrics()}
   if rm:
     metrics["label/rm_accuracy"] = float(pairwise_agreement(rm, rankings))
     metrics["label/rm_gold_accuracy"] = float(pairwise_agreement(gold, _rankings_of(rm)))

@@ -106,11 +106,16 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     # The gold score is read for monitoring only; nothing trains on it.
     host["rollout/gold_score"] = float(gold(rollout, texts, response_texts(tok, rollout)).mean())
     batch = {"experience": exp, "kl": rollout_metrics["rollout/kl"], "ptx": None}
+    ptx_shape = None
     if cfg.ptx_coef:
       ptx, ptx_stats = host_ptx(step)
       batch["ptx"] = ctx.put(ptx, with_valid=True)
       stats = stats + ptx_stats
+      ptx_shape = tuple(ptx["tokens"].shape)
     host.update(truncation_metrics(stats))
+    lengths = np.asarray(rollout.response_mask).sum(axis=1)
+    host.update(ppo.iteration_counts(ctx.model_config, pcfg, rows, rollout.prompt_len, lengths, value_mode,
+                                     ptx_shape).metrics())
     return batch, host
 
   # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.

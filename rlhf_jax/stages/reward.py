@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, state as state_lib
+from rlhf_jax import compute, losses, state as state_lib
 from rlhf_jax.algorithms.reward import (LOSSES, NORMALIZATIONS, comparison_rewards, fold_normalisation,
                                         make_reward_step)
 from rlhf_jax.data import batching
@@ -22,7 +22,7 @@ from rlhf_jax.rollout import make_rollout_fn
 from rlhf_jax.scoring import RewardModelScorer, reward_scores
 from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.stages.graph import KINDS
-from rlhf_jax.stages.loop import run_loop, truncation_metrics
+from rlhf_jax.stages.loop import run_loop, step_counts, truncation_metrics
 from rlhf_jax.tasks import pairwise_agreement
 
 
@@ -76,7 +76,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def make_batch(step, state):
     del state
     batch, stats = host_batch(step)
-    return ctx.put(batch), truncation_metrics(stats)
+    return ctx.put(batch), {**truncation_metrics(stats),
+                            **step_counts(ctx.model_config, batch, lm_head=False).metrics()}
 
   step_fn = make_reward_step(graphdef, tx, cfg.loss, cfg.margin, use_dropout=ctx.config.model.dropout > 0)
   step = state_lib.compile_step(step_fn, shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
@@ -84,10 +85,11 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   state, last_eval = run_loop(ctx, instance.name, state, shardings, step, make_batch, cfg.steps, cfg,
                               evaluate=lambda s, _: score_test(s.params["reward"]))
   params = state.params["reward"]
-  gain, bias = normalisation(ctx, instance, graphdef, params)
+  gain, bias, counts = normalisation(ctx, instance, graphdef, params)
   params = fold_normalisation(params, gain, bias)
   ctx.save_params(instance.name, params, {"gain": gain, "bias": bias})
-  return {**last_eval, "reward/gain": gain, "reward/bias": bias}
+  totals = {k: last_eval.get(k, 0.0) + v for k, v in counts.metrics().items()}
+  return {**last_eval, **totals, "reward/gain": gain, "reward/bias": bias}
 
 
 def make_test_scorer(ctx, graphdef, test, to_batch, kind):
@@ -119,11 +121,12 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
   return evaluate
 
 
-def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float, float]:
-  """(gain, bias) making the reference policy's responses score mean 0, std 1 on train prompts."""
+def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float, float, compute.Counts]:
+  """(gain, bias) making the reference policy's responses score mean 0, std 1 on train prompts, and the
+  compute of sampling and scoring them."""
   cfg = instance.section
   if cfg.normalize == "none":
-    return 1.0, 0.0
+    return 1.0, 0.0, compute.Counts()
   reference, _ = ctx.load_params(cfg.reference, "lm")
   prompts = [r["prompt"] for r in ctx.records("prompts", "train")][: cfg.normalize_samples]
   batch, _ = batching.prompt_batch(ctx.tokenizer, prompts, ctx.config.data.prompt_len)
@@ -135,4 +138,10 @@ def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float,
                                                            ctx.key("reward/normalize", instance.name))
   rewards = ctx.real_rows(RewardModelScorer(graphdef, params)(rollout), batch["valid"])
   gain, bias = losses.reward_normalisation(jnp.asarray(rewards), bias_only=cfg.normalize == "bias")
-  return float(gain), float(bias)
+  real = np.asarray(batch["valid"]).astype(bool)
+  counts = compute.rollout_counts(ctx.model_config, len(real), rollout.prompt_len,
+                                  np.asarray(rollout.response_mask).sum(axis=1)[real], rollout.response_len,
+                                  samples=int(real.sum()))
+  counts.flops += compute.sequence_flops(ctx.model_config, len(real), rollout.prompt_len + rollout.response_len,
+                                         lm_head=False)
+  return float(gain), float(bias), counts
