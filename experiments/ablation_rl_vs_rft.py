@@ -145,28 +145,33 @@ def fit_gao(d: np.ndarray, r: np.ndarray, form: str) -> tuple[float, float]:
   return float(a), float(b)
 
 
-def mean_std(values) -> str:
+def mean_std(values, digits: int = 3) -> str:
   values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
   if not values:
     return "-"
-  return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+  if np.std(values) == 0:
+    return f"{values[0]:.{digits}f}"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def table(runs: list[dict]) -> str:
   """Markdown table, mean +/- std over seeds."""
-  head = ("| method | gold reward | RM reward | KL to SFT (nats) | win rate vs SFT | samples | grad steps | "
-          "PFLOPs |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+  head = ("| method | gold reward | RM reward | KL to SFT (nats) | win rate vs SFT | samples drawn | grad steps | "
+          "TFLOPs |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
   lines = [head]
-  rows = [(LABELS[n], [r[n] for r in runs]) for n in ("sft",) + ARMS]
-  rows += [(f"best-of-{n} (SFT)", [r["bon"][n] for r in runs]) for n in TABLE_BON_NS]
-  for label, entries in rows:
+  for name in ("sft",) + ARMS:
+    entries = [r[name] for r in runs]
     get = lambda key: mean_std([e.get(key) for e in entries])  # noqa: E731
-    comp = lambda key, scale=1.0: mean_std([e.get("compute", {}).get(key, 0.0) * scale for e in entries])  # noqa: E731
-    samples = mean_std([e.get("compute", {}).get("compute/samples") or None for e in entries]) if "compute" in \
-        entries[0] else str(entries[0]["samples_per_prompt"]) + "/prompt"
-    lines.append(f"| {label} | {get('eval/gold_reward')} | {get('eval/rm_reward')} | {get('eval/kl')} | "
-                 f"{get('eval/win_rate_vs_sft')} | {samples} | {comp('compute/grad_steps')} | "
-                 f"{comp('compute/flops', 1e-15)} |")
+    comp = lambda key, scale=1.0, digits=0: mean_std(  # noqa: E731
+        [e["compute"].get(key, 0.0) * scale for e in entries], digits)
+    lines.append(f"| {LABELS[name]} | {get('eval/gold_reward')} | {get('eval/rm_reward')} | {get('eval/kl')} | "
+                 f"{get('eval/win_rate_vs_sft')} | {comp('compute/samples')} | {comp('compute/grad_steps')} | "
+                 f"{comp('compute/flops', 1e-12, 2)} |")
+  for n in TABLE_BON_NS:
+    entries = [r["bon"][n] for r in runs]
+    get = lambda key: mean_std([e.get(key) for e in entries])  # noqa: E731
+    lines.append(f"| best-of-{n} of SFT (KL formula; estimate {get('kl_estimate')}) | {get('eval/gold_reward')} | "
+                 f"{get('eval/rm_reward')} | {get('eval/kl')} | - | {n} per prompt | 0 | - |")
   return "\n".join(lines)
 
 
@@ -181,8 +186,9 @@ def plot(runs: list[dict], path: str) -> dict:
   fits = {}
   series = {}
   for name in ARMS:
-    pts = [(math.sqrt(max(p["kl"], 0.0)), p["gold"] - run["sft"]["eval/gold_reward"], p["rm"])
-           for run in runs for p in run[name]["curve"]]
+    # Every arm starts at the SFT policy: KL 0, no gain.
+    pts = [(0.0, 0.0, 0.0)] + [(math.sqrt(max(p["kl"], 0.0)), p["gold"] - run["sft"]["eval/gold_reward"],
+                                p["rm"] - run["sft"]["eval/rm_reward"]) for run in runs for p in run[name]["curve"]]
     series[name] = pts
   series["bon"] = [(math.sqrt(max(run["bon"][n]["eval/kl"], 0.0)),
                     run["bon"][n]["eval/gold_reward"] - run["bon"][1]["eval/gold_reward"],

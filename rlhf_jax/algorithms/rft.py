@@ -26,7 +26,8 @@ def rft_config() -> ConfigDict:
                       rounds=4, prompts_per_round=64, samples_per_prompt=8, sampling=sampling_config(),
                       selection="best_of_n", threshold_start=0.0, threshold_step=0.25, top_fraction=0.125,
                       kl_beta=0.1, improve_passes=1, improve_steps=20, batch_size=16,
-                      optimizer=optimizer_config(1e-3, schedule="constant")))
+                      # PPO's policy learning rate, so the two arms of an ablation differ in the method only.
+                      optimizer=optimizer_config(3e-4, schedule="constant")))
   c.update(checkpoint_config(20, log_every=5, eval_every=0).to_dict())
   return c
 
