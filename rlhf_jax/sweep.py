@@ -137,8 +137,9 @@ class Sweep:
   def storage(self):
     import optuna
     # A trial of a dead worker goes back to the queue with the same parameters (and resumes its workdir).
-    return optuna.storages.RDBStorage(self.storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+    return optuna.storages.RDBStorage(
+        self.storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
 
   def sampler(self):
     import optuna
