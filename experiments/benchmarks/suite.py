@@ -36,6 +36,7 @@ class Env:
   rules: tuple
   peak_gflops: float | None = None
   mem_gbps: float | None = None
+  inits: dict = dataclasses.field(default_factory=dict)
 
   @property
   def model(self) -> DecoderConfig:
@@ -47,11 +48,23 @@ def make_env(size: Size, reps: int) -> Env:
   return Env(size=size, reps=reps, mesh=mesh, rules=shd.DEFAULT_RULES)
 
 
-def init_params(env: Env, make: Callable[[nnx.Rngs], nnx.Module], seed: int) -> tuple[nnx.GraphDef, dict, dict]:
-  """Sharded init of a module -> (graphdef, params as a plain dict, their shardings)."""
-  graphdef, params = shd.init_sharded(make, jax.random.key(seed), env.mesh, env.rules)
-  abstract = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[1]
-  return graphdef, params.to_pure_dict(), state_lib.param_shardings(abstract, env.mesh, env.rules)
+def init_params(env: Env, make: Callable[[nnx.Rngs], nnx.Module], seed: int,
+                kind: str | None = None) -> tuple[nnx.GraphDef, dict, dict]:
+  """Sharded init of a module -> (graphdef, params as a plain dict, their shardings).
+
+  With ``kind`` the first init of that kind is kept and later calls get a copy: on a GPU the jitted
+  init of a 350M model compiles for ~70 s, more than the benchmarks it feeds.
+  """
+  if kind not in env.inits:
+    graphdef, params = shd.init_sharded(make, jax.random.key(seed), env.mesh, env.rules)
+    abstract = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[1]
+    env.inits[kind] = graphdef, params.to_pure_dict(), state_lib.param_shardings(abstract, env.mesh, env.rules)
+  graphdef, params, shardings = env.inits[kind]
+  if kind is None:
+    del env.inits[None]
+    return graphdef, params, shardings
+  # A copy: train states donate their params.
+  return graphdef, jax.tree.map(jnp.copy, params), shardings
 
 
 def count_params(params: Any) -> int:
@@ -118,7 +131,7 @@ def mem_bandwidth(env: Env) -> Record:
 def generate(env: Env) -> Record:
   """``make_sampler``: prefill + exactly ``gen_new`` sampled tokens per prompt (temperature 1, no EOS stop)."""
   s = env.size
-  graphdef, params, _ = init_params(env, lambda r: Decoder(env.model, rngs=r), 0)
+  graphdef, params, _ = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
   prompt = put_batch(env, random_tokens(env, (s.gen_batch, s.gen_prompt), 1))
   mask = put_batch(env, np.ones((s.gen_batch, s.gen_prompt), np.int32))
   sampler = generate_lib.make_sampler(graphdef, SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, stop_at_eos=False))
@@ -157,7 +170,7 @@ def _train(env: Env, step, state, shardings, batch) -> dict[str, float]:
 def sft_step(env: Env) -> Record:
   """``make_lm_step`` + ``compile_step``: one AdamW step (lr 1e-4, wd 0, no clip) on sft_batch x sft_len tokens."""
   s = env.size
-  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0)
+  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
   tx = optimizer(1e-4, 0.0)
   state, state_sh = state_lib.create_train_state({"policy": params}, {"policy": tx}, {"policy": shardings},
                                                  env.mesh, seed=0)
@@ -181,7 +194,7 @@ def reward_step(env: Env) -> Record:
   [2 * rm_pairs, rm_len] forward."""
   s = env.size
   graphdef, params, shardings = init_params(
-      env, lambda r: ScalarModel(env.model, reward_head_std(env.model), rngs=r), 0)
+      env, lambda r: ScalarModel(env.model, reward_head_std(env.model), rngs=r), 0, "rm")
   tx = optimizer(1e-5, 1.0)
   state, state_sh = state_lib.create_train_state({"reward": params}, {"reward": tx}, {"reward": shardings},
                                                  env.mesh, seed=0)
@@ -243,11 +256,14 @@ def rl_iter(env: Env, value_mode: str = "separate") -> Record:
   calls (value is 0 with a shared value head).
   """
   s, cfg = env.size, env.model
-  lm_gd, policy, policy_sh = init_params(env, lambda r: Decoder(cfg, rngs=r), 0)
+  lm_gd, policy, policy_sh = init_params(env, lambda r: Decoder(cfg, rngs=r), 0, "lm")
   ref = jax.tree.map(jnp.copy, policy)
-  sc_gd, reward, _ = init_params(env, lambda r: ScalarModel(cfg, reward_head_std(cfg), rngs=r), 1)
+  sc_gd, reward, rm_sh = init_params(env, lambda r: ScalarModel(cfg, reward_head_std(cfg), rngs=r), 1, "rm")
   if value_mode == "separate":
-    _, value, value_sh = init_params(env, lambda r: ScalarModel(cfg, 0.0, rngs=r), 2)
+    # A value model as PPO starts one from the reward model: its trunk, a zero head.
+    value = {**jax.tree.map(jnp.copy, reward), "head": jnp.zeros_like(reward["head"]),
+             "head_bias": jnp.zeros_like(reward["head_bias"])}
+    value_sh = rm_sh
   else:
     rep = shd.replicated(env.mesh)
     value = jax.device_put(library.ppo("value_head_params")(cfg), rep)
