@@ -22,14 +22,14 @@ def optimizer_config(lr: float, warmup_steps: int = 0, schedule: str = "cosine",
 def sampling_config(max_new_tokens: int = 24, temperature: float = 1.0) -> ConfigDict:
   """Sampler settings (read by ``sampling_from_config``)."""
   return ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
-                         greedy=False, stop_at_eos=True))
+                         greedy=False, stop_at_eos=True, method="inverse_cdf"))
 
 
 def sampling_from_config(group: ConfigDict, eos_id: int, pad_id: int) -> SamplingConfig:
   """A ``SamplingConfig`` from a ``sampling`` config group and the tokenizer's EOS and padding ids."""
   return SamplingConfig(max_new_tokens=group.max_new_tokens, temperature=group.temperature, top_k=group.top_k,
                         top_p=group.top_p, greedy=group.greedy, stop_at_eos=group.stop_at_eos, eos_id=eos_id,
-                        pad_id=pad_id)
+                        pad_id=pad_id, method=group.method)
 
 
 def checkpoint_config(checkpoint_every: int, log_every: int = 50, eval_every: int = 0) -> ConfigDict:

@@ -21,9 +21,18 @@ from rlhf_jax.models import Decoder, init_cache
 Array = jax.Array
 
 
+SAMPLING_METHODS = ("inverse_cdf", "gumbel")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How to sample: ``temperature`` 0 or ``greedy`` picks the argmax; ``top_k`` 0 and ``top_p`` 1 are off."""
+  """How to sample: ``temperature`` 0 or ``greedy`` picks the argmax; ``top_k`` 0 and ``top_p`` 1 are off.
+
+  ``method`` draws from the same distribution either way: ``"inverse_cdf"`` (one uniform per row; the
+  fastest on CPU) or ``"gumbel"`` (Gumbel-max, V uniforms per row). A token of inverse-CDF sampling flips
+  when float noise moves any CDF boundary past the row's uniform, Gumbel-max only at a near tie of the top
+  candidates, so runs on different meshes or hardware agree far more often with ``"gumbel"``.
+  """
 
   max_new_tokens: int
   temperature: float = 1.0
@@ -33,6 +42,7 @@ class SamplingConfig:
   stop_at_eos: bool = True
   eos_id: int = 3
   pad_id: int = 0
+  method: str = "inverse_cdf"
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -43,6 +53,8 @@ class SamplingConfig:
       raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+    if self.method not in SAMPLING_METHODS:
+      raise ValueError(f"sampling.method must be one of {SAMPLING_METHODS}, got {self.method!r}")
 
   @property
   def is_greedy(self) -> bool:
@@ -99,6 +111,8 @@ def _pick(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]
   log_probs = sampling_log_probs(logits, cfg)
   if cfg.is_greedy:
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  elif cfg.method == "gumbel":
+    token = jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)
   else:
     token = inverse_cdf_sample(key, log_probs)
   return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
