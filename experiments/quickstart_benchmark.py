@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
   summary = pipeline.run(config, workdir)
   result = {"benchmark": "quickstart", "seed": config.seed, "workdir": workdir,
             "wall_seconds": round(time.time() - start, 1),
-            "stage_seconds": {k: v.get("time/stage_seconds") for k, v in summary.items()},
+            "stage_seconds": {k: v["time/stage_seconds"] for k, v in summary.items() if "time/stage_seconds" in v},
             "eval": summary.get("eval", {}),
             "rm_accuracy": summary.get("reward", {}).get("eval/rm_accuracy"),
             "labeler_gold_agreement": summary.get("reward", {}).get("eval/labeler_gold_agreement")}
