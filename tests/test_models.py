@@ -38,6 +38,17 @@ def test_left_padding_gives_unpadded_logits(flavour):
     np.testing.assert_allclose(logits[i, 10 - len(row):], alone[0], atol=2e-5)
 
 
+def decode_incrementally(model, cfg, tokens, mask, extra):
+  """Logits of a prefill of ``tokens`` then of ``extra`` [B, n] decoded one token at a time; and the cache."""
+  cache = init_cache(cfg, tokens.shape[0], 16)
+  prefill, cache = model(tokens, mask, cache)
+  steps = [prefill]
+  for t in range(extra.shape[1]):
+    out, cache = model(extra[:, t:t + 1], jnp.ones((tokens.shape[0], 1), jnp.int32), cache)
+    steps.append(out)
+  return jnp.concatenate(steps, axis=1), cache
+
+
 @pytest.mark.parametrize("flavour,scan", [("gpt2", False), ("llama", False), ("llama", True)])
 def test_cached_decoding_matches_full_forward(flavour, scan):
   cfg = tiny(flavour, scan_layers=scan)
@@ -48,13 +59,7 @@ def test_cached_decoding_matches_full_forward(flavour, scan):
   full_tokens = jnp.concatenate([tokens, extra], axis=1)
   full_mask = jnp.concatenate([mask, jnp.ones((3, 5), jnp.int32)], axis=1)
   reference, _ = model(full_tokens, full_mask)
-  cache = init_cache(cfg, 3, 16)
-  prefill, cache = model(tokens, mask, cache)
-  steps = [prefill]
-  for t in range(5):
-    out, cache = model(extra[:, t:t + 1], jnp.ones((3, 1), jnp.int32), cache)
-    steps.append(out)
-  incremental = jnp.concatenate(steps, axis=1)
+  incremental, cache = decode_incrementally(model, cfg, tokens, mask, extra)
   real = np.asarray(full_mask, bool)
   np.testing.assert_allclose(np.asarray(incremental)[real], np.asarray(reference)[real], atol=5e-5)
   assert int(cache.index) == 15
@@ -129,13 +134,7 @@ def test_bfloat16_logits_are_float32_and_cache_matches_full_pass(flavour):
   full_tokens = jnp.concatenate([tokens, extra], axis=1)
   full_mask = jnp.concatenate([mask, jnp.ones((3, 6), jnp.int32)], axis=1)
   full, _ = model(full_tokens, full_mask)
-  cache = init_cache(cfg, 3, 16)
-  prefill, cache = model(tokens, mask, cache)
-  steps = [prefill]
-  for t in range(5):
-    out, cache = model(extra[:, t:t + 1], jnp.ones((3, 1), jnp.int32), cache)
-    steps.append(out)
-  cached = jnp.concatenate(steps, axis=1)  # logits for positions 0 .. 14
+  cached, _ = decode_incrementally(model, cfg, tokens, mask, extra[:, :5])  # logits for positions 0 .. 14
   targets = full_tokens[:, 1:]
   lp_full = jnp.take_along_axis(jax.nn.log_softmax(full[:, :-1]), targets[..., None], -1)[..., 0]
   lp_cached = jnp.take_along_axis(jax.nn.log_softmax(cached), targets[..., None], -1)[..., 0]
