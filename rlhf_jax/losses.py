@@ -27,12 +27,14 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     (no context) is 0.
   """
   # Upcast before normalising: bf16 log_softmax loses ~2 digits per token.
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = tokens[:, 1:]
+  logits = logits.astype(jnp.float32)
+  # Shift the [B, T] targets and results rather than slicing the [B, T, V] logits (a full copy, forward and
+  # backward); the last column's normaliser is computed and dropped.
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   # picked - logsumexp == log_softmax gathered, without an extra [B, T, V] array.
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logp = picked - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.pad(logp, ((0, 0), (1, 0)))
+  return jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))
 
 
 def next_token_loss(
