@@ -28,6 +28,9 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from rlhf_jax import compute, defaults, pipeline
+from rlhf_jax.algorithms import ppo as ppo_lib
+from rlhf_jax.algorithms import rft as rft_lib
+from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models import DecoderConfig
 
@@ -51,20 +54,17 @@ def model_of(config: ConfigDict) -> DecoderConfig:
 
 
 def ppo_flops_per_sample(config: ConfigDict, ppo: ConfigDict) -> float:
-  """Estimated FLOPs per PPO sample: generation, 4 scoring passes (policy, reference, value, RM), and
-  ``epochs`` training passes of policy and value (x3 each), at full response length."""
-  m, p, n = model_of(config), config.data.prompt_len, ppo.sampling.max_new_tokens
-  gen = compute.generation_flops(m, 1, p, n - 1, p + n - 1)
-  lm, scalar = compute.sequence_flops(m, 1, p + n), compute.sequence_flops(m, 1, p + n, lm_head=False)
-  value = scalar if ppo.value_init != "shared" else 0.0
-  return gen + 2 * lm + value + scalar + ppo.epochs * 3 * (lm + value)
+  """Estimated FLOPs per PPO sample (the ppo stage's own accounting) at full response length."""
+  n = ppo.sampling.max_new_tokens
+  pcfg = ppo_lib.PPOConfig.from_mapping(ppo, SamplingConfig(max_new_tokens=n))
+  value_mode = "shared" if ppo.value_init == "shared" else "separate"
+  return ppo_lib.iteration_counts(model_of(config), pcfg, 1, config.data.prompt_len, [n], value_mode).flops
 
 
 def rft_flops(config: ConfigDict, rft: ConfigDict) -> float:
   """Estimated FLOPs of an RFT instance: samples (generation, RM, 2 log-prob passes) and SFT steps."""
   m, p, n = model_of(config), config.data.prompt_len, rft.sampling.max_new_tokens
-  per_sample = (compute.generation_flops(m, 1, p, n - 1, p + n - 1) + compute.sequence_flops(m, 1, p + n, False)
-                + 2 * compute.sequence_flops(m, 1, p + n))
+  per_sample = compute.generation_flops(m, 1, p, n - 1, p + n - 1) + rft_lib.scoring_flops(m, 1, p + n)
   samples = rft.rounds * rft.prompts_per_round * rft.samples_per_prompt
   steps = rft.rounds * rft.improve_passes * rft.improve_steps
   return samples * per_sample + steps * compute.sequence_flops(m, rft.batch_size, p + n, train=True)

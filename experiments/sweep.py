@@ -31,7 +31,7 @@ def main(argv):
   extra = argv[1:]
   sweep = Sweep(FLAGS.config, FLAGS.workdir, FLAGS.storage, extra)
   if FLAGS.worker >= 0:
-    sweep.work(FLAGS.worker, worker_env(FLAGS.worker, FLAGS.parallel))
+    sweep.work(worker_env(FLAGS.worker, FLAGS.parallel))
     return 0
   sweep.recover()
   print(f"[sweep] {sweep.n_trials()} trials, {sweep.remaining()} to go; shared upstream: {sweep.upstream}", flush=True)

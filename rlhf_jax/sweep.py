@@ -234,7 +234,7 @@ class Sweep:
       raise RuntimeError(f"metric {self.sweep['metric']} is not in {workdir}/summary.json")
     value = float(summary[instance][metric])
     trial.set_user_attr("summary", {k: v for k, v in summary.get(instance, {}).items()
-                                    if isinstance(v, (int, float)) and "/eval/" in k or k.startswith("eval/")})
+                                    if isinstance(v, (int, float)) and ("/eval/" in k or k.startswith("eval/"))})
     return value
 
   def recover(self) -> None:
@@ -246,7 +246,7 @@ class Sweep:
       time.sleep(GRACE_S + 1)
       optuna.storages.fail_stale_trials(study)
 
-  def work(self, worker: int = 0, env: Mapping[str, str] | None = None) -> None:
+  def work(self, env: Mapping[str, str] | None = None) -> None:
     """One worker: takes trials until the study has ``n_trials`` finished ones."""
     import optuna
     from optuna.study import MaxTrialsCallback

@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 from ml_collections import ConfigDict
 
+from rlhf_jax import compute
 from rlhf_jax.config_groups import checkpoint_config, optimizer_config, sampling_config
+from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl import selection
 
 
@@ -57,6 +59,12 @@ def select(cfg, scores: np.ndarray, group: np.ndarray, log_ratio: np.ndarray, ro
   if rule == "kl_aware":
     return selection.kl_aware(scores, log_ratio, group, cfg.kl_beta)
   raise ValueError(f"rft.selection must be one of {selection.RULES}, got {rule!r}")
+
+
+def scoring_flops(model_cfg: DecoderConfig, rows: int, width: int) -> float:
+  """FLOPs of scoring grown samples [rows, width]: one RM pass and two log-prob passes (policy, reference)."""
+  return (compute.sequence_flops(model_cfg, rows, width, lm_head=False)
+          + 2 * compute.sequence_flops(model_cfg, rows, width))
 
 
 def sft_rows(prompt: np.ndarray, prompt_mask: np.ndarray, response: np.ndarray,

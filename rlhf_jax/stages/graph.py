@@ -89,10 +89,6 @@ def instances(config: ConfigDict) -> dict[str, Instance]:
   return found
 
 
-def produces(instance: Instance) -> str | None:
-  return instance.kind.produces
-
-
 def check_inputs(config: ConfigDict) -> dict[str, Instance]:
   """Validates every instance's inputs (they name instances of the right kind); returns ``instances``."""
   known = instances(config)
@@ -103,8 +99,8 @@ def check_inputs(config: ConfigDict) -> dict[str, Instance]:
         raise ConfigError(f"config.{inst.name}.{key} is empty; it must name a {what} instance")
       for name in names:
         allowed = inst.kind.accepts.get(key, (what,))
-        if name not in known or produces(known[name]) not in allowed:
-          options = sorted(n for n, i in known.items() if produces(i) in allowed)
+        if name not in known or known[name].kind.produces not in allowed:
+          options = sorted(n for n, i in known.items() if i.kind.produces in allowed)
           raise ConfigError(f"config.{inst.name}.{key} = {name!r} names no {' or '.join(allowed)} instance; "
                             f"known: {options}")
   return known

@@ -21,7 +21,7 @@ from rlhf_jax.models import reward_head_std
 from rlhf_jax.rollout import make_rollout_fn
 from rlhf_jax.scoring import RewardModelScorer, reward_scores
 from rlhf_jax.stages.context import StageContext, StageError
-from rlhf_jax.stages.graph import KINDS
+from rlhf_jax.stages.graph import KINDS, REWARD
 from rlhf_jax.stages.loop import run_loop, step_counts, truncation_metrics
 from rlhf_jax.tasks import pairwise_agreement
 
@@ -30,7 +30,7 @@ def init_reward_params(ctx: StageContext, instance) -> dict:
   """Scalar-model params: continue a reward instance, or a policy's trunk with a fresh head, or random."""
   cfg = instance.section
   source = cfg.init_from
-  if source and ctx.config[source].kind in {k.name for k in KINDS.values() if k.produces == "reward"}:
+  if source and KINDS[ctx.config[source].kind].produces == REWARD:
     return ctx.load_params(source, "scalar")[0]
   std = cfg.head_std if cfg.head_std >= 0 else reward_head_std(ctx.model_config)
   _, params, _ = ctx.init_model("scalar", ctx.key("init/reward", instance.name), head_std=std)

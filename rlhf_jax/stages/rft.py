@@ -98,9 +98,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       counts += compute.rollout_counts(model_cfg, len(lengths[rows]), data["prompt"].shape[1], lengths[rows],
                                        sampling.max_new_tokens)
     width = data["prompt"].shape[1] + data["response"].shape[1]
-    # Scoring: one RM pass and two log-prob passes (policy, reference) over every sample.
-    counts.flops += compute.sequence_flops(model_cfg, len(lengths), width, lm_head=False)
-    counts.flops += 2 * compute.sequence_flops(model_cfg, len(lengths), width)
+    counts.flops += rft.scoring_flops(model_cfg, len(lengths), width)
     metrics = {"rollout/rm_score": float(data["score"].mean()), "rollout/gold_score": float(data["gold"].mean()),
                "rollout/kl": float(data["log_ratio"].mean()),
                "rollout/response_length": float(lengths.mean()), **counts.metrics()}
