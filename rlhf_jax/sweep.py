@@ -251,9 +251,17 @@ class Sweep:
     import optuna
     from optuna.study import MaxTrialsCallback
     study = self.study()
-    study.optimize(lambda t: self.objective(t, env), callbacks=[
-        MaxTrialsCallback(self.n_trials(), states=(optuna.trial.TrialState.COMPLETE,))],
-        catch=(RuntimeError,), n_trials=self.n_trials() * 4)
+    for _ in range(3):
+      try:
+        study.optimize(lambda t: self.objective(t, env), callbacks=[
+            MaxTrialsCallback(self.n_trials(), states=(optuna.trial.TrialState.COMPLETE,))],
+            catch=(RuntimeError,), n_trials=self.n_trials() * 4)
+        return
+      except ValueError as e:
+        # A live trial whose heartbeat looked stale on a starved machine was failed and re-queued by
+        # another worker; its finished workdir makes the retry immediate, so carry on.
+        if "Cannot tell" not in str(e):
+          raise
 
   def remaining(self) -> int:
     import optuna
