@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from rlhf_jax.algorithms.dpo import dpo_config
 from rlhf_jax.algorithms.lm import pretrain_config, sft_config
 from rlhf_jax.algorithms.ppo import ppo_config
 from rlhf_jax.algorithms.reward import reward_config
@@ -29,7 +30,7 @@ DEFAULT_STAGES = ("tokenizer", "pretrain", "sft", "label", "reward", "ppo", "eva
 # Kind -> its default instance section.
 KIND_CONFIGS = {"tokenizer": tokenizer_config, "pretrain": pretrain_config, "sft": sft_config,
                 "label": label_config, "reward": reward_config, "ppo": ppo_config, "eval": eval_config,
-                "rft": rft_config, "best_of_n": best_of_n_config}
+                "rft": rft_config, "best_of_n": best_of_n_config, "dpo": dpo_config}
 
 MODEL_PRESETS = {
     # Fast enough for tests and the 5-minute CPU quickstart.

@@ -29,6 +29,8 @@ STREAMS = {
     "rft/samples": "an RFT round's samples, folded with round and batch",
     "rft/batches": "which selected samples each RFT step trains on (numpy, per step)",
     "bon/samples": "best-of-n evaluation samples",
+    "dpo/samples": "online DPO's k samples per prompt, folded with the step",
+    "dpo/rank": "online DPO's labeler noise (numpy, per step)",
     "sample": "the `rlhf-jax sample` subcommand, folded with --seed",
 }
 

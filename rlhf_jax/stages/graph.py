@@ -53,6 +53,9 @@ KINDS = {k.name: k for k in (
     StageKind("ppo", POLICY, {"policy": POLICY, "reference": POLICY, "reward": REWARD}),
     StageKind("rft", POLICY, {"policy": POLICY, "reference": POLICY, "reward": REWARD}),
     StageKind("best_of_n", None, {"policy": POLICY, "reward": REWARD}),
+    # reference "" = the policy input; reward: the online ranker (ranker="rm") and eval/rm_reward.
+    StageKind("dpo", POLICY, {"policy": POLICY, "reference": POLICY, "comparisons": COMPARISONS, "reward": REWARD},
+              optional=("reference", "comparisons", "reward")),
     StageKind("eval", None, {"policies": POLICY, "reference": POLICY, "baseline": POLICY, "reward": REWARD},
               optional=("policies", "reference", "baseline", "reward")),
 )}

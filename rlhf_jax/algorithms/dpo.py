@@ -1,0 +1,157 @@
+"""Direct preference optimisation: the dpo stage kind's config keys, its train step and its batches.
+
+A DPO batch is a K-wise comparison batch (``data.batching.comparison_batch``):
+``tokens``, ``mask`` [B, K, P + R] (left-padded prompt, right-padded response),
+``response_mask`` [B, K] (1 = a real response; K may vary per prompt) and
+``ranks`` [B, K] (0 = best). Offline the rows come from label instances'
+comparisons; online they are k samples per prompt of the current policy
+(``online_batch`` from rollout rows), ranked by the reward model or the task's
+labelers. The step computes each response's log-ratio to the frozen reference
+(``rollout.response_log_probs``, the one definition of a policy's log-probs)
+and takes one optimizer step on the DPO or IPO loss of every ranked pair
+(``rlhf_jax.rl.dpo``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from rlhf_jax import compute
+from rlhf_jax.config_groups import loop_config, sampling_config
+from rlhf_jax.generate import SamplingConfig
+from rlhf_jax.models import DecoderConfig
+from rlhf_jax.rl import dpo as dpo_math
+from rlhf_jax.rollout import Rollout, response_log_probs
+from rlhf_jax.state import TrainState
+
+RANKERS = ("rm", "labeler")
+
+
+def dpo_config() -> ConfigDict:
+  """Keys of a ``dpo`` instance.
+
+  Inputs: ``policy`` (the initial policy), ``reference`` (the frozen policy of the log-ratios and the
+  win-rate baseline; "" = the ``policy`` input), ``comparisons`` (label instances: offline training
+  data and held-out preference accuracy; may be empty online), ``reward`` (a reward-model instance:
+  the online ranker with ``ranker="rm"``, and ``eval/rm_reward``; may be empty).
+  ``batch_size`` counts prompts (each with its K ranked responses) per step.
+  """
+  c = loop_config(steps=200, batch_size=16, lr=1e-4, log_every=10)
+  c.optimizer.schedule = "constant"
+  c.update(dict(kind="dpo", policy="sft", reference="sft", comparisons=("label",), reward="",
+                loss="dpo", beta=0.1, label_smoothing=0.0, average_log_probs=False,
+                online=False, ranker="rm", samples_per_prompt=2, sampling=sampling_config(), eval_every=50))
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+  """The loss of a dpo instance (see ``rlhf_jax.rl.dpo``)."""
+
+  beta: float = 0.1
+  loss: str = "dpo"
+  label_smoothing: float = 0.0
+  average_log_probs: bool = False
+
+  def __post_init__(self):
+    if self.loss not in dpo_math.LOSSES:
+      raise ValueError(f"dpo.loss must be one of {dpo_math.LOSSES}, got {self.loss!r}")
+    if self.beta <= 0:
+      raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+    if not 0.0 <= self.label_smoothing < 0.5:
+      raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    if self.loss == "ipo" and self.label_smoothing:
+      raise ValueError("dpo.label_smoothing applies to loss='dpo' only (conservative DPO)")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "DPOSettings":
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+def comparison_rollout(tokens: jax.Array, mask: jax.Array, prompt_len: int) -> Rollout:
+  """The rows of a comparison batch [B, K, P + R] as a flat ``Rollout`` [B * K] (for ``response_log_probs``)."""
+  width = tokens.shape[-1]
+  tokens, mask = tokens.reshape(-1, width), mask.reshape(-1, width)
+  return Rollout(prompt=tokens[:, :prompt_len], prompt_mask=mask[:, :prompt_len], response=tokens[:, prompt_len:],
+                 response_mask=mask[:, prompt_len:], log_probs=jnp.zeros(tokens[:, prompt_len:].shape, jnp.float32),
+                 group=jnp.zeros(tokens.shape[0], jnp.int32))
+
+
+def log_ratios(graphdef: nnx.GraphDef, params, ref_params, batch: Mapping[str, jax.Array], prompt_len: int,
+               sampling: SamplingConfig, average: bool) -> jax.Array:
+  """Log-ratio [B, K] of every response of a comparison batch (reference log-probs carry no gradient)."""
+  b, k, _ = batch["tokens"].shape
+  rollout = comparison_rollout(batch["tokens"], batch["mask"], prompt_len)
+  lp = response_log_probs(graphdef, params, rollout, sampling)[0]
+  ref = jax.lax.stop_gradient(response_log_probs(graphdef, ref_params, rollout, sampling)[0])
+  return dpo_math.sequence_log_ratio(lp, ref, rollout.response_mask, average).reshape(b, k)
+
+
+def dpo_objective(graphdef: nnx.GraphDef, settings: DPOSettings, prompt_len: int, sampling: SamplingConfig) -> Callable:
+  """``objective(params, ref_params, batch) -> (loss, metrics)`` with ``train/*`` metrics."""
+
+  def objective(params, ref_params, batch):
+    h = log_ratios(graphdef, params, ref_params, batch, prompt_len, sampling, settings.average_log_probs)
+    loss, aux = dpo_math.preference_loss(h, batch["ranks"], batch["response_mask"], settings.beta, settings.loss,
+                                         settings.label_smoothing)
+    valid = batch["response_mask"].astype(jnp.float32)
+    metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
+               "train/log_ratio": (h * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
+    return loss, metrics
+
+  return objective
+
+
+def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, settings: DPOSettings,
+                  prompt_len: int, sampling: SamplingConfig) -> Callable:
+  """``step(state, batch, frozen) -> (state, metrics)``: one optimizer step of ``state.params["policy"]`` on
+  a comparison batch; ``frozen["reference"]`` holds the reference policy's params."""
+  objective = dpo_objective(graphdef, settings, prompt_len, sampling)
+
+  def step(state: TrainState, batch, frozen):
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params["policy"], frozen["reference"],
+                                                                      batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state["policy"], state.params["policy"])
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    return state.replace(step=state.step + 1,
+                         params={**state.params, "policy": optax.apply_updates(state.params["policy"], updates)},
+                         opt_state={**state.opt_state, "policy": opt_state}), metrics
+
+  return step
+
+
+def make_log_ratio_fn(graphdef: nnx.GraphDef, prompt_len: int, sampling: SamplingConfig, average: bool) -> Callable:
+  """Jitted ``f(params, ref_params, batch) -> log-ratios [B, K]`` (held-out preference accuracy)."""
+  return jax.jit(lambda p, r, b: log_ratios(graphdef, p, r, b, prompt_len, sampling, average))
+
+
+def step_counts(model_cfg: DecoderConfig, rows: int, width: int) -> compute.Counts:
+  """Compute of one DPO step on ``rows`` sequences of ``width`` tokens: the policy's forward and backward
+  and the reference's forward."""
+  return compute.Counts(grad_steps=1.0, flops=compute.sequence_flops(model_cfg, rows, width, train=True)
+                        + compute.sequence_flops(model_cfg, rows, width))
+
+
+def ranks_from_ranking(ranking) -> np.ndarray:
+  """Ranks [K] int32 (0 = best) of a ranking (indices, best first)."""
+  ranks = np.empty(len(ranking), np.int32)
+  ranks[np.asarray(ranking, np.int64)] = np.arange(len(ranking), dtype=np.int32)
+  return ranks
+
+
+def online_batch(prompt: np.ndarray, prompt_mask: np.ndarray, response: np.ndarray, response_mask: np.ndarray,
+                 ranks: np.ndarray) -> dict[str, np.ndarray]:
+  """A comparison batch from B * k rollout rows (the k samples of a prompt consecutive) and their ranks [B, k]."""
+  b, k = ranks.shape
+  tokens = np.concatenate([prompt, response], axis=1).astype(np.int32)
+  mask = np.concatenate([prompt_mask, response_mask], axis=1).astype(np.int32)
+  return {"tokens": tokens.reshape(b, k, -1), "mask": mask.reshape(b, k, -1),
+          "response_mask": np.ones((b, k), np.int32), "ranks": np.asarray(ranks, np.int32)}
