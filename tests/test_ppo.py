@@ -235,27 +235,35 @@ def test_config_validation():
   assert PPOConfig.from_mapping({"epochs": 3, "iterations": 5}, SAMPLING).epochs == 3
 
 
-def test_ppo_raises_a_simple_reward():
-  """A random tiny policy learns to emit a target token; reward = its fraction of the response."""
+@pytest.mark.parametrize("advantage", ["gae", "rloo", "grpo"])
+def test_ppo_raises_a_simple_reward(advantage):
+  """A random tiny policy learns to emit a target token; reward = its fraction of the response.
+
+  PPO with a value model, and the critic-free RLOO and GRPO (16 prompts x 2 samples) on the same path.
+  """
   target, vocab = 5, 8
   cfg_m = DecoderConfig(vocab_size=vocab, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_len=16)
   policy_g, policy = pure_split(Decoder(cfg_m, rngs=nnx.Rngs(0)))
-  value_g, value = pure_split(ScalarModel(cfg_m, 0.0, rngs=nnx.Rngs(1)))
+  critic_free = advantage != "gae"
+  value_g, value = (None, {}) if critic_free else pure_split(ScalarModel(cfg_m, 0.0, rngs=nnx.Rngs(1)))
+  value_mode = "none" if critic_free else "separate"
   sampling = SamplingConfig(max_new_tokens=6, eos_id=EOS, stop_at_eos=False)
-  cfg = PPOConfig(sampling=sampling, epochs=2, minibatches=2, lam=0.95, value_clip=1.0)
+  cfg = PPOConfig(sampling=sampling, epochs=2, minibatches=2, lam=0.95, value_clip=1.0, advantage=advantage)
   tx = optax.adam(3e-3)
   state = make_state({"policy": policy, "value": value}, {"policy": tx, "value": tx})
   state = state.replace(scalars={"kl_coef": jnp.float32(0.01)})
   sample_fn = make_rollout_fn(policy_g, sampling)
-  experience_fn = make_experience_fn(policy_g, value_g, cfg)
+  experience_fn = make_experience_fn(policy_g, value_g, cfg, value_mode)
   kl_config = {"kl_adaptive": False, "kl_target": 6.0, "kl_horizon": 10000}
-  update = jax.jit(make_ppo_step(make_ppo_update(policy_g, value_g, tx, tx, cfg), kl_config, 32))
+  update = jax.jit(make_ppo_step(make_ppo_update(policy_g, value_g, tx, tx, cfg, value_mode), kl_config, 32))
   rng = np.random.default_rng(0)
-  prompt = jnp.asarray(np.concatenate([np.full((32, 1), 2), rng.integers(4, vocab, (32, 2))], 1), jnp.int32)
+  prompt = np.concatenate([np.full((16, 1), 2), rng.integers(4, vocab, (16, 2))], 1)
+  prompt = jnp.asarray(np.repeat(prompt, 2, axis=0), jnp.int32)  # 2 samples per prompt
+  group = jnp.repeat(jnp.arange(16), 2)
   prompt_mask = jnp.ones_like(prompt)
   scores = []
   for it in range(15):
-    r = sample_fn(state.params["policy"], prompt, prompt_mask, jnp.arange(32), jax.random.key(it))
+    r = sample_fn(state.params["policy"], prompt, prompt_mask, group, jax.random.key(it))
     score = ((r.response == target) * r.response_mask).sum(1) / r.response_mask.sum(1)
     exp, metrics = experience_fn(state.params["policy"], policy, state.params["value"], r, score,
                                  state.scalars["kl_coef"])
@@ -264,3 +272,59 @@ def test_ppo_raises_a_simple_reward():
   assert scores[0] < 0.3
   assert np.mean(scores[-3:]) > scores[0] + 0.3, scores
   assert float(metrics["rollout/kl"]) > 0
+  assert ("train/value_loss" in train) == (not critic_free)
+  assert ("train/kl_loss" in train) == (advantage == "grpo")
+
+
+def group_rollout() -> Rollout:
+  """hand_rollout's rows as two prompts x two samples (groups [4, 9, 4, 9], not adjacent)."""
+  return hand_rollout().replace(group=jnp.array([4, 9, 4, 9], jnp.int32))
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_experience_gives_each_token_its_sequence_advantage(models, advantage):
+  sample = group_rollout()
+  cfg = PPOConfig(sampling=SAMPLING, advantage=advantage, whiten_advantages=False)
+  score = jnp.array([1.0, 2.0, 3.0, 2.0])  # group 9 scored all equal
+  beta = 0.1
+  exp, metrics = jax.jit(make_experience, static_argnums=(0, 3, 8, 9))(
+      models["policy_g"], models["policy"], models["ref"], None, {}, sample, score, beta, cfg, "none")
+  mask = np.asarray(sample.response_mask, bool)
+  seq_kl = np.asarray(exp.kl).sum(1)
+  if advantage == "rloo":
+    reward = np.asarray(score) - beta * seq_kl  # the KL penalty is in RLOO's reward
+    expected = np.array([reward[0] - reward[2], reward[1] - reward[3], reward[2] - reward[0], reward[3] - reward[1]])
+    assert "rollout/zero_variance_fraction" not in metrics
+  else:
+    expected = np.array([-1.0, 0.0, 1.0, 0.0]) / (1.0 + 1e-6)  # z-scores; the KL is not in GRPO's reward
+    assert float(metrics["rollout/zero_variance_fraction"]) == 0.5
+  for row in range(4):
+    np.testing.assert_allclose(np.asarray(exp.advantages)[row][mask[row]], expected[row], rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(exp.advantages)[~mask] == 0)
+  np.testing.assert_array_equal(exp.values, 0.0)
+  np.testing.assert_array_equal(exp.keep, 1.0)
+
+
+def test_grpo_drops_zero_variance_groups_from_the_loss(models):
+  sample = group_rollout()
+  cfg = PPOConfig(sampling=SAMPLING, advantage="grpo", drop_zero_variance_groups=True, epochs=1, minibatches=1)
+  score = jnp.array([1.0, 2.0, 3.0, 2.0])
+  exp, _ = jax.jit(make_experience, static_argnums=(0, 3, 8, 9))(
+      models["policy_g"], models["policy"], models["ref"], None, {}, sample, score, 0.1, cfg, "none")
+  np.testing.assert_array_equal(exp.keep, [1.0, 0.0, 1.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(exp.loss_mask)[[1, 3]], 0)
+  # The kept rows are whitened on their own: mean 0, unit std over their tokens.
+  kept = np.asarray(exp.loss_mask, bool)
+  assert abs(np.asarray(exp.advantages)[kept].mean()) < 1e-5
+  # The dropped rows leave the loss: changing their tokens' advantages changes nothing.
+  from rlhf_jax.algorithms.ppo import ppo_losses
+  params = {"policy": models["policy"], "value": {}}
+  loss = lambda e: ppo_losses(models["policy_g"], None, cfg, "none", params, e, None, 0.1)[0]  # noqa: E731
+  poked = exp.replace(advantages=exp.advantages.at[1].set(5.0).at[3].set(-5.0))
+  assert float(loss(poked)) == pytest.approx(float(loss(exp)), abs=1e-7)
+  assert float(loss(exp.replace(advantages=exp.advantages.at[0].set(5.0)))) != pytest.approx(float(loss(exp)))
+
+
+def test_critic_free_value_mode_must_match():
+  with pytest.raises(ValueError, match="advantage"):
+    PPOConfig(sampling=SAMPLING, advantage="vtrace")

@@ -13,7 +13,19 @@ softmax at the sampling temperature; top-k/top-p only filter proposals), for
 the old policy, the new one and the reference alike, so the KL of a policy to
 itself is exactly 0 and PPO ratios never see a token outside the support.
 
+Advantage estimators (``advantage``), one rollout -> reward -> update path:
+  * ``"gae"`` (PPO): per-token rewards ``-beta * KL`` plus the score at the last token, GAE
+    over a learnt value model.
+  * ``"rloo"``: the sequence reward ``score - beta * sum KL`` minus the mean of the other
+    samples of the same prompt (leave-one-out; needs ``samples_per_prompt >= 2``); no value model.
+  * ``"grpo"``: the score z-scored within its prompt's group (``group_scale_by_std=False``: only
+    centred); no value model; the KL is not in the reward but in the loss,
+    ``+ beta * k3(policy, reference)`` per token; ``drop_zero_variance_groups`` leaves groups whose
+    samples all scored the same out of the loss.
+  The critic-free estimators give every token of a response its sequence's advantage.
+
 Value modes:
+  * ``"none"``: no value model (rloo, grpo); ``state.params["value"]`` is ``{}``.
   * ``"separate"``: a ``ScalarModel`` over the full sequence, with its own
     params (``state.params["value"]``) and optimizer.
   * ``"shared"``: a scalar head on the policy trunk; ``state.params["value"]``
@@ -37,17 +49,19 @@ from rlhf_jax.config_groups import checkpoint_config, optimizer_config, sampling
 from rlhf_jax.generate import SamplingConfig, sampling_log_probs
 from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl.gae import gae_advantages, per_token_rewards
-from rlhf_jax.rl.kl import kl_penalty, sequence_kl, update_kl_coef
+from rlhf_jax.rl.group_advantages import GROUP_ESTIMATORS, grpo_advantages, rloo_advantages
+from rlhf_jax.rl.kl import kl_k3, kl_penalty, sequence_kl, update_kl_coef
 from rlhf_jax.rl.ppo_losses import clipped_policy_loss, clipped_value_loss, explained_variance
-from rlhf_jax.rl.whitening import masked_mean, masked_whiten
+from rlhf_jax.rl.whitening import masked_mean, masked_var, masked_whiten
 from rlhf_jax.rollout import (Rollout, picked, policy_log_probs, response_hidden, response_log_probs,
                               response_window)
 from rlhf_jax.state import TrainState, step_key
 
 Array = jax.Array
 PyTree = Any
-ValueMode = Literal["separate", "shared"]
-VALUE_MODES = ("separate", "shared")
+ValueMode = Literal["separate", "shared", "none"]
+VALUE_MODES = ("separate", "shared", "none")
+ADVANTAGES = ("gae",) + GROUP_ESTIMATORS
 VALUE_INITS = ("reward", "sft", "shared")
 
 
@@ -55,7 +69,10 @@ VALUE_INITS = ("reward", "sft", "shared")
 class PPOConfig:
   """PPO hyperparameters; ``sampling`` is the rollout sampler's config. These defaults are the config's.
 
-  kl_estimator: per-token KL penalty estimator "k1" | "k2" | "k3".
+  advantage: "gae" (PPO with a value model) | "rloo" | "grpo" (critic-free; see the module doc).
+  drop_zero_variance_groups: grpo: rows of groups whose rewards are all equal leave the loss.
+  group_scale_by_std: grpo: divide the centred group rewards by the group's std.
+  kl_estimator: per-token KL penalty estimator "k1" | "k2" | "k3" (gae, rloo; grpo's loss uses k3).
   gamma, lam: GAE discount and lambda over response tokens.
   whiten_rewards: rescale per-token rewards to unit variance over the batch (mean kept).
   whiten_advantages: standardise advantages over the batch (mean 0, std 1).
@@ -68,6 +85,9 @@ class PPOConfig:
   """
 
   sampling: SamplingConfig
+  advantage: str = "gae"
+  drop_zero_variance_groups: bool = False
+  group_scale_by_std: bool = True
   kl_estimator: str = "k1"
   gamma: float = 1.0
   lam: float = 0.95
@@ -85,6 +105,8 @@ class PPOConfig:
   stop_token: int = -1
 
   def __post_init__(self):
+    if self.advantage not in ADVANTAGES:
+      raise ValueError(f"ppo.advantage must be one of {ADVANTAGES}, got {self.advantage!r}")
     if self.kl_estimator not in ("k1", "k2", "k3"):
       raise ValueError(f"ppo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
     if self.epochs < 1 or self.minibatches < 1:
@@ -103,6 +125,11 @@ class PPOConfig:
   def from_mapping(cls, values: Mapping[str, Any], sampling: SamplingConfig) -> "PPOConfig":
     """Builds from a config section (e.g. ``config.ppo``): its keys that are fields; the rest are ignored."""
     return cls(sampling=sampling, **{k: values[k] for k in cls.fields() if k in values})
+
+  @property
+  def critic_free(self) -> bool:
+    """True for the group estimators (no value model)."""
+    return self.advantage in GROUP_ESTIMATORS
 
   @property
   def stop_id(self) -> int:
@@ -133,8 +160,9 @@ class Experience:
   log_probs: old policy (teacher-forced, policy distribution); ref_log_probs: reference policy;
   values: old values of the state before each token; kl: per-token penalty estimator (nats);
   rewards: per-token rewards (after optional whitening); advantages (after optional whitening) and
-  returns (value targets); score: [B] sequence score (with the no-EOS penalty). All [B, N] tensors
-  are 0 where ``rollout.response_mask`` is 0.
+  returns (value targets); score: [B] sequence score (with the no-EOS penalty); keep: [B] 1 for rows
+  the loss sees (0: a zero-variance group dropped by grpo). All [B, N] tensors are 0 where
+  ``rollout.response_mask`` is 0.
   """
 
   rollout: Rollout
@@ -146,10 +174,16 @@ class Experience:
   advantages: Array
   returns: Array
   score: Array
+  keep: Array
 
   @property
   def mask(self) -> Array:
     return self.rollout.response_mask
+
+  @property
+  def loss_mask(self) -> Array:
+    """[B, N] the tokens the losses average over: real response tokens of kept rows."""
+    return self.rollout.response_mask * self.keep[:, None].astype(self.rollout.response_mask.dtype)
 
 
 def value_head_params(cfg: DecoderConfig) -> dict[str, Array]:
@@ -199,7 +233,9 @@ def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, val
   """(token log-probs [B, N], all log-probs [B, N, V], values [B, N]) of the current policy and value."""
   model, hidden = response_hidden(policy_graphdef, policy_params, rollout)
   all_lp = policy_log_probs(model.logits_from_hidden(hidden), cfg.sampling)
-  if value_mode == "shared":
+  if value_mode == "none":
+    values = jnp.zeros(rollout.response.shape, jnp.float32)
+  elif value_mode == "shared":
     head = value_params
     values = hidden.astype(jnp.float32) @ head["head"].astype(jnp.float32) + head["head_bias"].astype(jnp.float32)
   else:
@@ -218,7 +254,7 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
     policy_graphdef, policy_params: the sampling policy (a ``Decoder``); ref_params: the reference
       policy, same graphdef.
     value_graphdef, value_params: a ``ScalarModel`` (``"separate"``) or, for ``"shared"``, None and the
-      head ``{"head", "head_bias"}`` on the policy trunk.
+      head ``{"head", "head_bias"}`` on the policy trunk; for ``"none"`` (rloo, grpo) None and ``{}``.
     rollout: the rollout as trained on (already through ``truncate_rollout``).
     score: [B] scorer output on that rollout (the normalised RM score). The no-EOS penalty is added here.
     beta: scalar KL coefficient.
@@ -228,9 +264,12 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
     ``score`` (with penalty), ``kl`` (mean summed log-ratio, nats), ``kl_penalty`` (mean summed
     beta * estimator), ``total_reward``, ``response_length``, ``no_eos_fraction``, ``entropy``
     (nats/token), ``logprob_diff`` (mean |sampler - teacher-forced| log-prob of the sampling
-    distribution), ``value``, ``return``.
+    distribution), ``value``, ``return``, ``advantage_std`` (before whitening) and, for grpo,
+    ``zero_variance_fraction`` (rows whose group scored all equal).
   """
   _check_value_mode(value_mode)
+  if cfg.critic_free != (value_mode == "none"):
+    raise ValueError(f"ppo.advantage={cfg.advantage!r} does not go with value mode {value_mode!r}")
   s = cfg.sampling
   mask = rollout.response_mask.astype(jnp.int32)
   fmask = mask.astype(jnp.float32)
@@ -244,13 +283,32 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   score = raw_score + cfg.no_eos_penalty * (~ended).astype(jnp.float32)
 
   kl = kl_penalty(log_probs, ref_log_probs, cfg.kl_estimator) * fmask
-  rewards = per_token_rewards(score, kl, mask, beta)
-  total_reward = rewards.sum(axis=1)
-  if cfg.whiten_rewards:
-    rewards = masked_whiten(rewards, mask, shift_mean=False)
-  advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+  keep = jnp.ones(score.shape, jnp.float32)
+  extra = {}
+  if cfg.advantage == "gae":
+    rewards = per_token_rewards(score, kl, mask, beta)
+    total_reward = rewards.sum(axis=1)
+    if cfg.whiten_rewards:
+      rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
+  else:
+    # Sequence-level: RLOO's reward carries the KL penalty; GRPO's KL is a loss term instead.
+    if cfg.advantage == "rloo":
+      total_reward = score - beta * kl.sum(axis=1)
+      sequence_advantage = rloo_advantages(total_reward, rollout.group)
+    else:
+      total_reward = score
+      sequence_advantage, zero_variance = grpo_advantages(score, rollout.group, cfg.group_scale_by_std)
+      extra["rollout/zero_variance_fraction"] = zero_variance.astype(jnp.float32).mean()
+      if cfg.drop_zero_variance_groups:
+        keep = 1.0 - zero_variance.astype(jnp.float32)
+    rewards = total_reward[:, None] * fmask
+    advantages = sequence_advantage[:, None] * fmask
+    returns = jnp.zeros_like(advantages)
+  loss_mask = mask * keep[:, None].astype(jnp.int32)
+  extra["rollout/advantage_std"] = jnp.sqrt(masked_var(advantages, loss_mask))
   if cfg.whiten_advantages:
-    advantages = masked_whiten(advantages, mask)
+    advantages = masked_whiten(advantages, loss_mask)
 
   # The sampler reports log-probs of the truncated (top-k/top-p) distribution; compare like with like.
   if (s.top_k or s.top_p < 1.0) and not s.is_greedy:
@@ -262,7 +320,7 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   logprob_diff = masked_mean(jnp.where(finite, jnp.abs(rollout.log_probs - sampled), 0.0), finite)
 
   experience = Experience(rollout=rollout, log_probs=log_probs, ref_log_probs=ref_log_probs, values=values, kl=kl,
-                          rewards=rewards, advantages=advantages, returns=returns, score=score)
+                          rewards=rewards, advantages=advantages, returns=returns, score=score, keep=keep)
   metrics = {
       "rollout/rm_score": raw_score.mean(),
       "rollout/score": score.mean(),
@@ -275,6 +333,7 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
       "rollout/logprob_diff": logprob_diff,
       "rollout/value": masked_mean(values, mask),
       "rollout/return": masked_mean(returns, mask),
+      **extra,
   }
   return experience, metrics
 
@@ -294,29 +353,40 @@ def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphD
 
 def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                value_mode: ValueMode, params: dict[str, PyTree], exp: Experience,
-               ptx: dict[str, Array] | None) -> tuple[Array, dict[str, Array]]:
+               ptx: dict[str, Array] | None, beta: Array | float = 0.0) -> tuple[Array, dict[str, Array]]:
   """The PPO objective on one minibatch -> (total loss, metrics).
 
-  params: {"policy": ..., "value": ...}; ptx: optional {tokens, mask, loss_mask} [b, T] pretraining rows.
-  total = policy_loss - entropy_coef * entropy + value_coef * value_loss (+ ptx_coef * ptx_loss).
+  params: {"policy": ..., "value": ...}; ptx: optional {tokens, mask, loss_mask} [b, T] pretraining rows;
+  beta: the KL coefficient (used by grpo's loss term only).
+  total = policy_loss - entropy_coef * entropy + value_coef * value_loss (+ ptx_coef * ptx_loss)
+  (+ beta * mean k3(policy, reference) for grpo). Token means are over ``exp.loss_mask``.
   """
   log_probs, all_lp, values = _policy_and_values(policy_graphdef, params["policy"], value_graphdef,
                                                  params["value"], exp.rollout, cfg, value_mode)
-  policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, exp.mask, cfg.clip_eps)
-  value_loss, vm = clipped_value_loss(values, exp.values, exp.returns, exp.mask, cfg.value_clip)
-  entropy = masked_mean(_entropy(all_lp), exp.mask)
-  total = policy_loss + cfg.value_coef * value_loss
-  if cfg.entropy_coef:
-    total = total - cfg.entropy_coef * entropy
+  mask = exp.loss_mask
+  policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, mask, cfg.clip_eps)
+  entropy = masked_mean(_entropy(all_lp), mask)
+  total = policy_loss
   metrics = {
       "train/policy_loss": policy_loss,
-      "train/value_loss": value_loss,
       "train/entropy": entropy,
       "train/clip_frac": pm["clip_frac"],
       "train/approx_kl": pm["approx_kl_k3"],
-      "train/value_clip_frac": vm["value_clip_frac"],
-      "train/explained_variance": explained_variance(jax.lax.stop_gradient(values), exp.returns, exp.mask),
   }
+  if value_mode != "none":
+    value_loss, vm = clipped_value_loss(values, exp.values, exp.returns, mask, cfg.value_clip)
+    total = total + cfg.value_coef * value_loss
+    metrics.update({
+        "train/value_loss": value_loss,
+        "train/value_clip_frac": vm["value_clip_frac"],
+        "train/explained_variance": explained_variance(jax.lax.stop_gradient(values), exp.returns, mask),
+    })
+  if cfg.advantage == "grpo":
+    kl_loss = masked_mean(kl_k3(log_probs, exp.ref_log_probs), mask)
+    total = total + beta * kl_loss
+    metrics["train/kl_loss"] = kl_loss
+  if cfg.entropy_coef:
+    total = total - cfg.entropy_coef * entropy
   if cfg.ptx_coef:
     if ptx is None:
       raise ValueError("ppo.ptx_coef > 0 needs a pretraining batch ('ptx')")
@@ -349,19 +419,21 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
   """
   _check_value_mode(value_mode)
   objective = jax.value_and_grad(
-      lambda params, exp, ptx: ppo_losses(policy_graphdef, value_graphdef, cfg, value_mode, params, exp, ptx),
+      lambda params, exp, ptx, beta: ppo_losses(policy_graphdef, value_graphdef, cfg, value_mode, params, exp,
+                                                ptx, beta),
       has_aux=True)
 
-  def minibatch_step(carry, xs):
+  def minibatch_step(carry, xs, beta):
     params, opt_state = carry
     exp, ptx = xs
-    (_, metrics), grads = objective(params, exp, ptx)
+    (_, metrics), grads = objective(params, exp, ptx, beta)
     p_updates, p_opt = policy_tx.update(grads["policy"], opt_state["policy"], params["policy"])
     v_updates, v_opt = value_tx.update(grads["value"], opt_state["value"], params["value"])
     params = {"policy": optax.apply_updates(params["policy"], p_updates),
               "value": optax.apply_updates(params["value"], v_updates)}
     metrics["train/policy_grad_norm"] = optax.tree.norm(grads["policy"])
-    metrics["train/value_grad_norm"] = optax.tree.norm(grads["value"])
+    if value_mode != "none":
+      metrics["train/value_grad_norm"] = optax.tree.norm(grads["value"])
     return (params, {"policy": p_opt, "value": v_opt}), metrics
 
   def update(state: TrainState, batch: Mapping[str, Any], frozen: Any = None) -> tuple[TrainState, dict]:
@@ -370,6 +442,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     ptx = batch.get("ptx") if cfg.ptx_coef else None
     m = cfg.minibatches
     rows = exp.mask.shape[0]
+    beta = state.scalars["kl_coef"] if "kl_coef" in state.scalars else 0.0
 
     def epoch(carry, key):
       idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience")
@@ -378,7 +451,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
       if ptx is not None:
         ptx_idx = _split_rows(jax.random.fold_in(key, 1), ptx["tokens"].shape[0], m, "ptx batch")
         mb_ptx = jax.tree.map(lambda x: x[ptx_idx], ptx)
-      return jax.lax.scan(minibatch_step, carry, (mb_exp, mb_ptx))
+      return jax.lax.scan(lambda c, xs: minibatch_step(c, xs, beta), carry, (mb_exp, mb_ptx))
 
     keys = jax.random.split(step_key(state), cfg.epochs)
     init = ({"policy": state.params["policy"], "value": state.params["value"]},

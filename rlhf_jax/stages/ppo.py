@@ -1,8 +1,11 @@
-"""ppo stage: PPO (and PPO-ptx) of a policy instance against a reward-model instance, KL to a reference.
+"""ppo stage: PPO (and PPO-ptx), RLOO and GRPO of a policy instance against a reward-model instance.
+
+``advantage`` picks the estimator (gae: PPO with a value model; rloo, grpo: critic-free, k =
+``samples_per_prompt`` samples per prompt); everything else is one code path.
 
 Per iteration (``collect`` then the compiled ``step``): a rollout of the policy
 on the iteration's prompts (``samples_per_prompt`` each), truncation, the RM
-score, the experience (reference log-probs, values, per-token rewards, GAE),
+score, the experience (reference log-probs, values, rewards, advantages),
 then E epochs x M minibatches of updates and the KL-coefficient update in one
 compiled step. Prompts and keys are functions of the iteration, so a resumed
 run replays the same data. Reference and reward params are frozen and never
@@ -26,7 +29,9 @@ from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 
 def init_value(ctx: StageContext, instance, reward_params: dict) -> tuple[dict, dict, str]:
-  """Value params, their shardings and the value mode, as ``value_init`` says."""
+  """Value params, their shardings and the value mode, as ``value_init`` says (none for rloo, grpo)."""
+  if instance.section.advantage in ppo.GROUP_ESTIMATORS:
+    return {}, {}, "none"
   init = instance.section.value_init
   if init == "reward":
     return jax.tree.map(jnp.copy, reward_params), ctx.param_shardings("scalar"), "separate"
@@ -44,7 +49,13 @@ def init_value(ctx: StageContext, instance, reward_params: dict) -> tuple[dict, 
 def run(ctx: StageContext, instance) -> dict[str, float]:
   cfg = instance.section
   tok = ctx.tokenizer
-  pcfg = ppo.PPOConfig.from_mapping(cfg, ctx.sampling(cfg))
+  try:
+    pcfg = ppo.PPOConfig.from_mapping(cfg, ctx.sampling(cfg))
+  except ValueError as e:
+    raise StageError(f"{instance.name}: {e}") from e
+  if pcfg.critic_free and cfg.samples_per_prompt < 2:
+    raise StageError(f"{instance.name}.advantage={pcfg.advantage!r} compares samples of a prompt: "
+                     f"{instance.name}.samples_per_prompt must be >= 2, got {cfg.samples_per_prompt}")
   lm_graphdef, scalar_graphdef = ctx.graphdef("lm"), ctx.graphdef("scalar")
 
   # Models: trained policy and value; frozen reference and reward model.
@@ -113,7 +124,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       stats = stats + ptx_stats
       ptx_shape = tuple(ptx["tokens"].shape)
     host.update(truncation_metrics(stats))
-    lengths = np.asarray(rollout.response_mask).sum(axis=1)
+    lengths = ctx.host(rollout.response_mask).sum(axis=1)
     host.update(ppo.iteration_counts(ctx.model_config, pcfg, rows, rollout.prompt_len, lengths, value_mode,
                                      ptx_shape).metrics())
     return batch, host
