@@ -41,7 +41,11 @@ def main(argv):
   codes = [w.wait() for w in workers]
   sweep.write_results()
   print(open(f"{FLAGS.workdir}/sweep.md").read(), flush=True)
-  return 1 if any(codes) or sweep.remaining() else 0
+  if any(codes) or sweep.remaining():
+    print(f"[sweep] {sweep.remaining()} trials not finished (worker exit codes {codes}); re-run the same "
+          "command to retry them.", *sweep.failures(), sep="\n", file=sys.stderr, flush=True)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ class Sweep:
     with open(log, "a") as f:
       proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     if proc.returncode:
-      raise RuntimeError(f"run failed (exit {proc.returncode}): {' '.join(cmd)}; see {log}")
+      raise RuntimeError(f"run failed (exit {proc.returncode}): {' '.join(cmd)}; {log} ends with:\n"
+                         + log_tail(log))
 
   def prepare_shared(self, env: Mapping[str, str] | None = None) -> str:
     """Runs the upstream instances once in DIR/shared (one worker at a time; the others wait)."""
@@ -238,13 +239,31 @@ class Sweep:
     return value
 
   def recover(self) -> None:
-    """Fails trials left RUNNING by a dead worker (stale heartbeat) so they are re-queued."""
+    """Before workers start: fails trials left RUNNING by a dead worker (stale heartbeat) so they are
+    re-queued, and queues again every grid point that has no finished, queued or running trial (its
+    runs failed: a re-run of the sweep retries it, resuming its workdir)."""
     import optuna
     study = self.study()
     running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     if running:
       time.sleep(GRACE_S + 1)
       optuna.storages.fail_stale_trials(study)
+    if self.sweep["sampler"] != "grid":
+      return
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    covered = [t.params for t in study.get_trials(deepcopy=False, states=live)]
+    for point in grid_points(self.sweep["params"]):
+      if point not in covered:
+        study.enqueue_trial(point)
+
+  def failures(self) -> list[str]:
+    """Why each failed trial failed: its parameters and its log's last lines."""
+    import optuna
+    out = []
+    for t in self.study().get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+      log = os.path.join(self.workdir, "trials", trial_key(t.params) + ".log")
+      out.append(f"trial {t.number} {t.params} failed; {log} ends with:\n{log_tail(log)}")
+    return out
 
   def work(self, env: Mapping[str, str] | None = None) -> None:
     """One worker: takes trials until the study has ``n_trials`` finished ones."""
@@ -300,6 +319,15 @@ class Sweep:
       f.write(f"# Sweep of {self.spec} ({self.sweep['sampler']}, {self.sweep['direction']} {self.sweep['metric']})\n\n"
               + "\n".join(lines) + "\n")
     return rows
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+  """The last ``lines`` lines of a text file ("" if it does not exist)."""
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError:
+    return ""
 
 
 def _fmt(value) -> str:
