@@ -44,10 +44,14 @@ class DecoderConfig:
   scan_layers: bool = False
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
+  # Output projection shares the embedding table; None: the flavour's default (GPT-2 tied, Llama untied).
+  tie_embeddings: bool | None = None
 
   def __post_init__(self):
     if self.flavour not in ("gpt2", "llama"):
       raise ValueError(f"model.flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
+    if self.tie_embeddings is None:
+      object.__setattr__(self, "tie_embeddings", self.flavour == "gpt2")
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if isinstance(value, str):
@@ -78,10 +82,6 @@ class DecoderConfig:
 
   @property
   def use_bias(self) -> bool:
-    return self.flavour == "gpt2"
-
-  @property
-  def tie_embeddings(self) -> bool:
     return self.flavour == "gpt2"
 
 
