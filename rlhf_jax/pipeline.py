@@ -16,7 +16,7 @@ import time
 
 from ml_collections import ConfigDict
 
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_io import ConfigError, config_to_json
 from rlhf_jax.metrics import MetricsWriter
@@ -61,15 +61,21 @@ def _diff(a, b, prefix=""):
     yield f"{prefix[:-1]} ({a!r} -> {b!r})"
 
 
+def say(line: str) -> None:
+  """A progress line on stdout, from process 0 only (every process runs the same stages)."""
+  if distributed.is_primary():
+    print(line, flush=True)
+
+
 def run(config: ConfigDict, workdir: str) -> dict:
   """Runs the instances of ``config.stages`` in ``workdir``; returns ``summary.json``'s content."""
   chain = graph.parse_stages(config)
   graph.check_order(chain, workdir)
   # Orbax and TFDS log routine notes (read-only restores, progress bars) at WARNING.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  sharding.maybe_initialize_distributed(config.distributed)
-  import jax  # after distributed init
-  primary = jax.process_index() == 0
+  # Before anything touches a device: join the other processes of a multi-host run (if this is one).
+  distributed.initialize(config.distributed)
+  primary = distributed.is_primary()
   if primary:
     check_or_write_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -80,10 +86,10 @@ def run(config: ConfigDict, workdir: str) -> dict:
       done = os.path.join(workdir, name, "DONE.json")
       if os.path.exists(done):
         logging.info("stage %s already finished (%s): skipped", name, done)
-        print(f"[rlhf-jax] {name}: already finished, skipped", flush=True)
+        say(f"[rlhf-jax] {name}: already finished, skipped")
         continue
       label = name if name == instance.kind.name else f"{name} ({instance.kind.name})"
-      print(f"[rlhf-jax] {label}: running", flush=True)
+      say(f"[rlhf-jax] {label}: running")
       start = time.time()
       final = instance.kind.runner()(ctx, instance) or {}
       final = {**final, "time/stage_seconds": round(time.time() - start, 2)}
@@ -91,9 +97,10 @@ def run(config: ConfigDict, workdir: str) -> dict:
       if primary:
         os.makedirs(os.path.dirname(done), exist_ok=True)
         write_atomic(done, json.dumps(final, indent=2, sort_keys=True))
-      context_lib.sync(f"done-{name}")
-      print(f"[rlhf-jax] {name}: done in {time.time() - start:.1f}s "
-            + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("eval/")), flush=True)
+      distributed.sync(f"done-{name}")
+      say(f"[rlhf-jax] {name}: done in {time.time() - start:.1f}s "
+          + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("eval/")))
+  distributed.sync("summary")  # process 0 wrote it last
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
     with open(summary_path) as f:

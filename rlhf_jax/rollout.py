@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from rlhf_jax import distributed
 from rlhf_jax.generate import Sample, SamplingConfig, generate
 
 Array = jax.Array
@@ -143,6 +144,6 @@ def response_log_probs(graphdef: nnx.GraphDef, params, rollout: Rollout,
 
 
 def response_texts(tokenizer, rollout: Rollout) -> list[str]:
-  """Decoded responses of a rollout (EOS and padding dropped)."""
-  tokens, mask = np.asarray(rollout.response), np.asarray(rollout.response_mask)
+  """Decoded responses of a rollout (EOS and padding dropped); every row, on every process of a multi-host run."""
+  tokens, mask = distributed.to_host((rollout.response, rollout.response_mask))
   return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m]) for row, row_mask in zip(tokens, mask)]

@@ -35,12 +35,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host start-up: ``jax.distributed.initialize()`` when ``config.distributed`` is set."""
-  if enabled:
-    jax.distributed.initialize()
-
-
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
   """Resolves ``{data, fsdp, tensor}`` sizes (one may be -1: fills the rest) for ``num_devices``."""
   unknown = sorted(set(axis_sizes) - set(MESH_AXES))
@@ -176,14 +170,6 @@ def rows_sharding(mesh: Mesh, rules: Iterable[Sequence[Any]], shape: Sequence[in
   return batch_sharding(mesh, rules, len(shape))
 
 
-def local_row_multiple(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> int:
-  """How many distinct row blocks of a batch this process's devices hold (the data-parallel size on one
-  host); each process pads its rows to a multiple of this."""
-  dp = data_parallel_size(mesh, rules)
-  blocks = batch_sharding(mesh, rules, 1).addressable_devices_indices_map((dp,)).values()
-  return len({(s[0].start, s[0].stop) for s in blocks}) or 1
-
-
 def padded_rows(rows: int, multiple: int) -> int:
   """``rows`` rounded up to a multiple of ``multiple`` (at least one block)."""
   return max(-(-rows // multiple), 1) * multiple
@@ -213,22 +199,25 @@ def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str,
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Iterable[Sequence[Any]],
               with_valid: bool = False) -> dict[str, jax.Array]:
-  """Places this process's rows of a host batch on the mesh: the one rule for every host batch.
+  """Places a host batch on the mesh: the one rule for every host batch, on one process or many.
 
-  Each host passes its own rows (the global batch is the concatenation over hosts, in process
-  order); they are padded with zero rows (``pad_batch``) to a multiple of this host's share of the
-  data-parallel size, so any row count fits any mesh. Masks are 0 on padded rows, so mask-normalised
-  losses ignore them; anything that averages or counts rows must read ``valid``: with
-  ``with_valid`` the result also holds ``"valid"`` [B_padded] int32 (1 = a real row).
+  ``batch`` is the global batch, the same on every process (batches are functions of seed and step).
+  Its rows are padded with zero rows (``pad_batch``) to a multiple of the data-parallel size of the
+  whole mesh (data x fsdp over all processes), so any row count fits any mesh and every process agrees
+  on the shapes; each process then copies to its devices only the rows they hold
+  (``jax.make_array_from_callback``), so the arrays, and the results, are those of one process on the
+  same mesh. Masks are 0 on padded rows, so mask-normalised losses ignore them; anything that averages
+  or counts rows must read ``valid``: with ``with_valid`` the result also holds ``"valid"``
+  [B_padded] int32 (1 = a real row).
   """
   rules = tuple(rules)
-  padded, valid = pad_batch(batch, local_row_multiple(mesh, rules))
+  padded, valid = pad_batch(batch, data_parallel_size(mesh, rules))
   if with_valid:
     padded["valid"] = valid.astype(np.int32)
   out = {}
   for name, value in padded.items():
     sharding = batch_sharding(mesh, rules, value.ndim)
-    out[name] = jax.make_array_from_process_local_data(sharding, value)
+    out[name] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: np.asarray(v[index]))
   return out
 
 

@@ -52,9 +52,9 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     batch, _ = batching.prompt_batch(ctx.tokenizer, texts[rows], ctx.config.data.prompt_len)
     batch = ctx.put({**batch, "group": group[rows]})
     r = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
-    rm.append(np.asarray(scorer(r)))
+    rm.append(ctx.host(scorer(r)))
     gold.append(gold_scorer(r, texts[rows], response_texts(ctx.tokenizer, r)))
-    lengths = np.asarray(r.response_mask).sum(axis=1)
+    lengths = ctx.host(r.response_mask).sum(axis=1)
     counts += compute.rollout_counts(ctx.model_config, len(lengths), r.prompt_len, lengths, sampling.max_new_tokens)
     counts.flops += compute.sequence_flops(ctx.model_config, len(lengths), r.prompt_len + r.response_len,
                                            lm_head=False)

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -21,15 +22,16 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from rlhf_jax import rng, sharding, state as state_lib, tasks
+from rlhf_jax import distributed, rng, sharding, state as state_lib, tasks
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config_groups import sampling_from_config
 from rlhf_jax.generate import SamplingConfig
-from rlhf_jax.data import formats, tfds_datasets
+from rlhf_jax.data import formats, hf_tokenizer, tfds_datasets
 from rlhf_jax.data.loader import BatchLoader
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel
+from rlhf_jax.models import hf as hf_models
 
 # Record kinds a stage can ask for, and the config key of the user file for each.
 USER_FILE_KEYS = {"pretraining": "pretraining_file", "demonstrations": "demonstrations_file",
@@ -60,7 +62,9 @@ class StageContext:
 
   @property
   def is_primary(self) -> bool:
-    return jax.process_index() == 0
+    """Process 0 of a multi-host run (the only one that writes logs, metrics and files other than
+    checkpoints); always true on one host."""
+    return distributed.is_primary()
 
   def stage_dir(self, stage: str) -> str:
     return os.path.join(self.workdir, stage)
@@ -81,7 +85,32 @@ class StageContext:
     return self.config.tokenizer.path or os.path.join(self.stage_dir("tokenizer"), "spm.model")
 
   @functools.cached_property
+  def hf_sources(self) -> list[str]:
+    """Hugging Face checkpoint directories that stage inputs name as "hf:PATH" (``sft.init_from``,
+    ``ppo.policy``, ...), in config order. The first one's tokenizer is the run's, and its config.json
+    fixes the model shape (``config.model`` must agree; see ``model_config``)."""
+    from rlhf_jax.stages.graph import instances  # graph imports nothing of the pipeline
+    paths = []
+    for inst in instances(self.config).values():
+      for key in inst.kind.inputs:
+        paths += [hf_models.hf_path(n) for n in inst.input_names(key) if hf_models.hf_path(n)]
+    return list(dict.fromkeys(paths))
+
+  @property
+  def hf_source(self) -> str | None:
+    """The checkpoint directory the run's tokenizer and model shape come from, or None."""
+    return self.hf_sources[0] if self.hf_sources else None
+
+  @functools.cached_property
   def tokenizer(self) -> Tokenizer:
+    if self.hf_source:
+      if self.config.tokenizer.path:
+        raise StageError(f"tokenizer.path={self.config.tokenizer.path!r} conflicts with hf:{self.hf_source}: a run "
+                         "from a Hugging Face checkpoint uses that checkpoint's tokenizer; leave tokenizer.path empty")
+      try:
+        return hf_tokenizer.load(self.hf_source)
+      except (ValueError, FileNotFoundError, ImportError) as e:
+        raise StageError(f"tokenizer of hf:{self.hf_source}: {e}") from e
     path = self.tokenizer_path
     if not os.path.isfile(path):
       raise StageError(f"no tokenizer at {path}: run the 'tokenizer' stage first or set tokenizer.path")
@@ -120,12 +149,16 @@ class StageContext:
   def records(self, kind: str, split: str) -> tfds_datasets.RecordSource:
     """A random-access source of ``kind`` records for ``split``, built once as a TFDS dataset."""
     data_dir = os.path.join(self.workdir, "data")
-    if not os.path.isdir(tfds_datasets.dataset_path(data_dir, kind)):
+    path = tfds_datasets.dataset_path(data_dir, kind)
+    if not os.path.isdir(path):
       if self.is_primary:
         tfds.disable_progress_bar()
         record_kind = "comparisons" if kind.endswith(COMPARISONS_SUFFIX) else kind
         tfds_datasets.build_dataset(self._records_for(kind), record_kind, data_dir, kind)
-      sync(f"dataset-{kind}")
+      else:
+        # Not a barrier: process 0 may be building it inside code only it runs (the tokenizer stage), or
+        # may have built it before this process looked. The dataset appears whole (renamed into place).
+        wait_for_path(path, f"dataset '{kind}' (built by process 0)")
     return tfds_datasets.load_data_source(data_dir, kind, split)
 
   @property
@@ -152,9 +185,17 @@ class StageContext:
     return sharding.put_batch(batch, self.mesh, self.rules, with_valid=with_valid)
 
   @staticmethod
+  def host(x: Any) -> Any:
+    """The whole value of a device array (or pytree of them) as numpy, on every process: the way to read
+    a result on the host (``np.asarray`` fails on an array spread over several hosts). A collective on a
+    multi-host run: call it on every process, never in code only process 0 runs."""
+    return distributed.to_host(x)
+
+  @staticmethod
   def real_rows(x: Any, valid: Any) -> np.ndarray:
-    """The real rows of a padded device array [B_padded, ...] as numpy (``valid`` from ``put``)."""
-    return np.asarray(x)[np.asarray(valid).astype(bool)]
+    """The real rows of a padded device array [B_padded, ...] as numpy (``valid`` from ``put``); see
+    ``host``."""
+    return distributed.to_host(x)[distributed.to_host(valid).astype(bool)]
 
   @property
   def data_parallel_size(self) -> int:
@@ -172,9 +213,9 @@ class StageContext:
     return jax.tree.map(lambda x: sharding.rows_sharding(self.mesh, self.rules, x.shape), batch)
 
   def loader(self, source, batch_size: int) -> BatchLoader:
-    """Deterministic, per-host batches of ``source`` seeded by the run's seed."""
-    return BatchLoader(len(source), batch_size, seed=self.config.seed, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+    """Deterministic global batches of ``source`` seeded by the run's seed: the same indices on every
+    process (``put`` copies each process's rows to its devices)."""
+    return BatchLoader(len(source), batch_size, seed=self.config.seed)
 
   def key(self, stream: str, instance: str = "") -> jax.Array:
     """The PRNG key of one named use (see ``rlhf_jax.rng.STREAMS``) by one stage instance."""
@@ -189,8 +230,29 @@ class StageContext:
   @functools.cached_property
   def model_config(self) -> DecoderConfig:
     values = self.config.model.to_dict()
+    if self.hf_source:
+      return self._hf_model_config(values)
     values["vocab_size"] = self.tokenizer.vocab_size
     return DecoderConfig.from_mapping(values)
+
+  def _hf_model_config(self, values: dict) -> DecoderConfig:
+    """The checkpoint's architecture (config.model's shape keys must match it) with the run's dtypes,
+    dropout, remat and scan_layers; every "hf:" source of the run must have the same shape."""
+    runtime = {k: v for k, v in values.items() if k not in (*hf_models.SHAPE_KEYS, "vocab_size")}
+    try:
+      configs = {p: hf_models.decoder_config(hf_models.read_config(p), **runtime) for p in self.hf_sources}
+      cfg = configs[self.hf_source]
+      hf_models.check_shape_keys(values, cfg, self.hf_source)
+    except hf_models.HFError as e:
+      raise StageError(str(e)) from e
+    for path, other in configs.items():
+      if other != cfg:
+        raise StageError(f"hf:{path} and hf:{self.hf_source} differ in architecture ({other} vs {cfg}); one run "
+                         "has one model shape")
+    if self.tokenizer.vocab_size > cfg.vocab_size:
+      raise StageError(f"the tokenizer of hf:{self.hf_source} has {self.tokenizer.vocab_size} tokens, more than the "
+                       f"model's vocab_size {cfg.vocab_size}")
+    return cfg
 
   def model_factory(self, kind: str, head_std: float = 0.0) -> Callable[[nnx.Rngs], nnx.Module]:
     """``make(rngs)`` for a ``"lm"`` decoder or a ``"scalar"`` (reward/value) model."""
@@ -220,7 +282,7 @@ class StageContext:
       return
     self._reported.add(kind)
     found = sharding.replicated_params(abstract, self.mesh, self.rules)
-    if found:
+    if found and self.is_primary:
       logging.warning("mesh %s cannot split %d %s parameter(s), replicated along those axes: %s",
                       dict(self.mesh.shape), len(found), kind,
                       "; ".join(f"{path} ({why})" for path, why in found.items()))
@@ -244,7 +306,16 @@ class StageContext:
       ckpt.save(0, params, extra or {}, force=True)
 
   def load_params(self, stage: str, kind: str) -> tuple[dict, dict]:
-    """Restores ``STAGE/params`` onto this run's mesh -> (params, extra)."""
+    """Restores ``STAGE/params`` onto this run's mesh -> (params, extra).
+
+    ``stage`` "hf:PATH" reads a Hugging Face checkpoint instead (a causal LM for ``kind`` "lm", a one-label
+    sequence-classification model for "scalar"), straight into this run's shardings; extra is empty."""
+    source = hf_models.hf_path(stage)
+    if source:
+      try:
+        return hf_models.read_params(source, self.model_config, kind, self.mesh, self.rules), {}
+      except (hf_models.HFError, ImportError) as e:
+        raise StageError(f"{stage}: {e}") from e
     directory = os.path.join(self.stage_dir(stage), "params")
     if not os.path.isdir(directory):
       raise StageError(f"missing params of stage instance '{stage}' ({directory}): run that stage first")
@@ -274,6 +345,20 @@ class ConcatSource:
 
 def sync(name: str) -> None:
   """Barrier across hosts (no-op on one host)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+  distributed.sync(name)
+
+
+# How long a process waits for a file that process 0 writes (a dataset it builds), in seconds.
+WAIT_FOR_PRIMARY_S = 1800
+
+
+def wait_for_path(path: str, what: str, timeout: float = WAIT_FOR_PRIMARY_S) -> None:
+  """Polls until ``path`` exists; raises ``StageError`` after ``timeout`` seconds. (If process 0 died
+  meanwhile, JAX's coordination service stops this process sooner.)"""
+  deadline = time.monotonic() + timeout
+  delay = 0.05
+  while not os.path.exists(path):
+    if time.monotonic() > deadline:
+      raise StageError(f"waited {timeout:.0f}s for {what} at {path}")
+    time.sleep(delay)
+    delay = min(delay * 2, 2.0)

@@ -45,7 +45,7 @@ class PolicyEvaluator:
     # Padded to fit the mesh; every metric reads the real rows (``valid``) only.
     self.prompt = ctx.put({**batch, "group": np.arange(len(self.prompts), dtype=np.int32)}, with_valid=True)
     self.group = self.prompt["group"]
-    self.valid = np.asarray(self.prompt["valid"]).astype(bool)
+    self.valid = ctx.host(self.prompt["valid"]).astype(bool)
     self.sampling = ctx.sampling(cfg)
     graphdef = ctx.graphdef("lm")
     self.rollout_fn = make_rollout_fn(graphdef, self.sampling)

@@ -62,8 +62,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     # Padded to fit the mesh; only the real rows' responses and scores are read.
     batch = ctx.put({**batch, "group": group}, with_valid=True)
     rollout = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
-    real = np.asarray(batch["valid"]).astype(bool)
-    lengths = np.asarray(rollout.response_mask).sum(axis=1)[real]
+    real = ctx.host(batch["valid"]).astype(bool)
+    lengths = ctx.host(rollout.response_mask).sum(axis=1)[real]
     counts += compute.rollout_counts(ctx.model_config, len(real), rollout.prompt_len, lengths,
                                      rollout.response_len, samples=int(real.sum()))
     if scorer is not None:

@@ -85,7 +85,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                       "response_mask": r.response_mask, "group": r.group, "score": scorer(r),
                       "log_ratio": log_ratio_fn(params, r),
                       "gold": gold(r, texts[rows], response_texts(ctx.tokenizer, r))})
-      data = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+      data = {k: np.concatenate([ctx.host(p[k]) for p in parts]) for k in parts[0]}
       if ctx.is_primary:
         os.makedirs(rounds_dir, exist_ok=True)
         tmp = path + ".tmp.npz"

@@ -1,0 +1,180 @@
+"""One run over many processes (hosts): joining, the host-count check, who writes, host copies of arrays.
+
+JAX runs on several hosts as one process per host (multi-controller): every process runs the same
+program on the same global arrays and holds the shards of its own devices. A process joins a run
+through ``jax.distributed.initialize`` when
+
+* ``JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` are set (N > 1): any
+  machines, e.g. GPU nodes, or several processes on one machine as the tests start them;
+* SLURM (``srun``, more than one task) or Open MPI (``mpirun``, more than one rank) started it: JAX
+  reads the coordinator, count and index from their environment;
+* ``RLHF_JAX_EXPECTED_PROCESSES=N`` (N > 1; the TPU launcher sets it) or ``--config.distributed=True``
+  is given: JAX finds everything itself (Cloud TPU VMs, SLURM, Open MPI).
+
+On CPU the collectives between processes go through gloo. A process that dies is noticed by the others
+within ``RLHF_JAX_HEARTBEAT_TIMEOUT`` seconds (default 60; JAX's coordination service stops them with
+"Terminating process because the JAX distributed service detected fatal errors"), or at once when they
+were exchanging data with it; re-running the same command resumes from the last checkpoint.
+
+Every process builds the same host-side values (batches are functions of seed and step), so anything a
+process computes on the host from a global array must see the whole array: ``to_host``. Only process 0
+writes the workdir's logs, metrics, summaries and markers (``is_primary``); every process writes its own
+checkpoint shards (Orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax.config_io import ConfigError
+
+# Read by JAX itself (jax.distributed.initialize) when set; the other two are ours.
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+# How many processes the launcher started; the run stops before its first step if JAX sees another count.
+EXPECTED_ENV = "RLHF_JAX_EXPECTED_PROCESSES"
+# Seconds (integers): a process silent this long is dead; a finished process waits this long for the others;
+# a process waits this long for all to join.
+TIMEOUT_ENVS = {"heartbeat_timeout_seconds": ("RLHF_JAX_HEARTBEAT_TIMEOUT", 60),
+                "shutdown_timeout_seconds": ("RLHF_JAX_SHUTDOWN_TIMEOUT", 120),
+                "initialization_timeout": ("RLHF_JAX_INIT_TIMEOUT", 300)}
+
+
+class DistributedError(ConfigError):
+  """The processes of a run do not make up the run they were launched as."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How this process joins a multi-process run: ``source`` says what asked for it; None fields are left
+  to JAX's own detection (Cloud TPU metadata, SLURM, Open MPI)."""
+
+  source: str
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> int | None:
+  value = environ.get(name, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise DistributedError(f"{name}={value!r} is not an integer") from None
+
+
+def detect(enabled: bool = False, environ: Mapping[str, str] | None = None) -> Launch | None:
+  """The multi-process launch this process is part of, or None for a single-process run.
+
+  ``enabled`` is ``config.distributed``. Explicit ``JAX_*`` variables come first; a set of them that
+  is incomplete, or names one process, is an error rather than a silent single-process run.
+  """
+  environ = os.environ if environ is None else environ
+  address = environ.get(COORDINATOR_ENV) or None
+  count, index = _int_env(environ, NUM_PROCESSES_ENV), _int_env(environ, PROCESS_ID_ENV)
+  expected = _int_env(environ, EXPECTED_ENV)
+  explicit = {COORDINATOR_ENV: address, NUM_PROCESSES_ENV: count, PROCESS_ID_ENV: index}
+  if any(v is not None for v in explicit.values()):
+    if count == 1 and index in (None, 0):
+      return None
+    missing = [k for k, v in explicit.items() if v is None]
+    if missing and not (enabled or (expected or 0) > 1):
+      raise DistributedError(f"{', '.join(k for k, v in explicit.items() if v is not None)} set but not "
+                             f"{', '.join(missing)}: set all three to join a multi-process run")
+    if count is not None and index is not None and not 0 <= index < count:
+      raise DistributedError(f"{PROCESS_ID_ENV}={index} is not in [0, {NUM_PROCESSES_ENV}={count})")
+    return Launch("environment", address, count, index)
+  if (_int_env(environ, "SLURM_STEP_NUM_TASKS") or _int_env(environ, "SLURM_NTASKS") or 1) > 1 \
+      and "SLURM_JOB_ID" in environ:
+    return Launch("slurm")
+  if (_int_env(environ, "OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    return Launch("openmpi")
+  if (expected or 1) > 1:
+    return Launch(EXPECTED_ENV)
+  if enabled:
+    return Launch("config.distributed")
+  return None
+
+
+def timeouts(environ: Mapping[str, str] | None = None) -> dict[str, int]:
+  """``jax.distributed.initialize`` timeout arguments from ``RLHF_JAX_*_TIMEOUT`` (or our defaults)."""
+  environ = os.environ if environ is None else environ
+  out = {}
+  for arg, (name, default) in TIMEOUT_ENVS.items():
+    value = _int_env(environ, name)
+    out[arg] = default if value is None else value
+  return out
+
+
+def initialize(enabled: bool = False, environ: Mapping[str, str] | None = None) -> Launch | None:
+  """Joins the multi-process run this process was started in (see the module docstring), then checks
+  the process count. Call before anything touches a device; a second call does nothing."""
+  environ = os.environ if environ is None else environ
+  launch = detect(enabled, environ)
+  if launch is not None and not jax.distributed.is_initialized():
+    # CPU collectives between processes (gloo is JAX's default where it has one; older JAX has none).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+      jax.distributed.initialize(coordinator_address=launch.coordinator_address,
+                                 num_processes=launch.num_processes, process_id=launch.process_id,
+                                 **timeouts(environ))
+    except (RuntimeError, ValueError) as e:
+      raise DistributedError(f"could not join the multi-process run ({launch.source}): {e}") from e
+    logging.info("process %d of %d joined (%s): %d of %d devices here", jax.process_index(), jax.process_count(),
+                 launch.source, jax.local_device_count(), jax.device_count())
+  check_process_count(environ)
+  return launch
+
+
+def check_process_count(environ: Mapping[str, str] | None = None) -> None:
+  """Raises ``DistributedError`` if ``RLHF_JAX_EXPECTED_PROCESSES`` (or ``JAX_NUM_PROCESSES``) is set and
+  JAX sees another number of processes: e.g. a worker started on its own, which would otherwise train
+  alone as process 0 of 1 and write over the others' workdir."""
+  environ = os.environ if environ is None else environ
+  expected = _int_env(environ, EXPECTED_ENV) or _int_env(environ, NUM_PROCESSES_ENV)
+  if expected is not None and expected != jax.process_count():
+    raise DistributedError(
+        f"this run expected {expected} processes (one per host) but JAX sees {jax.process_count()} (this is "
+        f"process {jax.process_index()}): start the same command on every host at once (gcloud ... ssh "
+        "--worker=all), with JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID where JAX cannot "
+        "detect them")
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes logs, metrics, summaries and markers."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Barrier across processes (no-op with one): e.g. after process 0 wrote a file the others read."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+  """The whole value of every array of a pytree as numpy, on every process.
+
+  An array split over several processes' devices is gathered (a collective: every process must call
+  this at the same point); arrays held whole here (one process, replicated, numpy) are just read.
+  """
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
