@@ -138,9 +138,9 @@ def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float,
                                                            ctx.key("reward/normalize", instance.name))
   rewards = ctx.real_rows(RewardModelScorer(graphdef, params)(rollout), batch["valid"])
   gain, bias = losses.reward_normalisation(jnp.asarray(rewards), bias_only=cfg.normalize == "bias")
-  real = np.asarray(batch["valid"]).astype(bool)
+  real = ctx.host(batch["valid"]).astype(bool)
   counts = compute.rollout_counts(ctx.model_config, len(real), rollout.prompt_len,
-                                  np.asarray(rollout.response_mask).sum(axis=1)[real], rollout.response_len,
+                                  ctx.host(rollout.response_mask).sum(axis=1)[real], rollout.response_len,
                                   samples=int(real.sum()))
   counts.flops += compute.sequence_flops(ctx.model_config, len(real), rollout.prompt_len + rollout.response_len,
                                          lm_head=False)
