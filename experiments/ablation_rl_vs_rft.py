@@ -1,15 +1,21 @@
-"""RL versus reward-filtered fine-tuning at matched compute, from one shared SFT + RM per seed.
+"""RL versus reward-filtered fine-tuning and the rest of the family at matched compute, from one shared
+SFT + RM per seed.
 
   python experiments/ablation_rl_vs_rft.py --workdir=DIR [--seeds=2] [--preset=quick|full]
-      [--match=samples|flops] [--config.x=y ...]
+      [--match=samples|flops] [--arms=ppo,rloo,...] [--config.x=y ...]
 
 Per seed, one workdir (DIR/seed_S) holds the shared pipeline (tokenizer,
-pretrain, sft, label, reward) and the arms: PPO, PPO-ptx, RFT best-of-N
+pretrain, sft, label, reward) and the arms (``--arms``, default all): PPO,
+PPO-ptx, RLOO and GRPO (the PPO path with a critic-free estimator, k = 4
+samples per prompt), offline DPO (on the label stage's comparisons), online
+DPO (k = 4 samples of the current policy ranked by the RM), RFT best-of-N
 (RAFT / Llama 2 rejection sampling), ReST-style RFT (rising threshold, two
-Improve passes per Grow), and best-of-n of the SFT policy for n = 1..64. The
-RFT arms get the PPO arm's budget: the same number of samples drawn
+Improve passes per Grow), and best-of-n of the SFT policy for n = 1..64.
+Every arm gets the PPO arm's budget: the same number of samples drawn
 (``--match=samples``) or the same estimated FLOPs (``--match=flops``, which
-gives RFT more samples since it skips the value model and the PPO epochs).
+gives the critic-free and RFT arms more samples since they skip the value
+model). Offline DPO draws no samples: it is matched on FLOPs in both modes,
+capped at ``DPO_MAX_EPOCHS`` passes over the comparisons.
 Writes DIR/ablation.json (every arm's metrics, compute and eval curve),
 DIR/ablation.md (mean +/- std over seeds) and DIR/ablation.png (gold reward
 against sqrt(KL), RM reward dashed, with Gao et al.'s best-of-n and RL forms
@@ -28,14 +34,19 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 from rlhf_jax import compute, defaults, pipeline
+from rlhf_jax.algorithms import dpo as dpo_lib
 from rlhf_jax.algorithms import ppo as ppo_lib
 from rlhf_jax.algorithms import rft as rft_lib
 from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models import DecoderConfig
 
-ARMS = ("ppo", "ppo_ptx", "rft_bon", "rft_rest")
-LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "rft_bon": "RFT best-of-N", "rft_rest": "ReST RFT"}
+ARMS = ("ppo", "ppo_ptx", "rloo", "grpo", "dpo", "dpo_online", "rft_bon", "rft_rest")
+LABELS = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx", "rloo": "RLOO (k=4)", "grpo": "GRPO (k=4)",
+          "dpo": "DPO (offline)", "dpo_online": "online DPO (k=4, RM-ranked)", "rft_bon": "RFT best-of-N",
+          "rft_rest": "ReST RFT"}
+GROUP_K = 4
+DPO_MAX_EPOCHS = 4
 BON_NS = (1, 2, 4, 8, 16, 32, 64)
 TABLE_BON_NS = (4, 16, 64)
 
@@ -43,7 +54,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory of the ablation (one sub-workdir per seed).")
 flags.DEFINE_integer("seeds", 2, "Number of seeds (0 .. seeds-1).")
 flags.DEFINE_enum("preset", "quick", ["quick", "full"], "quick: <= 20 min for 2 seeds on 2 CPU cores.")
-flags.DEFINE_enum("match", "samples", ["samples", "flops"], "What the RFT arms are matched to PPO on.")
+flags.DEFINE_enum("match", "samples", ["samples", "flops"], "What the arms are matched to PPO on.")
+flags.DEFINE_list("arms", list(ARMS), f"Arms to run, from {', '.join(ARMS)}.")
 config_flags.DEFINE_config_dict("config", defaults.base_config(), "The shared pipeline's config (override keys).")
 
 
@@ -54,11 +66,56 @@ def model_of(config: ConfigDict) -> DecoderConfig:
 
 
 def ppo_flops_per_sample(config: ConfigDict, ppo: ConfigDict) -> float:
-  """Estimated FLOPs per PPO sample (the ppo stage's own accounting) at full response length."""
+  """Estimated FLOPs per sample of a ppo instance (the stage's own accounting) at full response length."""
   n = ppo.sampling.max_new_tokens
   pcfg = ppo_lib.PPOConfig.from_mapping(ppo, SamplingConfig(max_new_tokens=n))
-  value_mode = "shared" if ppo.value_init == "shared" else "separate"
+  value_mode = "none" if pcfg.critic_free else "shared" if ppo.value_init == "shared" else "separate"
   return ppo_lib.iteration_counts(model_of(config), pcfg, 1, config.data.prompt_len, [n], value_mode).flops
+
+
+def ppo_budget(config: ConfigDict, match: str) -> float:
+  """The PPO arm's samples or estimated FLOPs: the budget every arm is matched to."""
+  ppo = config.ppo
+  samples = ppo.iterations * ppo.prompts_per_iteration * ppo.samples_per_prompt
+  return samples if match == "samples" else samples * ppo_flops_per_sample(config, ppo)
+
+
+def match_critic_free(config: ConfigDict, arm: ConfigDict, match: str) -> None:
+  """Sets a critic-free ppo instance's ``prompts_per_iteration`` (same iterations as PPO) to the budget."""
+  per_iteration = arm.samples_per_prompt * (1 if match == "samples" else ppo_flops_per_sample(config, arm))
+  arm.prompts_per_iteration = max(int(round(ppo_budget(config, match) / (arm.iterations * per_iteration))), 1)
+
+
+def dpo_flops_per_step(config: ConfigDict, dpo: ConfigDict, k: int) -> float:
+  """Estimated FLOPs of one dpo step on ``batch_size`` prompts x ``k`` responses (the stage's accounting);
+  online also samples them and scores them with the RM."""
+  m, p = model_of(config), config.data.prompt_len
+  n = dpo.sampling.max_new_tokens if dpo.online else config.data.response_len
+  rows = dpo.batch_size * k
+  flops = dpo_lib.step_counts(m, rows, p + n).flops
+  if dpo.online:
+    flops += (compute.rollout_counts(m, rows, p, [n] * rows, n).flops
+              + compute.sequence_flops(m, rows, p + n, lm_head=False))
+  return flops
+
+
+def match_dpo(config: ConfigDict, arm: ConfigDict, match: str) -> None:
+  """Sets a dpo instance's ``steps``: online to the budget's samples or FLOPs; offline to the FLOPs
+  budget, capped at ``DPO_MAX_EPOCHS`` passes over the label stage's comparisons."""
+  if arm.online:
+    per_step = arm.batch_size * arm.samples_per_prompt
+    if match == "flops":
+      per_step = dpo_flops_per_step(config, arm, arm.samples_per_prompt)
+    arm.steps = max(int(round(ppo_budget(config, match) / per_step)), 1)
+  else:
+    held_out = min(config.reward.eval_comparisons, max(config.label.num_prompts // 5, 1))
+    train = config.label.num_prompts - held_out
+    arm.batch_size = min(arm.batch_size, train)
+    steps = int(ppo_budget(config, "flops") // dpo_flops_per_step(config, arm, config.label.k))
+    epoch = math.ceil(train / arm.batch_size)
+    arm.steps = max(min(steps, DPO_MAX_EPOCHS * epoch), 1)
+  arm.eval_every = max(arm.steps // 8, 1)
+  arm.checkpoint_every = arm.eval_every
 
 
 def rft_flops(config: ConfigDict, rft: ConfigDict) -> float:
@@ -72,13 +129,10 @@ def rft_flops(config: ConfigDict, rft: ConfigDict) -> float:
 
 def match_rft(config: ConfigDict, rft: ConfigDict, match: str) -> None:
   """Sets ``rft.prompts_per_round`` so the arm uses the PPO arm's samples or FLOPs (in place)."""
-  ppo = config.ppo
-  ppo_samples = ppo.iterations * ppo.prompts_per_iteration * ppo.samples_per_prompt
-  per_round = rft.rounds * rft.samples_per_prompt
+  budget = ppo_budget(config, match)
   if match == "samples":
-    rft.prompts_per_round = max(ppo_samples // per_round, 1)
+    rft.prompts_per_round = max(int(budget) // (rft.rounds * rft.samples_per_prompt), 1)
     return
-  budget = ppo_samples * ppo_flops_per_sample(config, ppo)
   rft.prompts_per_round = 1
   one = rft_flops(config, rft)
   rft.prompts_per_round = 2
@@ -86,8 +140,11 @@ def match_rft(config: ConfigDict, rft: ConfigDict, match: str) -> None:
   rft.prompts_per_round = max(int((budget - one) // slope) + 1, 1)
 
 
-def arm_config(base: ConfigDict, seed: int, preset: str, match: str) -> ConfigDict:
-  """The config of one seed's workdir: the shared pipeline, the four arms, best-of-n and eval."""
+def arm_config(base: ConfigDict, seed: int, preset: str, match: str, arms=ARMS) -> ConfigDict:
+  """The config of one seed's workdir: the shared pipeline, the chosen arms, best-of-n and eval."""
+  unknown = set(arms) - set(ARMS)
+  if unknown:
+    raise ValueError(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
   c = ConfigDict(base.to_dict())
   c.seed = seed
   if preset == "quick":
@@ -96,6 +153,19 @@ def arm_config(base: ConfigDict, seed: int, preset: str, match: str) -> ConfigDi
   c.ppo.eval_every = max(c.ppo.iterations // evals, 1)
   c.ppo_ptx = ConfigDict(c.ppo.to_dict())
   c.ppo_ptx.ptx_coef = 0.5
+  # RLOO and GRPO: PPO's settings (same iterations, epochs, minibatches, KL coefficient), k samples per
+  # prompt, no value model; GRPO's advantages are already normalised per group.
+  for name, whiten in (("rloo", True), ("grpo", False)):
+    arm = ConfigDict(c.ppo.to_dict())
+    arm.update(dict(advantage=name, samples_per_prompt=GROUP_K, whiten_advantages=whiten))
+    match_critic_free(c, arm, match)
+    c[name] = arm
+  for name, online in (("dpo", False), ("dpo_online", True)):
+    arm = defaults.stage("dpo", online=online, reward="reward", samples_per_prompt=GROUP_K,
+                         comparisons=() if online else ("label",))
+    arm.sampling = ConfigDict(c.ppo.sampling.to_dict())
+    match_dpo(c, arm, match)
+    c[name] = arm
   for name, selection, passes in (("rft_bon", "best_of_n", 1), ("rft_rest", "threshold", 2)):
     arm = defaults.stage("rft", selection=selection, rounds=4, samples_per_prompt=8, improve_passes=passes,
                          improve_steps=10 // passes, batch_size=16, threshold_start=0.5, threshold_step=0.25)
@@ -105,8 +175,10 @@ def arm_config(base: ConfigDict, seed: int, preset: str, match: str) -> ConfigDi
     arm.checkpoint_every = arm.eval_every
     c[name] = arm
   c.bon = defaults.stage("best_of_n", ns=BON_NS, num_prompts=min(c.evaluation.num_prompts, 64))
-  c.eval.policies = ("sft",) + ARMS
-  c.stages = "tokenizer,pretrain,sft,label,reward," + ",".join(ARMS) + ",bon,eval"
+  for name in set(ARMS) - set(arms):
+    del c[name]
+  c.eval.policies = ("sft",) + tuple(arms)
+  c.stages = "tokenizer,pretrain,sft,label,reward," + ",".join(arms) + ",bon,eval"
   return c
 
 
@@ -116,13 +188,13 @@ def curve(workdir: str, name: str) -> list[dict[str, float]]:
           for r in read_metrics(workdir, name) if "eval/gold_reward" in r and "eval/kl" in r]
 
 
-def collect(workdir: str) -> dict:
+def collect(workdir: str, arms=ARMS) -> dict:
   """One seed's results: per arm (and SFT, best-of-n) its final metrics, compute and curve."""
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   ev = summary["eval"]
   out = {}
-  for name in ("sft",) + ARMS:
+  for name in ("sft",) + tuple(arms):
     out[name] = {k.split("/", 1)[1]: v for k, v in ev.items() if k.startswith(name + "/eval/")}
     out[name]["compute"] = {k: v for k, v in summary.get(name, {}).items() if k.startswith("compute/")}
     out[name]["curve"] = curve(workdir, name) if name != "sft" else []
@@ -154,12 +226,17 @@ def mean_std(values, digits: int = 3) -> str:
   return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
+def arms_of(runs: list[dict]) -> tuple[str, ...]:
+  """The arms the runs hold, in ``ARMS`` order."""
+  return tuple(a for a in ARMS if a in runs[0])
+
+
 def table(runs: list[dict]) -> str:
   """Markdown table, mean +/- std over seeds."""
   head = ("| method | gold reward | RM reward | KL to SFT (nats) | win rate vs SFT | samples drawn | grad steps | "
           "TFLOPs |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
   lines = [head]
-  for name in ("sft",) + ARMS:
+  for name in ("sft",) + arms_of(runs):
     entries = [r[name] for r in runs]
     get = lambda key: mean_std([e.get(key) for e in entries])  # noqa: E731
     comp = lambda key, scale=1.0, digits=0: mean_std(  # noqa: E731
@@ -181,11 +258,12 @@ def plot(runs: list[dict], path: str) -> dict:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5.5))
-  colors = {"ppo": "tab:blue", "ppo_ptx": "tab:cyan", "rft_bon": "tab:green", "rft_rest": "tab:olive",
+  colors = {"ppo": "tab:blue", "ppo_ptx": "tab:cyan", "rloo": "tab:purple", "grpo": "tab:pink",
+            "dpo": "tab:brown", "dpo_online": "tab:orange", "rft_bon": "tab:green", "rft_rest": "tab:olive",
             "bon": "tab:red"}
   fits = {}
   series = {}
-  for name in ARMS:
+  for name in arms_of(runs):
     # Every arm starts at the SFT policy: KL 0, no gain.
     pts = [(0.0, 0.0, 0.0)] + [(math.sqrt(max(p["kl"], 0.0)), p["gold"] - run["sft"]["eval/gold_reward"],
                                 p["rm"] - run["sft"]["eval/rm_reward"]) for run in runs for p in run[name]["curve"]]
@@ -222,22 +300,35 @@ def plot(runs: list[dict], path: str) -> dict:
   return fits
 
 
-def run_ablation(base: ConfigDict, workdir: str, seeds: int, preset: str, match: str) -> dict:
+def budgets(config: ConfigDict, arms) -> str:
+  """One line: what each arm was given to match the PPO arm."""
+  parts = []
+  for name in arms:
+    arm = config[name]
+    if arm.kind == "ppo":
+      parts.append(f"{name} {arm.iterations}x{arm.prompts_per_iteration}x{arm.samples_per_prompt} samples")
+    elif arm.kind == "dpo":
+      parts.append(f"{name} {arm.steps} steps")
+    else:
+      parts.append(f"{name} {arm.rounds}x{arm.prompts_per_round}x{arm.samples_per_prompt} samples")
+  return ", ".join(parts)
+
+
+def run_ablation(base: ConfigDict, workdir: str, seeds: int, preset: str, match: str, arms=ARMS) -> dict:
   """Runs (or resumes) every seed, then writes ablation.json, .md and .png; returns the JSON content."""
   os.makedirs(workdir, exist_ok=True)
   runs = []
   for seed in range(seeds):
     sub = os.path.join(workdir, f"seed_{seed}")
-    config = arm_config(base, seed, preset, match)
-    print(f"[ablation] seed {seed}: {sub} (rft_bon {config.rft_bon.prompts_per_round} prompts/round, "
-          f"rft_rest {config.rft_rest.prompts_per_round})", flush=True)
+    config = arm_config(base, seed, preset, match, arms)
+    print(f"[ablation] seed {seed}: {sub} ({budgets(config, arms)})", flush=True)
     pipeline.run(config, sub)
-    runs.append(collect(sub))
+    runs.append(collect(sub, arms))
   fits = plot(runs, os.path.join(workdir, "ablation.png"))
-  result = {"preset": preset, "match": match, "seeds": seeds, "runs": runs, "gao_fits": fits}
+  result = {"preset": preset, "match": match, "seeds": seeds, "arms": list(arms), "runs": runs, "gao_fits": fits}
   with open(os.path.join(workdir, "ablation.json"), "w") as f:
     json.dump(result, f, indent=1)
-  md = (f"# RL vs RFT ablation ({preset} preset, matched on {match}, {seeds} seeds, mean ± std)\n\n"
+  md = (f"# RL vs RFT vs the critic-free and direct methods ({preset} preset, matched on {match}, {seeds} seeds, mean ± std)\n\n"
         + table(runs) + "\n")
   with open(os.path.join(workdir, "ablation.md"), "w") as f:
     f.write(md)
@@ -250,7 +341,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  run_ablation(FLAGS.config, FLAGS.workdir, FLAGS.seeds, FLAGS.preset, FLAGS.match)
+  arms = tuple(a for a in ARMS if a in FLAGS.arms)
+  if set(FLAGS.arms) - set(ARMS):
+    raise app.UsageError(f"unknown arms {sorted(set(FLAGS.arms) - set(ARMS))}; choose from {', '.join(ARMS)}")
+  run_ablation(FLAGS.config, FLAGS.workdir, FLAGS.seeds, FLAGS.preset, FLAGS.match, arms)
 
 
 if __name__ == "__main__":
