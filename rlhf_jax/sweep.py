@@ -227,7 +227,11 @@ class Sweep:
     self.prepare_shared(env)
     workdir = self.trial_workdir(params)
     trial.set_user_attr("workdir", workdir)
-    self._cli(workdir, override_args(params), env)
+    # One process per trial workdir: a trial re-queued while its first run still lives (its heartbeat
+    # looked stale on a starved machine) waits here, then finds the run finished.
+    with open(workdir + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      self._cli(workdir, override_args(params), env)
     with open(os.path.join(workdir, "summary.json")) as f:
       summary = json.load(f)
     instance, metric = self.sweep["metric"].split(":", 1)
