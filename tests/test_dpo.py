@@ -211,3 +211,49 @@ def test_online_batch_groups_k_consecutive_rows():
   batch = dpo.online_batch(prompt, prompt > 0, response, response > 0, np.array([[1, 0], [0, 0]]))
   assert batch["tokens"].shape == (2, 2, 5) and batch["tokens"][1, 0].tolist() == [6, 7, 8, 104, 105]
   assert batch["mask"][0, 0].tolist() == [0, 1, 1, 1, 1] and batch["response_mask"].tolist() == [[1, 1], [1, 1]]
+
+
+# --- online DPO through the command line: kill -9, resume, identical metrics -------------------------------
+
+# SFT from a fresh init (no pretrain stage): the test is about resuming, not about a good policy.
+TINY = [f"--config={ROOT}/configs/dpo.py", "--config.sft.init_from=", "--config.sft.steps=4",
+        "--config.sft.batch_size=16", "--config.evaluation.num_prompts=8", "--config.evaluation.lm_loss_batches=1"]
+# K-wise online DPO (3 samples per prompt) ranked by the labelers, so no label or reward stage has to run.
+ONLINE = ["--config.stages=dpo_online", "--config.dpo_online.steps=12", "--config.dpo_online.batch_size=4",
+          "--config.dpo_online.samples_per_prompt=3", "--config.dpo_online.ranker=labeler",
+          "--config.dpo_online.reward=", "--config.dpo_online.checkpoint_every=3", "--config.dpo_online.log_every=1",
+          "--config.dpo_online.eval_every=0", "--config.dpo_online.optimizer.lr=1e-3"]
+
+
+def cli(workdir, *args):
+  proc = subprocess.run([sys.executable, "-m", "rlhf_jax", f"--workdir={workdir}", *TINY, *args],
+                        capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc
+
+
+def test_online_dpo_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+  from test_pipeline import kill_when_checkpointed, rows  # the kill -9 helpers of the pipeline tests
+
+  prepared = tmp_path / "prepared"
+  cli(prepared, "--config.stages=tokenizer,sft")
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  shutil.copytree(prepared, whole)
+  shutil.copytree(prepared, killed)
+  cli(whole, *ONLINE)
+  kill_when_checkpointed(killed, "dpo_online", 3, ONLINE, base=TINY)
+  cli(killed, *ONLINE)
+  a, b = rows(whole, "dpo_online"), rows(killed, "dpo_online")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13)) + [12]
+  for ra, rb in zip(a, b):
+    assert set(ra) == set(rb)
+    for k in set(ra) - {"stage"}:
+      assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+  last = a[-2]
+  assert last["compute/samples"] == 12 * 4 * 3 and last["compute/grad_steps"] == 12
+  assert last["train/num_pairs"] <= 4 * 3 and last["compute/flops"] > 0
+  sa = json.loads((whole / "summary.json").read_text())["dpo_online"]
+  sb = json.loads((killed / "summary.json").read_text())["dpo_online"]
+  untimed = lambda d: {k: v for k, v in d.items() if not k.startswith("time/")}  # noqa: E731
+  assert untimed(sa) == pytest.approx(untimed(sb), rel=1e-5)
+  assert {"eval/gold_reward", "eval/kl", "eval/win_rate_vs_sft", "compute/tokens_generated"} <= set(sa)
