@@ -2,6 +2,7 @@
 
   rlhf-jax --config=configs/quickstart.py --workdir=/tmp/quickstart                # instruct (default)
   rlhf-jax --config=configs/quickstart.py:arithmetic --workdir=/tmp/arithmetic
+  rlhf-jax --config=configs/quickstart.py:hf=/models/gpt2 --workdir=/tmp/from_gpt2    # a local HF checkpoint
 
 One preset per built-in task (the argument; none means ``instruct``). Each
 starts from ``defaults.base_config()`` and changes only what its task needs;
@@ -11,7 +12,10 @@ experiments/task_presets.md. On arithmetic, RLHF does not yet beat SFT at this s
 does not learn to check a sum, so PPO has nothing reliable to follow.
 """
 
+import os
+
 from rlhf_jax import defaults
+from rlhf_jax.models import hf as hf_models
 
 
 def instruct():
@@ -62,11 +66,37 @@ def arithmetic():
   return c
 
 
+def hf(path: str):
+  """The instruct pipeline from a local Hugging Face checkpoint (GPT-2 or Llama family), without pretraining.
+
+  The checkpoint's weights start SFT (``sft.init_from = "hf:PATH"``), its tokenizer is used for all data
+  (no tokenizer is trained) and ``config.model`` takes its shape from its config.json. Learning rates are
+  those of fine-tuning a pretrained model; steps are the defaults'. Export the result with
+  ``rlhf-jax convert --to-hf --from=WORKDIR/ppo --out=DIR``.
+  """
+  if not path:
+    raise ValueError("configs/quickstart.py:hf=PATH needs the checkpoint directory")
+  path = os.path.abspath(os.path.expanduser(path))
+  c = defaults.base_config()
+  c.model.update(hf_models.model_config_values(path))
+  c.stages = ",".join(s for s in defaults.DEFAULT_STAGES if s not in ("tokenizer", "pretrain"))
+  c.sft.init_from = hf_models.HF_PREFIX + path
+  # Pretrained weights: learning rates of fine-tuning (the defaults' 3e-3 / 5e-4 / 3e-4 are for the tiny models
+  # trained from scratch and would wreck a pretrained one).
+  c.sft.optimizer.lr = 2e-5
+  c.reward.optimizer.lr = 1e-5
+  c.ppo.policy_optimizer.lr = 1e-6
+  c.ppo.value_optimizer.lr = 1e-5
+  return c
+
+
 PRESETS = {"instruct": instruct, "arithmetic": arithmetic}
 
 
 def get_config(arg=None):
   name = arg or "instruct"
+  if name.startswith("hf="):
+    return hf(name[len("hf="):])
   if name not in PRESETS:
-    raise ValueError(f"unknown quickstart preset {name!r}; known: {', '.join(PRESETS)}")
+    raise ValueError(f"unknown quickstart preset {name!r}; known: {', '.join(PRESETS)}, hf=PATH")
   return PRESETS[name]()

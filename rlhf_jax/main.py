@@ -2,6 +2,7 @@
 
   rlhf-jax --config=configs/NAME.py[:ARG] --workdir=DIR [--config.a.b=value ...]
   rlhf-jax sample --workdir=DIR --policy=NAME --prompt=TEXT [--prompt=TEXT ...] [--num_samples=K]
+  rlhf-jax convert --from-hf=HF_DIR --out=DIR | --to-hf --from=WORKDIR/INSTANCE --out=DIR
 
 Flags are absl flags and the config is an ``ml_collections.config_flags``
 config file, so ``--config.a.b=value``, ``--flagfile=FILE`` and ``--help``
@@ -327,4 +328,22 @@ def sample_command(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"sample": Command(sample_command, "sample responses of a trained policy of a workdir")}
+# --- convert: Hugging Face checkpoints in and out (rlhf_jax/convert.py) ---------------
+
+
+def convert_command(argv: list[str]) -> int:
+  """``rlhf-jax convert``: a Hugging Face checkpoint to our params, or a trained instance to one."""
+  from rlhf_jax import convert  # imports the HF reader/writer only for this command
+
+  prog = f"{PROG} convert"
+  if _wants_help(argv):
+    print(convert.main_help(_flags_help))
+    return 0
+  fv = convert.make_flags()
+  _parse(fv, argv, prog)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notes
+  return convert.run(fv)
+
+
+COMMANDS = {"sample": Command(sample_command, "sample responses of a trained policy of a workdir"),
+            "convert": Command(convert_command, "Hugging Face checkpoints in (--from-hf) and out (--to-hf)")}

@@ -22,14 +22,16 @@ from rlhf_jax.state import TrainState, step_key
 
 
 def pretrain_config() -> ConfigDict:
-  """Keys of a ``pretrain`` instance: a fresh decoder trained on pretraining text."""
+  """Keys of a ``pretrain`` instance: a decoder trained on pretraining text. Inputs: ``init_from`` (a policy
+  instance or "hf:PATH" to continue pretraining; "" = fresh init)."""
   c = loop_config(steps=400, batch_size=32, lr=3e-3)
   c.kind = "pretrain"
+  c.init_from = ""
   return c
 
 
 def sft_config() -> ConfigDict:
-  """Keys of an ``sft`` instance. Inputs: ``init_from`` (a policy instance; "" = fresh init)."""
+  """Keys of an ``sft`` instance. Inputs: ``init_from`` (a policy instance or "hf:PATH"; "" = fresh init)."""
   c = loop_config(steps=600, batch_size=32, lr=3e-3)
   c.update(dict(kind="sft", init_from="pretrain", mask_prompt=True, ptx_coef=0.0))
   return c

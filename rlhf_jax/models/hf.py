@@ -126,6 +126,11 @@ def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:
     raise HFError(f"{model_type} config.json: {e}") from e
 
 
+def is_reward_checkpoint(path: str) -> bool:
+  """Whether the checkpoint is a ``*ForSequenceClassification`` model (a reward model, read as ``"scalar"``)."""
+  return any(a.endswith("ForSequenceClassification") for a in read_config(path).get("architectures") or ())
+
+
 def model_config_values(path: str) -> dict:
   """The ``config.model`` keys a checkpoint fixes (``SHAPE_KEYS`` and ``vocab_size``), for config files."""
   cfg = decoder_config(read_config(path))
@@ -298,7 +303,8 @@ def top_specs(cfg: DecoderConfig, kind: str) -> dict[tuple[str, ...], Spec]:
   return specs
 
 
-def _abstract_params(cfg: DecoderConfig, kind: str) -> nnx.State:
+def abstract_params(cfg: DecoderConfig, kind: str) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, abstract state) of a ``"lm"`` Decoder or ``"scalar"`` ScalarModel of ``cfg``."""
   if kind == "lm":
     make = lambda: Decoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
   elif kind == "scalar":
@@ -320,13 +326,17 @@ def read_params(path: str, cfg: DecoderConfig, kind: str = "lm", mesh: Mesh | No
   """
   hf = read_config(path) if hf is None else hf
   mesh = sharding.make_mesh({"fsdp": -1}) if mesh is None else mesh
-  _, abstract = _abstract_params(cfg, kind)
+  _, abstract = abstract_params(cfg, kind)
   shardings = sharding.state_shardings(abstract, mesh, tuple(rules))
   targets = abstract.to_pure_dict()
   shardings = nnx.State(shardings).to_pure_dict()
   tops = top_specs(cfg, kind)
   blocks = [block_specs(cfg, i) for i in range(cfg.num_layers)]
   if kind == "scalar":
+    architectures = hf.get("architectures") or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+      raise HFError(f"{path} holds a {architectures[0]}, not a reward model (a *ForSequenceClassification "
+                    "checkpoint with one label)")
     labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 1
     if labels != 1:
       raise HFError(f"{path}: a reward model needs a sequence-classification head with 1 label, not {labels}")
@@ -383,7 +393,7 @@ def load(path: str, *, kind: str = "lm", mesh: Mesh | None = None,
   """
   hf = read_config(path)
   cfg = decoder_config(hf, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers, remat=remat)
-  graphdef, abstract = _abstract_params(cfg, kind)
+  graphdef, abstract = abstract_params(cfg, kind)
   params = read_params(path, cfg, kind, mesh, rules, hf)
   abstract.replace_by_pure_dict(params)
   return nnx.merge(graphdef, abstract)

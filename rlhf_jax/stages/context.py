@@ -242,13 +242,13 @@ class StageContext:
     try:
       configs = {p: hf_models.decoder_config(hf_models.read_config(p), **runtime) for p in self.hf_sources}
       cfg = configs[self.hf_source]
+      for path, other in configs.items():
+        if other != cfg:
+          raise StageError(f"hf:{path} and hf:{self.hf_source} differ in architecture ({other} vs {cfg}); one "
+                           "run has one model shape")
       hf_models.check_shape_keys(values, cfg, self.hf_source)
     except hf_models.HFError as e:
       raise StageError(str(e)) from e
-    for path, other in configs.items():
-      if other != cfg:
-        raise StageError(f"hf:{path} and hf:{self.hf_source} differ in architecture ({other} vs {cfg}); one run "
-                         "has one model shape")
     if self.tokenizer.vocab_size > cfg.vocab_size:
       raise StageError(f"the tokenizer of hf:{self.hf_source} has {self.tokenizer.vocab_size} tokens, more than the "
                        f"model's vocab_size {cfg.vocab_size}")

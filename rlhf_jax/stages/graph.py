@@ -17,9 +17,13 @@ from typing import Callable
 from ml_collections import ConfigDict
 
 from rlhf_jax.config_io import ConfigError
+from rlhf_jax.models.hf import HF_PREFIX
 
 # What an instance of each kind produces for later instances.
 POLICY, REWARD, COMPARISONS = "policy", "reward", "comparisons"
+# A policy or reward input may instead name a Hugging Face checkpoint directory: "hf:PATH" (a causal LM, or a
+# one-label sequence-classification model as a reward model). Such inputs are not instances to run first.
+EXTERNAL = (POLICY, REWARD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +48,7 @@ class StageKind:
 
 KINDS = {k.name: k for k in (
     StageKind("tokenizer", None, {}),
-    StageKind("pretrain", POLICY, {}),
+    StageKind("pretrain", POLICY, {"init_from": POLICY}, optional=("init_from",)),
     StageKind("sft", POLICY, {"init_from": POLICY}, optional=("init_from",)),
     StageKind("label", COMPARISONS, {"policy": POLICY, "reward": REWARD}, optional=("reward",)),
     # A reward instance starts from a policy's trunk or continues another reward model.
@@ -77,8 +81,9 @@ class Instance:
     return tuple(v for v in value if v)
 
   def dependencies(self) -> dict[str, tuple[str, ...]]:
-    """Input key -> instance names, for every input that is set."""
-    return {key: self.input_names(key) for key in self.kind.inputs if self.input_names(key)}
+    """Input key -> instance names, for every input that names instances ("hf:PATH" inputs are not)."""
+    found = {key: tuple(n for n in self.input_names(key) if not n.startswith(HF_PREFIX)) for key in self.kind.inputs}
+    return {key: names for key, names in found.items() if names}
 
 
 def instances(config: ConfigDict) -> dict[str, Instance]:
@@ -102,6 +107,8 @@ def check_inputs(config: ConfigDict) -> dict[str, Instance]:
         raise ConfigError(f"config.{inst.name}.{key} is empty; it must name a {what} instance")
       for name in names:
         allowed = inst.kind.accepts.get(key, (what,))
+        if name.startswith(HF_PREFIX) and set(allowed) & set(EXTERNAL):
+          continue
         if name not in known or known[name].kind.produces not in allowed:
           options = sorted(n for n, i in known.items() if i.kind.produces in allowed)
           raise ConfigError(f"config.{inst.name}.{key} = {name!r} names no {' or '.join(allowed)} instance; "

@@ -1,4 +1,7 @@
-"""pretrain stage: next-token training of a fresh decoder on pretraining text (the base model)."""
+"""pretrain stage: next-token training of a decoder on pretraining text (the base model).
+
+A fresh decoder, or with ``init_from`` a policy instance or a Hugging Face checkpoint ("hf:PATH") to continue.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   tok = ctx.tokenizer
   train = ctx.records("pretraining", "train")
   loader = ctx.loader(train, cfg.batch_size)
-  graphdef, params, shardings = ctx.init_model("lm", ctx.key("init/policy", instance.name))
+  if cfg.init_from:
+    graphdef, shardings = ctx.graphdef("lm"), ctx.param_shardings("lm")
+    params, _ = ctx.load_params(cfg.init_from, "lm")
+  else:
+    graphdef, params, shardings = ctx.init_model("lm", ctx.key("init/policy", instance.name))
   state, state_shardings, tx = lm_train_state(params, shardings, cfg, ctx.mesh, ctx.config.seed)
 
   def host_batch(step):

@@ -17,7 +17,7 @@ from rlhf_jax import compute, losses, state as state_lib
 from rlhf_jax.algorithms.reward import (LOSSES, NORMALIZATIONS, comparison_rewards, fold_normalisation,
                                         make_reward_step)
 from rlhf_jax.data import batching
-from rlhf_jax.models import reward_head_std
+from rlhf_jax.models import hf as hf_models, reward_head_std
 from rlhf_jax.rollout import make_rollout_fn
 from rlhf_jax.scoring import RewardModelScorer, reward_scores
 from rlhf_jax.stages.context import StageContext, StageError
@@ -27,10 +27,15 @@ from rlhf_jax.tasks import pairwise_agreement
 
 
 def init_reward_params(ctx: StageContext, instance) -> dict:
-  """Scalar-model params: continue a reward instance, or a policy's trunk with a fresh head, or random."""
+  """Scalar-model params: continue a reward instance, or a policy's trunk with a fresh head, or random.
+
+  ``init_from`` "hf:PATH": a sequence-classification checkpoint is continued; a causal LM gives its trunk."""
   cfg = instance.section
   source = cfg.init_from
-  if source and KINDS[ctx.config[source].kind].produces == REWARD:
+  external = hf_models.hf_path(source)
+  continues = hf_models.is_reward_checkpoint(external) if external else (
+      bool(source) and KINDS[ctx.config[source].kind].produces == REWARD)
+  if continues:
     return ctx.load_params(source, "scalar")[0]
   std = cfg.head_std if cfg.head_std >= 0 else reward_head_std(ctx.model_config)
   _, params, _ = ctx.init_model("scalar", ctx.key("init/reward", instance.name), head_std=std)

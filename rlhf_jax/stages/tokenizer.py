@@ -1,4 +1,7 @@
-"""tokenizer stage: train a sentencepiece model on the run's text, or take ``tokenizer.path``."""
+"""tokenizer stage: train a sentencepiece model on the run's text, or take ``tokenizer.path``.
+
+In a run from a Hugging Face checkpoint (a stage input "hf:PATH") the checkpoint's tokenizer is used and
+nothing is trained."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   if instance.name != "tokenizer":
     raise StageError(f"the tokenizer instance must be named 'tokenizer', not {instance.name!r}")
   cfg = instance.section
-  if cfg.path:
+  if cfg.path or ctx.hf_source:
     return {"tokenizer/vocab_size": float(ctx.tokenizer.vocab_size)}
   if ctx.is_primary:
     texts = [r["text"] for r in ctx.records("pretraining", "train")]
