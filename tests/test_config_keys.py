@@ -15,7 +15,8 @@ from rlhf_jax import defaults, pipeline
 # (ptx in sft and ppo, adaptive KL, dropout).
 READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_mse (scored data)",
                   "rft.top_fraction": "rft.selection = top_fraction",
-                  "rft.kl_beta": "rft.selection = kl_aware"}
+                  "rft.kl_beta": "rft.selection = kl_aware",
+                  "dpo.samples_per_prompt": "dpo.online = True"}
 
 
 def _leaves(config, prefix=""):
@@ -48,7 +49,11 @@ def tiny_config():
   c.rft = defaults.stage("rft", selection="threshold", rounds=2, prompts_per_round=4, samples_per_prompt=2,
                          improve_passes=2, improve_steps=1, batch_size=4, log_every=1, checkpoint_every=2)
   c.bon = defaults.stage("best_of_n", ns=(1, 2), num_prompts=4)
-  c.stages += ",rft,bon"
+  c.dpo = defaults.stage("dpo", steps=2, batch_size=4, log_every=1, eval_every=1, checkpoint_every=1,
+                         reward="reward", label_smoothing=0.1)
+  c.dpo_online = defaults.stage("dpo", online=True, comparisons=(), reward="reward", loss="ipo",
+                                average_log_probs=True, steps=2, batch_size=2, log_every=1, checkpoint_every=2)
+  c.stages += ",rft,bon,dpo,dpo_online"
   return c
 
 
@@ -97,6 +102,8 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
   assert summary["ppo"]["compute/samples"] == ppo.iterations * ppo.prompts_per_iteration
   assert summary["ppo"]["compute/grad_steps"] == ppo.iterations * ppo.epochs * ppo.minibatches
   assert {"bon/2/gold_reward", "bon/2/kl_formula", "bon/2/kl_estimate"} <= set(summary["bon"])
+  assert summary["dpo"]["compute/grad_steps"] == 2 and "eval/preference_accuracy" in summary["dpo"]
+  assert summary["dpo_online"]["compute/samples"] == 2 * 2 * 2 and summary["dpo_online"]["compute/grad_steps"] == 2
 
 
 def c_sampled(section):
