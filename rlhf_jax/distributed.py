@@ -129,7 +129,11 @@ def initialize(enabled: bool = False, environ: Mapping[str, str] | None = None) 
                                  num_processes=launch.num_processes, process_id=launch.process_id,
                                  **timeouts(environ))
     except (RuntimeError, ValueError) as e:
-      raise DistributedError(f"could not join the multi-process run ({launch.source}): {e}") from e
+      hint = "" if launch.coordinator_address else (
+          f"; where JAX finds no cluster (Cloud TPU VM, SLURM, Open MPI) set {COORDINATOR_ENV}, "
+          f"{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}")
+      raise DistributedError(f"could not join the multi-process run (asked for by {launch.source}): "
+                             f"{' '.join(str(e).split()).rstrip('.')}{hint}") from e
     logging.info("process %d of %d joined (%s): %d of %d devices here", jax.process_index(), jax.process_count(),
                  launch.source, jax.local_device_count(), jax.device_count())
   check_process_count(environ)

@@ -1,0 +1,242 @@
+"""Multi-process runs for real: several ``python -m rlhf_jax`` processes on this machine, joined by JAX's
+coordinator on a free localhost port (``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``),
+each with fake CPU devices, make one run on one global mesh (gloo collectives between them).
+
+* 2 processes x 2 devices run pretrain, SFT, label, reward and PPO of the default task at tiny size on a
+  2x1x2 (data x fsdp x tensor) mesh, so batch rows are split across processes and tensor shards within
+  each. One process is killed during PPO: the other must exit non-zero within a bounded time with JAX's
+  error naming the dead task, not hang. The same command again resumes (finished stages skipped, PPO from
+  its last checkpoint) and finishes; its summary must equal the single-process run on the same global mesh
+  (1 process x 4 devices) within float tolerance, only process 0 writes logs and metrics, and every
+  process writes its own checkpoint shards.
+* A worker started alone where the launcher expected more processes stops at once with a clear error.
+* ``RLHF_JAX_MULTIHOST=full`` adds 4 processes x 1 device (tensor shards across processes too).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlhf_jax import distributed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config.stages=tokenizer,pretrain,sft,label,reward,ppo",
+        "--config.pretrain.steps=6", "--config.pretrain.batch_size=8", "--config.pretrain.log_every=3",
+        "--config.pretrain.checkpoint_every=3",
+        "--config.sft.steps=4", "--config.sft.batch_size=8", "--config.sft.log_every=2",
+        "--config.label.num_prompts=24", "--config.label.k=2",
+        "--config.reward.steps=4", "--config.reward.batch_size=4", "--config.reward.log_every=2",
+        "--config.reward.normalize_samples=6",
+        # 6 eval prompts and 9 PPO rollouts: padded on 2-way data parallelism.
+        "--config.evaluation.num_prompts=6", "--config.evaluation.lm_loss_batches=1",
+        "--config.evaluation.batch_size=6",
+        "--config.ppo.iterations=3", "--config.ppo.prompts_per_iteration=3", "--config.ppo.samples_per_prompt=3",
+        "--config.ppo.minibatches=1", "--config.ppo.log_every=1", "--config.ppo.eval_every=0",
+        "--config.ppo.checkpoint_every=1",
+        # Gumbel-max: a token flips only at a near tie, not whenever float noise moves a CDF boundary.
+        "--config.label.sampling.method=gumbel", "--config.ppo.sampling.method=gumbel",
+        "--config.evaluation.sampling.method=gumbel",
+        "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"]
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Seconds without heartbeats after which JAX declares a process dead (the default, 60, is for real hosts).
+HEARTBEAT_S = 10
+# The survivors of a kill must be gone within this many seconds of it.
+EXIT_WITHIN_S = HEARTBEAT_S + 50
+# One process and several on the same global mesh differ only in the order of float reductions (gloo's
+# all-reduce between processes): measured at most 6e-6.
+TOL = 1e-4
+
+full = pytest.mark.skipif(os.environ.get("RLHF_JAX_MULTIHOST") != "full",
+                          reason="RLHF_JAX_MULTIHOST=full adds the 4-process run (about 4 minutes on 2 cores)")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def env(devices: int, **extra) -> dict:
+  # Fewer XLA optimisations: compiling dominates these runs (about a quarter faster; same results here).
+  flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+  out = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+             RLHF_JAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), RLHF_JAX_SHUTDOWN_TIMEOUT="30", RLHF_JAX_INIT_TIMEOUT="120")
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", distributed.EXPECTED_ENV):
+    out.pop(name, None)
+  out.update({k: str(v) for k, v in extra.items()})
+  return out
+
+
+def command(workdir) -> list[str]:
+  return [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}", *TINY]
+
+
+def start(workdir, processes: int, devices: int, tag: str) -> list[tuple[subprocess.Popen, pathlib.Path]]:
+  """``processes`` processes of one run, each with ``devices`` fake devices; (process, its log) each. Runs
+  in one workdir share a compilation cache (a resumed run reuses what the killed one compiled)."""
+  port = free_port()
+  cache = dict(JAX_COMPILATION_CACHE_DIR=f"{workdir}.jax_cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
+  procs = []
+  for i in range(processes):
+    log = pathlib.Path(f"{workdir}.{tag}.p{i}.log")
+    with open(log, "w") as f:
+      procs.append((subprocess.Popen(command(workdir), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                     env=env(devices, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                             JAX_NUM_PROCESSES=processes, JAX_PROCESS_ID=i, **cache)), log))
+  return procs
+
+
+def finish(procs, timeout: float = 900) -> None:
+  deadline = time.monotonic() + timeout
+  try:
+    for proc, log in procs:
+      rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+      assert rc == 0, f"{log}: exit {rc}\n{log.read_text()[-4000:]}"
+  finally:
+    for proc, _ in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def summary(workdir) -> dict:
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+def compared(entry: dict) -> dict:
+  """Summary values that do not depend on how many processes ran (timings and the mesh entry left out)."""
+  return {f"{stage}/{k}": v for stage, values in entry.items() if stage != "mesh"
+          for k, v in values.items() if not k.startswith("time/")}
+
+
+def assert_matches(got: dict, ref: dict) -> float:
+  got, ref = compared(got), compared(ref)
+  assert set(got) == set(ref)
+  worst = max(abs(got[k] - ref[k]) for k in ref)
+  assert worst <= TOL, {k: (got[k], ref[k]) for k in ref if abs(got[k] - ref[k]) > TOL}
+  return worst
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+  """The single-process run on the same global mesh (1 process x 4 devices)."""
+  workdir = tmp_path_factory.mktemp("multihost") / "one"
+  proc = subprocess.run(command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900, env=env(4))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return summary(workdir)
+
+
+def test_two_processes_survive_a_kill_resume_and_match_one(one_process, tmp_path):
+  workdir = tmp_path / "two"
+  procs = start(workdir, 2, 2, "killed")
+  # Wait until PPO has checkpointed its first iteration, then kill process 1 in the middle of PPO.
+  marker = workdir / "ppo" / "checkpoints" / "1"
+  deadline = time.monotonic() + 900
+  while not marker.is_dir():
+    dead = [(p.returncode, log) for p, log in procs if p.poll() is not None]
+    assert not dead, f"a process exited before the kill: {dead}\n{dead[0][1].read_text()[-4000:]}"
+    assert time.monotonic() < deadline, "PPO never checkpointed"
+    time.sleep(0.2)
+  (victim, _), (survivor, survivor_log) = procs[1], procs[0]
+  victim.send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  try:
+    rc = survivor.wait(timeout=EXIT_WITHIN_S + 60)
+  finally:
+    for proc, _ in procs:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()
+  waited = time.monotonic() - killed_at
+  text = survivor_log.read_text()
+  assert rc != 0 and waited < EXIT_WITHIN_S, (rc, waited, text[-3000:])
+  # JAX's own message: the coordination service saw the task stop, or a collective lost its peer.
+  assert "another task died" in text or "Connection closed by peer" in text, text[-3000:]
+
+  # The same command again: finished stages are skipped, PPO resumes from its checkpoint.
+  procs = start(workdir, 2, 2, "resumed")
+  finish(procs)
+  out0, out1 = (log.read_text() for _, log in procs)
+  for stage in ("tokenizer", "pretrain", "sft", "label", "reward"):
+    assert f"[rlhf-jax] {stage}: already finished, skipped" in out0
+  assert "[rlhf-jax]" not in out1 and "ppo " not in out1  # logs and progress from process 0 only
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  ppo_steps = [r["step"] for r in rows if r["stage"] == "ppo" and "train/policy_loss" in r]
+  assert ppo_steps == [1, 2, 3]  # each iteration logged once: lines after the checkpoint were replayed
+  pretrain_steps = [r["step"] for r in rows if r["stage"] == "pretrain" and "train/loss" in r]
+  assert pretrain_steps == [3, 6]
+  # Every process wrote its own shards of the multi-process checkpoints.
+  shards = sorted(p.name for p in (workdir / "ppo" / "checkpoints" / "3" / "state").glob("ocdbt.process_*"))
+  assert shards == ["ocdbt.process_0", "ocdbt.process_1"]
+
+  got = summary(workdir)
+  assert got["mesh"]["mesh/data_parallel"] == 2 and got["label"]["label/comparisons"] == 24
+  worst = assert_matches(got, one_process)
+  print(f"2 processes x 2 devices (killed, resumed) vs 1 x 4: largest difference {worst:.3g}")
+
+
+@full
+def test_four_processes_match_one(one_process, tmp_path):
+  workdir = tmp_path / "four"
+  finish(start(workdir, 4, 1, "run"))
+  worst = assert_matches(summary(workdir), one_process)
+  print(f"4 processes x 1 device vs 1 x 4: largest difference {worst:.3g}")
+
+
+def test_a_worker_started_alone_stops_with_a_clear_error(tmp_path):
+  # The launcher expected 4 processes; this one has no cluster to find the others in: exit 2, one line, no run.
+  proc = subprocess.run(command(tmp_path / "alone"), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=env(1, **{distributed.EXPECTED_ENV: 4}))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "rlhf-jax: error: could not join the multi-process run" in proc.stderr, proc.stderr[-3000:]
+  assert "JAX_COORDINATOR_ADDRESS" in proc.stderr
+  assert not (tmp_path / "alone" / "metrics.jsonl").exists()
+
+
+# --- detection (no processes started) -----------------------------------------------------------------
+
+
+def test_detect_reads_the_jax_variables():
+  launch = distributed.detect(environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+                                       "JAX_PROCESS_ID": "3"})
+  assert launch == distributed.Launch("environment", "10.0.0.1:1234", 4, 3)
+  assert distributed.detect(environ={}) is None
+  assert distributed.detect(environ={"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is None
+
+
+def test_detect_clusters_and_flags():
+  assert distributed.detect(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}).source == "slurm"
+  assert distributed.detect(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+  assert distributed.detect(environ={"OMPI_COMM_WORLD_SIZE": "2"}).source == "openmpi"
+  assert distributed.detect(environ={distributed.EXPECTED_ENV: "4"}) == distributed.Launch(distributed.EXPECTED_ENV)
+  assert distributed.detect(enabled=True, environ={}).source == "config.distributed"
+
+
+def test_detect_refuses_half_set_variables():
+  with pytest.raises(distributed.DistributedError, match="JAX_PROCESS_ID"):
+    distributed.detect(environ={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+  with pytest.raises(distributed.DistributedError, match="not in"):
+    distributed.detect(environ={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+  with pytest.raises(distributed.DistributedError, match="not an integer"):
+    distributed.detect(environ={"JAX_NUM_PROCESSES": "two"})
+
+
+def test_timeouts_default_and_override():
+  assert distributed.timeouts({}) == {"heartbeat_timeout_seconds": 60, "shutdown_timeout_seconds": 120,
+                                      "initialization_timeout": 300}
+  assert distributed.timeouts({"RLHF_JAX_HEARTBEAT_TIMEOUT": "5"})["heartbeat_timeout_seconds"] == 5
+
+
+def test_host_count_check(monkeypatch):
+  distributed.check_process_count({})  # nothing expected
+  distributed.check_process_count({distributed.EXPECTED_ENV: "1"})
+  with pytest.raises(distributed.DistributedError, match="expected 4 processes .* JAX sees 1"):
+    distributed.check_process_count({distributed.EXPECTED_ENV: "4"})
