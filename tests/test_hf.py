@@ -183,6 +183,25 @@ print(json.dumps({{"wq": [list(wq.shape), list(wq.addressable_shards[0].data.sha
   assert np.abs(np.asarray(out["logits"]) - _hf_logits(ref, ids, mask))[real].max() < TOL
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+def test_rope_scaling(rope, tmp_path):
+  """Linear and Llama 3.1 RoPE scaling, on positions past the original context, and written back the same."""
+  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    rope_parameters={"rope_theta": 500.0, **rope})
+  ref = _perturb(transformers.LlamaForCausalLM(config))
+  ref.save_pretrained(str(tmp_path / "src"))
+  model = hf.load(str(tmp_path / "src"))
+  assert model.cfg.rope_scaling[:2] == (rope["rope_type"], rope["factor"])
+  ids = np.random.RandomState(4).randint(0, 64, (2, 40))
+  assert np.abs(np.asarray(hf.forward(model, ids)) - _hf_logits(ref, ids)).max() < TOL
+  hf_export.save(str(tmp_path / "out"), model.cfg, nnx.split(model)[1].to_pure_dict())
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  assert np.abs(_hf_logits(back, ids) - _hf_logits(ref, ids)).max() < TOL
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_to_transformers(checkpoints, kind, tmp_path):
   path, ref = checkpoints[kind]
@@ -272,7 +291,7 @@ def test_clear_errors(checkpoints, tmp_path):
   config = json.loads((scaled / "config.json").read_text())
   config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}
   (scaled / "config.json").write_text(json.dumps(config))
-  with pytest.raises(hf.HFError, match="RoPE scaling 'yarn' is not supported"):
+  with pytest.raises(hf.HFError, match=r"RoPE scaling 'yarn' is not supported \(supported: default, linear"):
     hf.load(str(scaled))
   with pytest.raises(hf.HFError, match="GPT2LMHeadModel, not a reward model"):
     hf.load(gpt2, kind="scalar")

@@ -46,12 +46,21 @@ class DecoderConfig:
   norm_eps: float = 1e-5
   # Output projection shares the embedding table; None: the flavour's default (GPT-2 tied, Llama untied).
   tie_embeddings: bool | None = None
+  # RoPE context stretching (llama): () none, ("linear", factor) or
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len); see layers.rope_frequencies.
+  rope_scaling: tuple = ()
 
   def __post_init__(self):
     if self.flavour not in ("gpt2", "llama"):
       raise ValueError(f"model.flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
     if self.tie_embeddings is None:
       object.__setattr__(self, "tie_embeddings", self.flavour == "gpt2")
+    scaling = tuple(self.rope_scaling or ())  # a list once read back from config.json
+    object.__setattr__(self, "rope_scaling", scaling)
+    known = {"linear": 2, "llama3": 5}
+    if scaling and known.get(scaling[0]) != len(scaling):
+      raise ValueError('model.rope_scaling must be (), ("linear", factor) or ("llama3", factor, low_freq_factor, '
+                       f"high_freq_factor, original_max_len), got {scaling!r}")
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if isinstance(value, str):

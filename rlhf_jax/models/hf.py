@@ -37,7 +37,7 @@ HF_PREFIX = "hf:"
 FLAVOURS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
 # Keys of ``config.model`` that a checkpoint fixes (the rest: dtype, dropout, remat, scan_layers are the run's).
 SHAPE_KEYS = ("flavour", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "max_len", "rope_theta",
-              "norm_eps", "tie_embeddings")
+              "rope_scaling", "norm_eps", "tie_embeddings")
 # config.json key where an exported reward model keeps the head bias Llama's score layer has no room for.
 SCORE_BIAS_KEY = "rlhf_jax_score_bias"
 
@@ -67,14 +67,21 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
-def _rope_theta(hf: Mapping[str, Any]) -> float:
-  """RoPE base from ``rope_parameters`` (transformers >= 5) or the older ``rope_theta``/``rope_scaling``."""
-  params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-  if kind != "default":
-    raise HFError(f"RoPE scaling {kind!r} is not supported (only plain RoPE, rope_type 'default')")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple]:
+  """(RoPE base, our ``rope_scaling``) from ``rope_parameters`` (transformers >= 5) or the older
+  ``rope_theta`` / ``rope_scaling`` keys."""
+  params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+  kind = params.get("rope_type") or params.get("type") or "default"
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if kind == "default":
+    return theta, ()
+  if kind == "linear":
+    return theta, ("linear", float(params["factor"]))
+  if kind == "llama3":
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    return theta, ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                   float(params["high_freq_factor"]), int(original))
+  raise HFError(f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:
@@ -91,6 +98,21 @@ def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:
     if not condition:
       raise HFError(f"{model_type} checkpoint with {what} is not supported")
 
+  try:
+    values = _decoder_values(hf, model_type, need)
+  except KeyError as e:
+    raise HFError(f"{model_type} config.json has no {e.args[0]!r}") from e
+  clash = sorted(set(runtime) & set(values))
+  if clash:
+    raise HFError(f"{clash} are fixed by the checkpoint's config.json, not run settings")
+  try:
+    return DecoderConfig(**values, **runtime)
+  except ValueError as e:
+    raise HFError(f"{model_type} config.json: {e}") from e
+
+
+def _decoder_values(hf: Mapping[str, Any], model_type: str, need: Callable[[bool, str], None]) -> dict:
+  """``DecoderConfig`` fields from a supported ``config.json``; ``need(ok, what)`` refuses what we cannot run."""
   if model_type == "gpt2":
     d, heads = hf["n_embd"], hf["n_head"]
     need(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
@@ -116,14 +138,9 @@ def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:
     values = dict(flavour="llama", vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], d_model=d,
                   num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
                   d_ff=hf["intermediate_size"], max_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  rope_theta=_rope_theta(hf), tie_embeddings=hf.get("tie_word_embeddings", False))
-  clash = sorted(set(runtime) & set(values))
-  if clash:
-    raise HFError(f"{clash} are fixed by the checkpoint's config.json, not run settings")
-  try:
-    return DecoderConfig(**values, **runtime)
-  except ValueError as e:
-    raise HFError(f"{model_type} config.json: {e}") from e
+                  tie_embeddings=hf.get("tie_word_embeddings", False))
+    values["rope_theta"], values["rope_scaling"] = _rope(hf)
+  return values
 
 
 def is_reward_checkpoint(path: str) -> bool:
@@ -184,6 +201,7 @@ class SafetensorsReader:
     else:
       self._where = {k: os.path.join(path, v) for k, v in weight_map.items()}
     self._open = safe_open
+    self._last: tuple[str | None, np.ndarray | None] = (None, None)
 
   def names(self) -> list[str]:
     return sorted(self._where)
@@ -212,7 +230,9 @@ class SafetensorsReader:
     if shape != tuple(expected_shape):
       raise HFError(f"{self.path}: tensor {name!r} has shape {shape}, but config.json implies "
                     f"{tuple(expected_shape)}")
-    return self._handle(key).get_tensor(key)
+    if self._last[0] != key:  # GPT-2's fused QKV tensor serves three of our params in a row
+      self._last = (key, self._handle(key).get_tensor(key))
+    return self._last[1]
 
   def _handle(self, key: str):
     file = self._where[key]
@@ -228,6 +248,7 @@ class SafetensorsReader:
       if exit_ is not None:
         exit_(None, None, None)
     self._files.clear()
+    self._last = (None, None)
 
   def __enter__(self) -> "SafetensorsReader":
     return self

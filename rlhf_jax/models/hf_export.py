@@ -64,8 +64,17 @@ def hf_config(cfg: DecoderConfig, kind: str = "lm", *, bos_id: int | None = None
           "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_len,
           "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-          "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-          **common}
+          "rope_theta": cfg.rope_theta, "rope_parameters": _rope_parameters(cfg), **common}
+
+
+def _rope_parameters(cfg: DecoderConfig) -> dict:
+  params = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling:
+    params.update(rope_type=cfg.rope_scaling[0], factor=cfg.rope_scaling[1])
+  if cfg.rope_scaling and cfg.rope_scaling[0] == "llama3":
+    params.update(low_freq_factor=cfg.rope_scaling[2], high_freq_factor=cfg.rope_scaling[3],
+                  original_max_position_embeddings=cfg.rope_scaling[4])
+  return params
 
 
 def _block(params: dict, cfg: DecoderConfig, i: int) -> dict:

@@ -60,10 +60,33 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary position embedding. x: [B, T, N, Dh], positions: [B, T] int."""
-  half = x.shape[-1] // 2
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> Array:
+  """RoPE's inverse frequencies [head_dim // 2], float32.
+
+  ``scaling`` stretches them for a longer context: ("linear", factor) divides all by ``factor``;
+  ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len) is Llama 3.1's rule: wavelengths
+  above ``original_max_len / low_freq_factor`` are divided by ``factor``, those below
+  ``original_max_len / high_freq_factor`` kept, and the band between interpolated.
+  """
+  half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if not scaling:
+    return freq
+  factor = float(scaling[1])
+  if scaling[0] == "linear":
+    return freq / factor
+  low, high, original = (float(v) for v in scaling[2:])
+  wavelen = 2 * math.pi / freq
+  scaled = jnp.where(wavelen > original / low, freq / factor, freq)
+  smooth = (original / wavelen - low) / (high - low)
+  medium = (wavelen >= original / high) & (wavelen <= original / low)
+  return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: tuple = ()) -> Array:
+  """Rotary position embedding. x: [B, T, N, Dh], positions: [B, T] int; ``scaling``: see ``rope_frequencies``."""
+  half = x.shape[-1] // 2
+  freq = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -126,7 +149,7 @@ class Attention(nnx.Module):
     if cfg.use_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.flavour == "llama":
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+      q, k = rope(q, positions, cfg.rope_theta, cfg.rope_scaling), rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
     b, t, h, hd = q.shape
     kvh = k.shape[2]
     k = k.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
