@@ -16,7 +16,8 @@ from rlhf_jax import defaults, pipeline
 READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_mse (scored data)",
                   "rft.top_fraction": "rft.selection = top_fraction",
                   "rft.kl_beta": "rft.selection = kl_aware",
-                  "dpo.samples_per_prompt": "dpo.online = True"}
+                  "dpo.samples_per_prompt": "dpo.online = True",
+                  "grpo.value_init": "grpo.advantage = gae (a value model)"}
 
 
 def _leaves(config, prefix=""):
@@ -53,7 +54,11 @@ def tiny_config():
                          reward="reward", label_smoothing=0.1)
   c.dpo_online = defaults.stage("dpo", online=True, comparisons=(), reward="reward", loss="ipo",
                                 average_log_probs=True, steps=2, batch_size=2, log_every=1, checkpoint_every=2)
-  c.stages += ",rft,bon,dpo,dpo_online"
+  # The critic-free estimators on the ppo path (GRPO: group advantages, k3 KL in the loss, dropped groups).
+  c.grpo = defaults.stage("ppo", advantage="grpo", samples_per_prompt=2, drop_zero_variance_groups=True,
+                          iterations=2, prompts_per_iteration=2, log_every=1, checkpoint_every=2,
+                          kl_adaptive=True, ptx_coef=0.1, ptx_batch_size=2)
+  c.stages += ",rft,bon,dpo,dpo_online,grpo"
   return c
 
 
@@ -104,6 +109,11 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
   assert {"bon/2/gold_reward", "bon/2/kl_formula", "bon/2/kl_estimate"} <= set(summary["bon"])
   assert summary["dpo"]["compute/grad_steps"] == 2 and "eval/preference_accuracy" in summary["dpo"]
   assert summary["dpo_online"]["compute/samples"] == 2 * 2 * 2 and summary["dpo_online"]["compute/grad_steps"] == 2
+  assert summary["grpo"]["compute/samples"] == 2 * 2 * 2
+  grpo_rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  grpo_rows = [r for r in grpo_rows if r["stage"] == "grpo" and "train/kl_loss" in r]
+  assert len(grpo_rows) == 2 and all("train/value_loss" not in r for r in grpo_rows)
+  assert all(0.0 <= r["rollout/zero_variance_fraction"] <= 1.0 for r in grpo_rows)
 
 
 def c_sampled(section):
