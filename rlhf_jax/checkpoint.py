@@ -12,8 +12,11 @@ renames it to `<step>/` only after every array and the metadata are on disk
 step-name parser), so a run killed mid-save resumes from the previous step;
 stale temporary directories are deleted when a writable `Checkpointer` opens.
 
-Multi-host: every process must call `save`/`restore`/`close`; Orbax elects
-the primary process for the shared writes itself.
+Multi-host: every process must call `save`/`restore`/`close`; each writes
+the shards of the arrays its devices hold, and Orbax elects the primary
+process for the shared writes (metadata, finalising) itself. The directory
+may be local (shared by all hosts) or on an object store (`gs://...`, any
+path `etils.epath` opens), which every host must reach.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from rlhf_jax.atomic_file import is_remote
 
 PyTree = Any
 
@@ -91,7 +97,8 @@ class Checkpointer:
   ):
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    directory = os.fspath(directory)
+    self.directory = epath.Path(directory if is_remote(directory) else os.path.abspath(directory))
     self.save_every = save_every
     self.read_only = read_only
     self._options = ocp.CheckpointManagerOptions(
@@ -145,7 +152,7 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     """Sorted steps of the complete (finalised) checkpoints on disk."""
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return []
     name_format = ocp.path.step.standard_name_format()
     return sorted(m.step for m in name_format.find_all(self.directory))
@@ -175,7 +182,7 @@ class Checkpointer:
       raise RuntimeError(f"Checkpointer for {self.directory} is closed.")
     if self._manager is not None:
       self._manager.wait_until_finished()
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       raise FileNotFoundError(f"Checkpoint directory does not exist: {self.directory}")
     if step is None:
       step = self.latest_step()

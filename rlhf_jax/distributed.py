@@ -106,6 +106,17 @@ def detect(enabled: bool = False, environ: Mapping[str, str] | None = None) -> L
   return None
 
 
+def set_launch_env(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                   environ: dict | None = None) -> None:
+  """The command line's ``--coordinator``/``--num_processes``/``--process_id``, as the ``JAX_*`` variables
+  they stand for (a flag wins over the variable)."""
+  environ = os.environ if environ is None else environ
+  for name, value in ((COORDINATOR_ENV, coordinator), (NUM_PROCESSES_ENV, num_processes),
+                      (PROCESS_ID_ENV, process_id)):
+    if value is not None:
+      environ[name] = str(value)
+
+
 def timeouts(environ: Mapping[str, str] | None = None) -> dict[str, int]:
   """``jax.distributed.initialize`` timeout arguments from ``RLHF_JAX_*_TIMEOUT`` (or our defaults)."""
   environ = os.environ if environ is None else environ

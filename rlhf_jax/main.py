@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from rlhf_jax import pipeline, sharding
+from rlhf_jax import distributed, pipeline, sharding
 from rlhf_jax.config_io import ConfigError, check_override_key, flat_items, load_config, read_workdir_config
 from rlhf_jax.data import batching
 from rlhf_jax.data.formats import DataError
@@ -140,6 +140,13 @@ def _run_flags(argv: list[str]) -> flags.FlagValues:
   fv["config"].parser = _ConfigFileParser()
   flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics, checkpoints, params of every stage. "
                       "Re-running the same command there resumes.", flag_values=fv)
+  # One process per host (e.g. GPU nodes): the same as JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  # JAX_PROCESS_ID (rlhf_jax.distributed); not needed on Cloud TPU, under SLURM or Open MPI.
+  flags.DEFINE_string("coordinator", None, "Multi-process run: host:port of process 0's coordinator, the same for "
+                      "every process (with --num_processes and --process_id).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Multi-process run: how many processes (one per host).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index, 0 to num_processes - 1.",
+                       flag_values=fv)
   return fv
 
 
@@ -186,7 +193,11 @@ def parse_run_args(argv: list[str]) -> tuple[ConfigDict, str]:
   config = fv.config
   for key in fv["config"].override_values:
     check_override_key(config, key)  # a dict literal may not replace a whole group
+  distributed.set_launch_env(fv.coordinator, fv.num_processes, fv.process_id)
   return config, fv.workdir
+
+
+LAUNCH_FLAGS = ["coordinator", "num_processes", "process_id"]
 
 
 def _run_help(argv: list[str]) -> str:
@@ -195,7 +206,7 @@ def _run_help(argv: list[str]) -> str:
   commands = "\n".join(f"  {name:8s} {c.summary}" for name, c in COMMANDS.items())
   text = (f"{USAGE}\n       {PROG} COMMAND --help\n\n"
           "Runs the stages that config.stages names, in order, in one workdir; finished stages are skipped.\n\n"
-          f"flags:\n{_flags_help(fv, ['config', 'workdir'])}\n\ncommands:\n{commands}\n")
+          f"flags:\n{_flags_help(fv, ['config', 'workdir', *LAUNCH_FLAGS])}\n\ncommands:\n{commands}\n")
   spec = _config_spec(fv, argv)
   if spec:
     keys = "\n".join(f"  --config.{k}={v}" for k, v in flat_items(load_config(spec)))

@@ -6,6 +6,12 @@ infinities are written as `null` so every line is standard JSON (TensorBoard
 still receives the raw non-finite value). Only newline-terminated lines count:
 a final partial line left by a killed process is ignored by `read_metrics`
 and dropped when a writer reopens the file.
+
+The workdir may be on an object store (`gs://...`), where a file cannot be
+appended to: there the writer keeps the lines and writes the whole file at
+most every `REMOTE_FLUSH_S` seconds, on `flush()` (the train loop calls it
+before each checkpoint, so no line of a checkpointed step is lost) and on
+`close()`.
 """
 
 from __future__ import annotations
@@ -14,18 +20,22 @@ import json
 import math
 import numbers
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 from tensorboardX import SummaryWriter
 
-from rlhf_jax.atomic_file import write_atomic
+from rlhf_jax.atomic_file import is_remote, write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED = ("stage", "step")
+# On an object store, metrics.jsonl is rewritten at most this often (and on flush/close).
+REMOTE_FLUSH_S = 30.0
 
 
 def _scalar(name: str, value: Any) -> int | float | bool:
@@ -55,8 +65,7 @@ def _json_value(value: int | float | bool) -> int | float | bool | None:
 
 def _complete_lines(path: str) -> tuple[list[str], int]:
   """Newline-terminated lines of `path` and the byte length they span."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = epath.Path(path).read_bytes()
   end = data.rfind(b"\n") + 1
   return data[:end].decode("utf-8").splitlines(), end
 
@@ -68,7 +77,7 @@ def read_metrics(workdir: str | os.PathLike[str], stage: str | None = None) -> l
   any other malformed line raises ValueError.
   """
   path = os.path.join(os.fspath(workdir), METRICS_FILE)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return []
   lines, _ = _complete_lines(path)
   rows = []
@@ -97,11 +106,19 @@ class MetricsWriter:
     self._path = os.path.join(self.workdir, METRICS_FILE)
     self._file = None
     self._tb: dict[str, Any] = {}
+    # Object store: the complete lines, written whole by _upload (None when local: appended to the file).
+    self._remote_lines: list[str] | None = [] if is_remote(self.workdir) else None
+    self._uploaded_at = time.monotonic()
     if is_primary:
-      os.makedirs(self.workdir, exist_ok=True)
+      epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
       self._open()
 
   def _open(self) -> None:
+    if self._remote_lines is not None:
+      if epath.Path(self._path).exists():
+        self._remote_lines = [line + "\n" for line in _complete_lines(self._path)[0]]
+      self._file = self._remote_lines
+      return
     if os.path.exists(self._path):
       _, end = _complete_lines(self._path)
       if end != os.path.getsize(self._path):
@@ -134,8 +151,14 @@ class MetricsWriter:
     values = {k: _scalar(k, v) for k, v in metrics.items()}
     row = {"stage": stage, "step": step}
     row.update((k, _json_value(v)) for k, v in values.items())
-    self._require_open().write(json.dumps(row, allow_nan=False) + "\n")
-    self._file.flush()
+    line = json.dumps(row, allow_nan=False) + "\n"
+    if self._remote_lines is not None:
+      self._require_open().append(line)
+      if time.monotonic() - self._uploaded_at >= REMOTE_FLUSH_S:
+        self._upload()
+    else:
+      self._require_open().write(line)
+      self._file.flush()
     tb = self._tensorboard(stage)
     for k, v in values.items():
       tb.add_scalar(k, float(v), step)
@@ -148,8 +171,11 @@ class MetricsWriter:
     """
     if not self.is_primary:
       return
-    self._require_open().close()
-    lines, _ = _complete_lines(self._path) if os.path.exists(self._path) else ([], 0)
+    if self._remote_lines is not None:
+      lines = [line[:-1] for line in self._require_open()]
+    else:
+      self._require_open().close()
+      lines, _ = _complete_lines(self._path) if os.path.exists(self._path) else ([], 0)
     kept = []
     for line in lines:
       row = json.loads(line) if line.strip() else None
@@ -168,23 +194,33 @@ class MetricsWriter:
       return
     path = os.path.join(self.workdir, SUMMARY_FILE)
     summary: dict[str, Any] = {}
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        summary = json.load(f)
+    if epath.Path(path).exists():
+      summary = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     entry = dict(summary.get(stage, {}))
     entry.update((k, _json_value(_scalar(k, v))) for k, v in metrics.items())
     summary[stage] = entry
     write_atomic(path, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
+  def _upload(self) -> None:
+    """Object store: writes the whole metrics.jsonl."""
+    write_atomic(self._path, "".join(self._remote_lines))
+    self._uploaded_at = time.monotonic()
+
   def flush(self) -> None:
-    """Flushes TensorBoard event files (the JSONL is flushed on every write)."""
+    """Flushes TensorBoard event files, and metrics.jsonl on an object store (locally it is flushed on
+    every write)."""
+    if self._remote_lines is not None and self._file is not None:
+      self._upload()
     for tb in self._tb.values():
       tb.flush()
 
   def close(self) -> None:
     """Closes all files; further writes are errors."""
     if self._file is not None:
-      self._file.close()
+      if self._remote_lines is not None:
+        self._upload()
+      else:
+        self._file.close()
       self._file = None
     for tb in self._tb.values():
       tb.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from rlhf_jax import distributed, sharding
@@ -38,14 +39,14 @@ def check_or_write_config(config: ConfigDict, workdir: str) -> None:
   """
   path = os.path.join(workdir, "config.json")
   resolved = json.loads(config_to_json(config))
-  if os.path.exists(path):
-    with open(path) as f:
+  if epath.Path(path).exists():
+    with epath.Path(path).open() as f:
       try:
         previous = json.load(f)
       except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); it was not written by rlhf-jax") from e
     names = set(graph.instances(config)) | {k for k, v in previous.items() if isinstance(v, dict) and "kind" in v}
-    free = set(FREE_KEYS) | {n for n in names if not os.path.exists(os.path.join(workdir, n))}
+    free = set(FREE_KEYS) | {n for n in names if not epath.Path(workdir, n).exists()}
     diffs = sorted(d for d in _diff(previous, resolved) if d.split(".", 1)[0].split(" ", 1)[0] not in free)
     if diffs:
       raise ConfigError(f"workdir {workdir} was made by a different config (differs at {', '.join(diffs[:8])}); "
@@ -84,7 +85,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
     for instance in chain:
       name = instance.name
       done = os.path.join(workdir, name, "DONE.json")
-      if os.path.exists(done):
+      if epath.Path(done).exists():
         logging.info("stage %s already finished (%s): skipped", name, done)
         say(f"[rlhf-jax] {name}: already finished, skipped")
         continue
@@ -95,14 +96,12 @@ def run(config: ConfigDict, workdir: str) -> dict:
       final = {**final, "time/stage_seconds": round(time.time() - start, 2)}
       metrics.write_summary(name, final)
       if primary:
-        os.makedirs(os.path.dirname(done), exist_ok=True)
         write_atomic(done, json.dumps(final, indent=2, sort_keys=True))
       distributed.sync(f"done-{name}")
       say(f"[rlhf-jax] {name}: done in {time.time() - start:.1f}s "
           + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k.startswith("eval/")))
   distributed.sync("summary")  # process 0 wrote it last
   summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      return json.load(f)
+  if epath.Path(summary_path).exists():
+    return json.loads(epath.Path(summary_path).read_text())
   return {}

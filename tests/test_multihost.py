@@ -13,6 +13,7 @@ each with fake CPU devices, make one run on one global mesh (gloo collectives be
 * ``RLHF_JAX_MULTIHOST=full`` adds 4 processes x 1 device (tensor shards across processes too).
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -74,22 +75,27 @@ def env(devices: int, **extra) -> dict:
   return out
 
 
-def command(workdir) -> list[str]:
-  return [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}", *TINY]
+def command(workdir, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}", *TINY,
+          *extra]
 
 
-def start(workdir, processes: int, devices: int, tag: str) -> list[tuple[subprocess.Popen, pathlib.Path]]:
-  """``processes`` processes of one run, each with ``devices`` fake devices; (process, its log) each. Runs
-  in one workdir share a compilation cache (a resumed run reuses what the killed one compiled)."""
+def start(workdir, processes: int, devices: int, tag: str, flags: bool = False):
+  """``processes`` processes of one run, each with ``devices`` fake devices -> [(process, its log)]. They
+  find each other through the JAX_* variables, or with ``flags`` through --coordinator, --num_processes
+  and --process_id. Runs in one workdir share a compilation cache (a resumed run reuses what the killed one
+  compiled)."""
   port = free_port()
   cache = dict(JAX_COMPILATION_CACHE_DIR=f"{workdir}.jax_cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0)
   procs = []
   for i in range(processes):
     log = pathlib.Path(f"{workdir}.{tag}.p{i}.log")
+    launch = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=processes, JAX_PROCESS_ID=i)
+    extra = [f"--coordinator=localhost:{port}", f"--num_processes={processes}", f"--process_id={i}"]
     with open(log, "w") as f:
-      procs.append((subprocess.Popen(command(workdir), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                     env=env(devices, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                             JAX_NUM_PROCESSES=processes, JAX_PROCESS_ID=i, **cache)), log))
+      procs.append((subprocess.Popen(command(workdir, *(extra if flags else [])), cwd=ROOT, stdout=f,
+                                     stderr=subprocess.STDOUT,
+                                     env=env(devices, **cache, **({} if flags else launch))), log))
   return procs
 
 
@@ -161,8 +167,9 @@ def test_two_processes_survive_a_kill_resume_and_match_one(one_process, tmp_path
   # JAX's own message: the coordination service saw the task stop, or a collective lost its peer.
   assert "another task died" in text or "Connection closed by peer" in text, text[-3000:]
 
-  # The same command again: finished stages are skipped, PPO resumes from its checkpoint.
-  procs = start(workdir, 2, 2, "resumed")
+  # The same run again (joined by the command-line flags this time): finished stages are skipped, PPO
+  # resumes from its checkpoint.
+  procs = start(workdir, 2, 2, "resumed", flags=True)
   finish(procs)
   out0, out1 = (log.read_text() for _, log in procs)
   for stage in ("tokenizer", "pretrain", "sft", "label", "reward"):
@@ -240,3 +247,82 @@ def test_host_count_check(monkeypatch):
   distributed.check_process_count({distributed.EXPECTED_ENV: "1"})
   with pytest.raises(distributed.DistributedError, match="expected 4 processes .* JAX sees 1"):
     distributed.check_process_count({distributed.EXPECTED_ENV: "4"})
+
+
+# --- gs:// paths (an in-memory filesystem stands in for Cloud Storage) --------------------------------
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+  """gs:// paths served by fsspec's in-memory filesystem (etils.epath reaches gs:// through fsspec)."""
+  fsspec = pytest.importorskip("fsspec")
+  from fsspec.implementations.memory import MemoryFileSystem
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store, pseudo_dirs = {}, [""]  # its own store, not the shared memory:// one
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      super().__init__(*args, **kwargs)
+
+  registry = importlib.import_module("fsspec.registry")._registry
+  for name in ("gs", "gcs"):  # undone after the test
+    monkeypatch.setitem(registry, name, FakeGCS)
+  FakeGCS.store.clear()
+  FakeGCS.clear_instance_cache()
+  yield FakeGCS
+  FakeGCS.store.clear()
+
+
+def test_metrics_summary_and_markers_on_gs(fake_gcs, monkeypatch):
+  from etils import epath
+
+  from rlhf_jax import metrics as metrics_lib
+  from rlhf_jax.atomic_file import write_atomic
+  from rlhf_jax.stages import graph
+
+  class NoTensorBoard:  # tensorboardX writes gs:// through google-cloud-storage, not installed here
+    def __init__(self, **_):
+      pass
+    add_scalar = flush = close = lambda self, *a, **k: None
+
+  monkeypatch.setattr(metrics_lib, "SummaryWriter", NoTensorBoard)
+  workdir = "gs://bucket/run"
+  with metrics_lib.MetricsWriter(workdir) as writer:
+    for step in (1, 2, 3):
+      writer.write("sft", step, {"train/loss": 1.0 / step})
+    writer.flush()
+    assert [r["step"] for r in metrics_lib.read_metrics(workdir)] == [1, 2, 3]
+    writer.truncate_after("sft", 2)
+    writer.write("sft", 3, {"train/loss": 0.25})
+    writer.write_summary("sft", {"eval/gold_reward": 0.5})
+  rows = metrics_lib.read_metrics(workdir)
+  assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+  assert json.loads(epath.Path(workdir, "summary.json").read_text()) == {"sft": {"eval/gold_reward": 0.5}}
+  # A reopened writer continues the file.
+  with metrics_lib.MetricsWriter(workdir) as writer:
+    writer.write("ppo", 1, {"train/loss": 2.0})
+  assert len(metrics_lib.read_metrics(workdir)) == 4
+  assert not graph.finished(workdir, "sft")
+  write_atomic(f"{workdir}/sft/DONE.json", "{}")
+  assert graph.finished(workdir, "sft")
+
+
+def test_data_tokenizer_and_checkpoint_paths_on_gs(fake_gcs, tmp_path):
+  from etils import epath
+
+  from rlhf_jax.checkpoint import Checkpointer
+  from rlhf_jax.data import formats
+  from rlhf_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+  texts = [f"the cat {i} sat on the mat {i * 7}" for i in range(200)]
+  local = train_tokenizer(texts, tmp_path / "spm.model", vocab_size=300, hard_vocab_limit=False)
+  epath.Path("gs://bucket/tok/spm.model").write_bytes((tmp_path / "spm.model").read_bytes())
+  remote = Tokenizer.load("gs://bucket/tok/spm.model")
+  assert remote.encode("the cat 3") == local.encode("the cat 3")
+  formats.write_records("gs://bucket/data/demos.jsonl", "demonstrations",
+                        [{"prompt": "p", "response": "r"}] * 3)
+  assert len(formats.read_records("gs://bucket/data/demos.jsonl", "demonstrations")) == 3
+  # Orbax writes gs:// itself (tensorstore); the path reaches it unchanged (not made absolute).
+  ckpt = Checkpointer("gs://bucket/run/sft/checkpoints", read_only=True)
+  assert str(ckpt.directory) == "gs://bucket/run/sft/checkpoints" and ckpt.all_steps() == []

@@ -24,6 +24,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from etils import epath
+
 from rlhf_jax.atomic_file import write_atomic
 
 KINDS = ("pretraining", "demonstrations", "comparisons", "scored", "prompts")
@@ -142,7 +144,7 @@ def read_records(path: str | os.PathLike[str],
   if kind not in KINDS:
     raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
   out = []
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open(encoding="utf-8") as f:  # local or gs://
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue

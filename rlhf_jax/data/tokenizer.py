@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 
 from rlhf_jax.atomic_file import write_atomic
 
@@ -36,10 +37,10 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-    """Loads a `.model` file written by `train_tokenizer` (or any SPM model)."""
+    """Loads a `.model` file written by `train_tokenizer` (or any SPM model); local or gs://."""
     path = os.fspath(path)
     processor = spm.SentencePieceProcessor()
-    processor.Load(model_file=path)
+    processor.LoadFromSerializedProto(epath.Path(path).read_bytes())
     return cls(processor, path)
 
   def encode(self, text: str) -> list[int]:

@@ -8,21 +8,26 @@ optimizer or mesh.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from rlhf_jax import distributed, rng, sharding, state as state_lib, tasks
+from rlhf_jax.atomic_file import is_remote
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config_groups import sampling_from_config
 from rlhf_jax.generate import SamplingConfig
@@ -112,9 +117,17 @@ class StageContext:
       except (ValueError, FileNotFoundError, ImportError) as e:
         raise StageError(f"tokenizer of hf:{self.hf_source}: {e}") from e
     path = self.tokenizer_path
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise StageError(f"no tokenizer at {path}: run the 'tokenizer' stage first or set tokenizer.path")
     return Tokenizer.load(path)
+
+  @functools.cached_property
+  def local_dir(self) -> str:
+    """A fresh local directory of this process, for what must be on local disk when the workdir is on an
+    object store (``gs://``): the TFDS datasets."""
+    path = tempfile.mkdtemp(prefix="rlhf_jax-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
   # --- data ---------------------------------------------------------------
 
@@ -138,7 +151,7 @@ class StageContext:
     if kind.endswith(COMPARISONS_SUFFIX):
       source = kind[:-len(COMPARISONS_SUFFIX)]
       path = os.path.join(self.stage_dir(source), "comparisons.jsonl")
-      if not os.path.isfile(path):
+      if not epath.Path(path).is_file():
         raise StageError(f"no comparisons from '{source}': run that label stage first (missing {path}) "
                          "or set data.comparisons_file")
       records = formats.read_records(path, "comparisons")
@@ -147,11 +160,14 @@ class StageContext:
     raise StageError(f"unknown data kind {kind!r}")
 
   def records(self, kind: str, split: str) -> tfds_datasets.RecordSource:
-    """A random-access source of ``kind`` records for ``split``, built once as a TFDS dataset."""
-    data_dir = os.path.join(self.workdir, "data")
+    """A random-access source of ``kind`` records for ``split``, built once as a TFDS dataset: in
+    ``WORKDIR/data`` by process 0, or, when the workdir is on an object store, by every process on its
+    own local disk (records are functions of the config and the workdir's files, so the copies agree)."""
+    remote = is_remote(self.workdir)
+    data_dir = os.path.join(self.local_dir if remote else self.workdir, "data")
     path = tfds_datasets.dataset_path(data_dir, kind)
     if not os.path.isdir(path):
-      if self.is_primary:
+      if self.is_primary or remote:
         tfds.disable_progress_bar()
         record_kind = "comparisons" if kind.endswith(COMPARISONS_SUFFIX) else kind
         tfds_datasets.build_dataset(self._records_for(kind), record_kind, data_dir, kind)
@@ -317,7 +333,7 @@ class StageContext:
       except (hf_models.HFError, ImportError) as e:
         raise StageError(f"{stage}: {e}") from e
     directory = os.path.join(self.stage_dir(stage), "params")
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
       raise StageError(f"missing params of stage instance '{stage}' ({directory}): run that stage first")
     shardings = self.param_shardings(kind)
     abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1].to_pure_dict()

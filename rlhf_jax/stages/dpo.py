@@ -124,7 +124,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   log_ratio_fn = dpo.make_log_ratio_fn(graphdef, data.prompt_len, sampling, settings.average_log_probs)
 
   def held_out(params) -> dict[str, float]:
-    h = np.concatenate([np.asarray(log_ratio_fn(params, reference, ctx.put(b)))[:real] for b, real in chunks])
+    h = np.concatenate([ctx.host(log_ratio_fn(params, reference, ctx.put(b)))[:real] for b, real in chunks])
     ranks = np.concatenate([b["ranks"][:real] for b, real in chunks])
     valid = np.concatenate([b["response_mask"][:real] for b, real in chunks])
     loss, aux = dpo_math.preference_loss(h, ranks, valid, settings.beta, settings.loss, settings.label_smoothing)
@@ -164,7 +164,7 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
     prompt = ctx.put({**prompt, "group": group}, with_valid=True)
     rollout = rollout_fn(state.params["policy"], prompt["tokens"], prompt["mask"], prompt["group"],
                          jax.random.fold_in(key, step))
-    valid = np.asarray(prompt["valid"]).astype(bool)
+    valid = ctx.host(prompt["valid"]).astype(bool)
     rows = {c: ctx.real_rows(getattr(rollout, c), valid) for c in columns}
     responses = [r for r, v in zip(response_texts(tok, rollout), valid) if v]
     lengths = rows["response_mask"].sum(axis=1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from rlhf_jax.atomic_file import write_atomic
@@ -41,7 +42,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def _has_params(ctx: StageContext, name: str) -> bool:
-  return os.path.isdir(os.path.join(ctx.stage_dir(name), "params"))
+  return epath.Path(ctx.stage_dir(name), "params").is_dir()
 
 
 def policies_to_evaluate(ctx: StageContext, cfg: ConfigDict) -> list[str]:
@@ -99,7 +100,6 @@ def write_samples(ctx: StageContext, name: str, prompts: list[str],
         entry["rm"] = float(r.rm[i])
       policies[policy] = entry
     lines.append(json.dumps({"prompt": prompt, "policies": policies}))
-  os.makedirs(ctx.stage_dir(name), exist_ok=True)
   write_atomic(os.path.join(ctx.stage_dir(name), "samples.jsonl"), "\n".join(lines) + "\n")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from ml_collections import ConfigDict
 
 from rlhf_jax.algorithms.lm import make_lm_eval
@@ -120,11 +121,10 @@ def save_gold(ctx: StageContext, instance: str, gold: np.ndarray) -> None:
 
 
 def load_gold(ctx: StageContext, instance: str) -> np.ndarray | None:
-  path = os.path.join(ctx.stage_dir(instance), "eval_gold.json")
-  if not os.path.isfile(path):
+  path = epath.Path(ctx.stage_dir(instance), "eval_gold.json")
+  if not path.is_file():
     return None
-  with open(path) as f:
-    return np.asarray(json.load(f), np.float32)
+  return np.asarray(json.loads(path.read_text()), np.float32)
 
 
 def reward_scorer(ctx: StageContext, instance: str) -> RewardModelScorer:
@@ -135,6 +135,6 @@ def reward_scorer(ctx: StageContext, instance: str) -> RewardModelScorer:
 
 def maybe_reward_scorer(ctx: StageContext, instance: str) -> Any:
   """``reward_scorer`` if ``instance`` is set and has finished, else None."""
-  if instance and os.path.isdir(os.path.join(ctx.stage_dir(instance), "params")):
+  if instance and epath.Path(ctx.stage_dir(instance), "params").is_dir():
     return reward_scorer(ctx, instance)
   return None

@@ -11,9 +11,9 @@ so an iterated-RLHF round or a second PPO arm is a few more sections, and
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from rlhf_jax.config_io import ConfigError
@@ -132,7 +132,7 @@ def parse_stages(config: ConfigDict) -> list[Instance]:
 
 def finished(workdir: str, name: str) -> bool:
   """Whether instance ``name`` has finished in ``workdir`` (its DONE.json exists)."""
-  return os.path.exists(os.path.join(workdir, name, "DONE.json"))
+  return epath.Path(workdir, name, "DONE.json").exists()
 
 
 def check_order(chain: list[Instance], workdir: str) -> None:

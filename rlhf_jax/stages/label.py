@@ -79,7 +79,6 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       if scores is not None:
         rm.append(scores[rows])
   if ctx.is_primary:
-    os.makedirs(ctx.stage_dir(instance.name), exist_ok=True)
     formats.write_records(os.path.join(ctx.stage_dir(instance.name), "comparisons.jsonl"), "comparisons", records)
   sync(instance.name)
   rankings = [r["ranking"] for r in records]

@@ -111,6 +111,7 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
         check_finite(stage, done, last_eval)
         ctx.metrics.write(stage, done, last_eval)
       if will_save:
+        ctx.metrics.flush()  # on an object store metrics.jsonl is written in batches: none lost past a checkpoint
         extra = checkpoint_extra(state) if checkpoint_extra else {}
         ckpt.save(done, state, {**extra, "compute": dict(totals)}, force=done == total_steps)
     if evaluate is not None:

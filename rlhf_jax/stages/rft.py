@@ -9,15 +9,18 @@ and scoring of every round.
 
 from __future__ import annotations
 
+import io
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from rlhf_jax import compute, rng, state as state_lib
 from rlhf_jax.algorithms import rft
 from rlhf_jax.algorithms.lm import make_lm_step
+from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.data import batching
 from rlhf_jax.rl.selection import RULES
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_log_probs, response_texts
@@ -67,9 +70,9 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def grow(round_index: int, params) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The round's samples with scores (from disk if this round was grown before) and its metrics."""
     path = os.path.join(rounds_dir, f"round_{round_index}.npz")
-    if os.path.exists(path):
-      with np.load(path) as f:
-        data = dict(f)
+    if epath.Path(path).exists():
+      with epath.Path(path).open("rb") as f, np.load(f) as arrays:
+        data = dict(arrays)
     else:
       order = rng.numpy_rng(ctx.config.seed, "rft/prompts", instance.name, round_index).permutation(len(prompts))
       chosen = [prompts[int(i)]["prompt"] for i in order[: cfg.prompts_per_round]]
@@ -87,10 +90,9 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                       "gold": gold(r, texts[rows], response_texts(ctx.tokenizer, r))})
       data = {k: np.concatenate([ctx.host(p[k]) for p in parts]) for k in parts[0]}
       if ctx.is_primary:
-        os.makedirs(rounds_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **data)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **data)
+        write_atomic(path, buffer.getvalue())
     lengths = data["response_mask"].sum(axis=1)
     counts = compute.Counts()
     for start in range(0, len(lengths), ROLLOUT_ROWS):

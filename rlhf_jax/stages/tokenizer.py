@@ -5,8 +5,6 @@ nothing is trained."""
 
 from __future__ import annotations
 
-import os
-
 from ml_collections import ConfigDict
 
 from rlhf_jax.data.tokenizer import train_tokenizer
@@ -29,7 +27,6 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     texts = [r["text"] for r in ctx.records("pretraining", "train")]
     texts += [r["prompt"] + "\n" + r["response"] for r in ctx.records("demonstrations", "train")]
     texts += [r["prompt"] for r in ctx.records("prompts", "train")]
-    os.makedirs(ctx.stage_dir("tokenizer"), exist_ok=True)
     train_tokenizer(texts, ctx.tokenizer_path, cfg.vocab_size, model_type=cfg.model_type,
                     byte_fallback=cfg.byte_fallback, seed=ctx.config.seed, hard_vocab_limit=False)
   sync("tokenizer")
