@@ -292,7 +292,7 @@ def plot(runs: list[dict], path: str) -> dict:
   ax.axhline(0.0, color="grey", lw=0.5)
   ax.set_xlabel("sqrt(KL to SFT)  [sqrt(nats)]")
   ax.set_ylabel("gold reward gain over SFT (RM reward x0.1 dashed)")
-  ax.set_title("RL vs reward-filtered fine-tuning: gold (o) and proxy RM (x, dashed) reward")
+  ax.set_title("RLHF methods at matched compute: gold (o) and proxy RM (x, dashed) reward")
   ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
