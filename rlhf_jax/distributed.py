@@ -24,10 +24,11 @@ checkpoint shards (Orbax).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -163,6 +164,28 @@ def check_process_count(environ: Mapping[str, str] | None = None) -> None:
         f"process {jax.process_index()}): start the same command on every host at once (gcloud ... ssh "
         "--worker=all), with JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID where JAX cannot "
         "detect them")
+
+
+# What a collective or barrier says when a process of the run is gone (gloo on CPU; the coordination service).
+_PEER_LOST = ("Gloo", "Connection closed", "connection reset", "coordination service", "UNAVAILABLE",
+              "DEADLINE_EXCEEDED")
+
+
+@contextlib.contextmanager
+def peer_loss_explained() -> Iterator[None]:
+  """Turns the runtime error a process gets when another process of the run died (a collective that lost
+  its peer) into a ``DistributedError`` that says so and how to resume. (If JAX's coordination service
+  notices first, it ends the process itself, with "another task died" in its message.)"""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    text = " ".join(str(e).split())
+    if jax.process_count() > 1 and any(p in text for p in _PEER_LOST):
+      raise DistributedError(
+          f"process {jax.process_index()}: another process of this {jax.process_count()}-process run stopped "
+          f"({text[:300]}); start the same command on every host again: finished stages are skipped and the "
+          "interrupted one resumes from its last checkpoint") from e
+    raise
 
 
 def is_primary() -> bool:

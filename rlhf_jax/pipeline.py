@@ -80,7 +80,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
   if primary:
     check_or_write_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  with MetricsWriter(workdir, is_primary=primary) as metrics:
+  with MetricsWriter(workdir, is_primary=primary) as metrics, distributed.peer_loss_explained():
     ctx = context_lib.StageContext(config=config, workdir=workdir, mesh=mesh, metrics=metrics)
     for instance in chain:
       name = instance.name
