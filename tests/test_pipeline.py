@@ -126,11 +126,14 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
   assert sa["eval/lm_loss"] == sb["eval/lm_loss"]
 
 
-def test_ppo_kill_9_then_resume_matches_uninterrupted_run(prepared, tmp_path):
-  # Adaptive KL so the resumed run must also restore the KL coefficient.
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_kill_9_then_resume_matches_uninterrupted_run(prepared, tmp_path, advantage):
+  # Adaptive KL so the resumed run must also restore the KL coefficient. GRPO: a state with no value model.
   args = ["--config.stages=ppo", "--config.ppo.iterations=16", "--config.ppo.checkpoint_every=4",
           "--config.ppo.eval_every=0", "--config.ppo.kl_adaptive=true", "--config.ppo.kl_target=0.5",
-          "--config.ppo.kl_horizon=100"]
+          "--config.ppo.kl_horizon=100", f"--config.ppo.advantage={advantage}"]
+  if advantage == "grpo":
+    args += ["--config.ppo.samples_per_prompt=2", "--config.ppo.prompts_per_iteration=4"]
   whole, killed = tmp_path / "whole", tmp_path / "killed"
   shutil.copytree(prepared, whole)
   shutil.copytree(prepared, killed)
