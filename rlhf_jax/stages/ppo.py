@@ -113,6 +113,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     texts, prompt, stats = host_prompts(step)
     rollout, exp, rollout_metrics = collect(state.params, ctx.put(prompt, with_valid=True),
                                             jax.random.fold_in(rollout_key, step), state.scalars["kl_coef"])
+    # As the step expects (XLA may leave a row array it built from a constant replicated; a no-op otherwise).
+    exp = jax.device_put(exp, batch_shardings["experience"])
     host = {k: float(v) for k, v in jax.device_get(rollout_metrics).items()}
     # The gold score is read for monitoring only; nothing trains on it.
     host["rollout/gold_score"] = float(gold(rollout, texts, response_texts(tok, rollout)).mean())
