@@ -4,8 +4,9 @@ JAX runs on several hosts as one process per host (multi-controller): every proc
 program on the same global arrays and holds the shards of its own devices. A process joins a run
 through ``jax.distributed.initialize`` when
 
-* ``JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` are set (N > 1): any
-  machines, e.g. GPU nodes, or several processes on one machine as the tests start them;
+* ``JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` are set (N > 1), or the
+  command line's ``--coordinator``, ``--num_processes``, ``--process_id``: any machines, e.g. GPU nodes,
+  or several processes on one machine as the tests start them;
 * SLURM (``srun``, more than one task) or Open MPI (``mpirun``, more than one rank) started it: JAX
   reads the coordinator, count and index from their environment;
 * ``RLHF_JAX_EXPECTED_PROCESSES=N`` (N > 1; the TPU launcher sets it) or ``--config.distributed=True``
