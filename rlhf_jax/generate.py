@@ -125,7 +125,8 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
   cache = init_cache(model.cfg, b, p + n - 1)
   # Only the last column's logits are needed (left padding puts every prompt's last token there):
   # the LM head over the whole prompt would be ~1/4 of the prefill's FLOPs at bench-small.
-  hidden, cache = model.trunk(prompt, prompt_mask, cache)
+  # The last block queries that column alone too (every prompt token is still a key and fills the cache).
+  hidden, cache = model.trunk(prompt, prompt_mask, cache, queries=(p - 1, 1))
   last = model.logits_from_hidden(hidden[:, -1])
 
   def emit(i, tokens, log_probs, mask, done, last):

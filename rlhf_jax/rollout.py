@@ -126,8 +126,9 @@ def picked(log_probs: Array, tokens: Array, mask: Array) -> Array:
 def response_hidden(graphdef: nnx.GraphDef, params, rollout: Rollout) -> tuple[nnx.Module, Array]:
   """(model, trunk hidden states [B, N, D] of the state before each response token)."""
   model = nnx.merge(graphdef, params)
-  hidden, _ = model.trunk(rollout.tokens, rollout.mask)
-  return model, response_window(hidden, rollout.prompt_len, rollout.response_len)
+  # Only the window's rows are queried in the last block (the same values as slicing the full output).
+  hidden, _ = model.trunk(rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len))
+  return model, hidden
 
 
 def response_log_probs(graphdef: nnx.GraphDef, params, rollout: Rollout,

@@ -25,6 +25,7 @@ KEYS = {
     "reward_step": {"pairs_per_s", "compile_s"},
     "rl_iter": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
+    "rl_iter_sampler_lp": {"s_per_iter", "phases", "compile_s"},
 }
 PHASES = {"generate", "reference", "reward", "value", "update"}
 
@@ -88,3 +89,13 @@ def test_command_line_prints_json_lines():
                         "--only=generate"], capture_output=True, text=True, check=True, timeout=600).stdout
   names = [json.loads(line)["name"] for line in out.splitlines() if line.startswith("{")]
   assert names == ["matmul_peak", "mem_bandwidth", "generate"]
+
+
+def test_ab_compares_the_working_tree_with_a_revision():
+  """experiments/benchmarks/ab.py: both libraries in one process, one JSON line per benchmark."""
+  out = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/ab.py"), "--size=tiny", "--pairs=1",
+                        "--only=reward_step"], capture_output=True, text=True, check=True, timeout=600,
+                       cwd=ROOT).stdout
+  records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["name"] for r in records] == ["reward_step"]
+  assert records[0]["base_s"] > 0 and records[0]["new_s"] > 0 and records[0]["speedup"] > 0

@@ -328,3 +328,31 @@ def test_grpo_drops_zero_variance_groups_from_the_loss(models):
 def test_critic_free_value_mode_must_match():
   with pytest.raises(ValueError, match="advantage"):
     PPOConfig(sampling=SAMPLING, advantage="vtrace")
+
+
+@pytest.mark.parametrize("value_mode", ["separate", "shared"])
+def test_sampler_old_log_probs_equal_the_teacher_forced_ones(models, value_mode):
+  """ppo.old_log_probs='sampler' skips the policy forward: the experience is the teacher-forced one to float
+  tolerance (log-probs, KL, rewards, advantages, returns, values)."""
+  base = PPOConfig(sampling=SAMPLING, truncate_at_stop=True)
+  reuse = dataclasses.replace(base, old_log_probs="sampler")
+  r = truncate_rollout(rollout(models, SAMPLING, key=3), base)
+  score = rm_score(models, r)
+  value_g, value = ((models["value_g"], models["value"]) if value_mode == "separate"
+                    else (None, value_head_params(MODEL)))
+  value = jax.tree.map(lambda x: x + 0.01, value)  # a non-zero head, so values are compared too
+  got = {}
+  for name, cfg in (("teacher_forced", base), ("sampler", reuse)):
+    fn = make_experience_fn(models["policy_g"], value_g, cfg, value_mode)
+    got[name] = fn(models["policy"], models["ref"], value, r, score, 0.1)
+  (e0, m0), (e1, m1) = got["teacher_forced"], got["sampler"]
+  real = np.asarray(r.response_mask, bool)
+  assert real.sum() > 4
+  np.testing.assert_allclose(e1.log_probs, e0.log_probs, atol=2e-5)
+  for field in ("kl", "rewards", "advantages", "returns", "values"):
+    np.testing.assert_allclose(getattr(e1, field), getattr(e0, field), atol=1e-4, err_msg=field)
+  assert float(m1["rollout/logprob_diff"]) == 0.0
+  # The sampled estimate of the entropy: -mean log p of the drawn tokens.
+  np.testing.assert_allclose(m1["rollout/entropy"], -np.asarray(r.log_probs)[real].mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="top_k/top_p"):
+    PPOConfig(sampling=TRUNCATED_SAMPLING, old_log_probs="sampler")

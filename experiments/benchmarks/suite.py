@@ -246,14 +246,15 @@ def _full_sequence(rollout, prompt, prompt_mask):
   return jnp.concatenate([prompt, rollout.tokens], axis=1), jnp.concatenate([prompt_mask, rollout.mask], axis=1)
 
 
-def rl_iter(env: Env, value_mode: str = "separate") -> Record:
+def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teacher_forced") -> Record:
   """One PPO iteration through the library: rollout (KV-cache sampler) -> reward-model score -> experience
   (policy, reference and value forwards, KL penalty beta 0.05, GAE) -> ``make_ppo_update`` under
   ``compile_step`` (1 epoch, 1 minibatch, clip 1.0).
 
   ``phases``: generate, reward, experience and update are the library's compiled functions each timed
   alone; reference and value are the forward passes inside ``experience``, timed as standalone model
-  calls (value is 0 with a shared value head).
+  calls (value is 0 with a shared value head). ``old_log_probs="sampler"`` (``rl_iter_sampler_lp``) takes
+  PPO's old log-probs from the rollout instead of a policy forward pass.
   """
   s, cfg = env.size, env.model
   lm_gd, policy, policy_sh = init_params(env, lambda r: Decoder(cfg, rngs=r), 0, "lm")
@@ -271,7 +272,8 @@ def rl_iter(env: Env, value_mode: str = "separate") -> Record:
   value_gd = sc_gd if value_mode == "separate" else None
 
   sampling = SamplingConfig(max_new_tokens=s.rl_new, temperature=1.0, stop_at_eos=False)
-  pcfg = library.ppo("PPOConfig")(sampling=sampling, epochs=1, minibatches=1)
+  extra = {} if old_log_probs == "teacher_forced" else {"old_log_probs": old_log_probs}
+  pcfg = library.ppo("PPOConfig")(sampling=sampling, epochs=1, minibatches=1, **extra)
   policy_tx, value_tx = optimizer(1e-6, 1.0), optimizer(1e-5, 1.0)
   state, state_sh = state_lib.create_train_state({"policy": policy, "value": value},
                                                  {"policy": policy_tx, "value": value_tx},
@@ -323,8 +325,11 @@ def rl_iter(env: Env, value_mode: str = "separate") -> Record:
 
   phases["update"] = bench(update_once, env.reps)["median_s"]
   name = "rl_iter" if value_mode == "separate" else "rl_iter_shared"
+  if old_log_probs != "teacher_forced":
+    name += "_sampler_lp"
   return common(name, env, s_per_iter=round(whole["median_s"], 3), compile_s=round(whole["compile_s"], 2),
-                phases={k: round(v, 4) for k, v in phases.items()}, value_mode=value_mode, rows=rows,
+                phases={k: round(v, 4) for k, v in phases.items()}, value_mode=value_mode,
+                old_log_probs=old_log_probs, rows=rows,
                 prompt_len=s.rl_prompt, new_tokens=s.rl_new)
 
 
@@ -336,4 +341,5 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "reward_step": reward_step,
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),
+    "rl_iter_sampler_lp": lambda env: rl_iter(env, "separate", "sampler"),
 }

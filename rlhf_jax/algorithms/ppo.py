@@ -53,8 +53,7 @@ from rlhf_jax.rl.group_advantages import GROUP_ESTIMATORS, grpo_advantages, rloo
 from rlhf_jax.rl.kl import kl_k3, kl_penalty, sequence_kl, update_kl_coef
 from rlhf_jax.rl.ppo_losses import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhf_jax.rl.whitening import masked_mean, masked_var, masked_whiten
-from rlhf_jax.rollout import (Rollout, picked, policy_log_probs, response_hidden, response_log_probs,
-                              response_window)
+from rlhf_jax.rollout import Rollout, picked, policy_log_probs, response_hidden, response_log_probs
 from rlhf_jax.state import TrainState, step_key
 
 Array = jax.Array
@@ -82,6 +81,11 @@ class PPOConfig:
   no_eos_penalty: added to the score of responses that never end (no EOS / stop token); 0 = off.
   truncate_at_stop, stop_token: cut each response after its first ``stop_token`` (-1: the sampler's
     EOS) before scoring and training.
+  old_log_probs: "teacher_forced" (a forward pass of the policy over the rollout) | "sampler" (the
+    rollout's own log-probs: the sampler drew from the policy distribution itself, so they are the
+    same numbers up to float rounding, and the experience skips the policy's LM head and, with a
+    separate or no value model, its whole forward pass). "sampler" needs no top-k/top-p; its
+    ``rollout/entropy`` is the sampled estimate -mean log p and ``rollout/logprob_diff`` is 0.
   """
 
   sampling: SamplingConfig
@@ -103,6 +107,7 @@ class PPOConfig:
   no_eos_penalty: float = 0.0
   truncate_at_stop: bool = False
   stop_token: int = -1
+  old_log_probs: str = "teacher_forced"
 
   def __post_init__(self):
     if self.advantage not in ADVANTAGES:
@@ -113,6 +118,12 @@ class PPOConfig:
       raise ValueError(f"ppo.epochs and ppo.minibatches must be >= 1, got {self.epochs}, {self.minibatches}")
     if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
       raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
+    if self.old_log_probs not in ("teacher_forced", "sampler"):
+      raise ValueError(f"ppo.old_log_probs must be 'teacher_forced' or 'sampler', got {self.old_log_probs!r}")
+    if self.old_log_probs == "sampler" and not self.sampling.is_greedy and (
+        self.sampling.top_k or self.sampling.top_p < 1.0):
+      raise ValueError("ppo.old_log_probs='sampler' needs sampling without top_k/top_p: the sampler's "
+                       "log-probs are then those of a truncated distribution, not the policy's")
     if self.clip_eps <= 0 or self.value_clip <= 0:
       raise ValueError(f"ppo.clip_eps and ppo.value_clip must be > 0, got {self.clip_eps}, {self.value_clip}")
 
@@ -229,19 +240,26 @@ def _check_value_mode(value_mode: str) -> None:
 
 def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, value_graphdef: nnx.GraphDef | None,
                        value_params: PyTree, rollout: Rollout, cfg: PPOConfig,
-                       value_mode: ValueMode) -> tuple[Array, Array, Array]:
-  """(token log-probs [B, N], all log-probs [B, N, V], values [B, N]) of the current policy and value."""
-  model, hidden = response_hidden(policy_graphdef, policy_params, rollout)
-  all_lp = policy_log_probs(model.logits_from_hidden(hidden), cfg.sampling)
+                       value_mode: ValueMode, with_log_probs: bool = True) -> tuple[Array, Array, Array]:
+  """(token log-probs [B, N], all log-probs [B, N, V], values [B, N]) of the current policy and value.
+
+  Without ``with_log_probs`` the first two are None and the policy runs only if the value head sits on its trunk.
+  """
+  token_lp = all_lp = None
+  if with_log_probs or value_mode == "shared":
+    model, hidden = response_hidden(policy_graphdef, policy_params, rollout)
+  if with_log_probs:
+    all_lp = policy_log_probs(model.logits_from_hidden(hidden), cfg.sampling)
+    token_lp = picked(all_lp, rollout.response, rollout.response_mask)
   if value_mode == "none":
     values = jnp.zeros(rollout.response.shape, jnp.float32)
   elif value_mode == "shared":
     head = value_params
     values = hidden.astype(jnp.float32) @ head["head"].astype(jnp.float32) + head["head_bias"].astype(jnp.float32)
   else:
-    values = nnx.merge(value_graphdef, value_params).values(rollout.tokens, rollout.mask)
-    values = response_window(values, rollout.prompt_len, rollout.response_len)
-  return picked(all_lp, rollout.response, rollout.response_mask), all_lp, values
+    values = nnx.merge(value_graphdef, value_params).values(
+        rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len))
+  return token_lp, all_lp, values
 
 
 def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_params: PyTree,
@@ -273,8 +291,13 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   s = cfg.sampling
   mask = rollout.response_mask.astype(jnp.int32)
   fmask = mask.astype(jnp.float32)
+  from_sampler = cfg.old_log_probs == "sampler"
   log_probs, all_lp, values = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params,
-                                                 rollout, cfg, value_mode)
+                                                 rollout, cfg, value_mode, with_log_probs=not from_sampler)
+  if from_sampler:
+    # Drawn from the policy's own distribution (no top-k/top-p, checked by PPOConfig) by the same params:
+    # the teacher-forced forward would give these numbers up to float rounding (tests/test_ppo.py).
+    log_probs = rollout.log_probs * fmask
   values = values * fmask
   ref_log_probs, _ = response_log_probs(policy_graphdef, ref_params, rollout, s)
 
@@ -329,7 +352,7 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
       "rollout/total_reward": total_reward.mean(),
       "rollout/response_length": fmask.sum(axis=1).mean(),
       "rollout/no_eos_fraction": 1.0 - ended.astype(jnp.float32).mean(),
-      "rollout/entropy": masked_mean(_entropy(all_lp), mask),
+      "rollout/entropy": masked_mean(-log_probs if all_lp is None else _entropy(all_lp), mask),
       "rollout/logprob_diff": logprob_diff,
       "rollout/value": masked_mean(values, mask),
       "rollout/return": masked_mean(returns, mask),

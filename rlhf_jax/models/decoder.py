@@ -166,9 +166,21 @@ class Trunk(nnx.Module):
     self.final_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
 
   def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
-               dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
-    """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None)."""
+               dropout_key: Array | None = None, queries=None) -> tuple[Array, KVCache | None]:
+    """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None).
+
+    ``queries`` (``layers.select_rows``: a static ``(start, length)`` window or one index [B] per row)
+    returns only those rows' hidden states [B, Tq, D], the same values as selecting them from the full
+    output. The last block then computes its query, attention output and MLP for those rows only
+    (every token is still a key): a reward read at the last token, or log-probs and values over the
+    response window, skip most of the last layer.
+    """
     cfg = self.cfg
+    if queries is not None and ((dropout_key is not None and cfg.dropout > 0)
+                                or (cache is not None and cfg.scan_layers)):
+      # Dropout draws masks of the full shape: keep its randomness that of the full pass.
+      hidden, cache = self(tokens, mask, cache, dropout_key)
+      return layers.select_rows(hidden, queries), cache
     b, t = tokens.shape
     mask = mask.astype(jnp.int32)
     if cache is None:
@@ -188,12 +200,12 @@ class Trunk(nnx.Module):
     x = layers.dropout(x, cfg.dropout, None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers))
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
 
-    def apply_block(graphdef, state, x, ckv, key):
-      block = nnx.merge(graphdef, state)
-      return block(x, positions, q_slots, key_valid, ckv, cache_index, key)
+    def apply_block(graphdef, state, x, ckv, key, block_queries=None):
+      def run(state, x, ckv, key):
+        block = nnx.merge(graphdef, state)
+        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries)
 
-    if cfg.remat:
-      apply_block = jax.checkpoint(apply_block, static_argnums=(0,))
+      return (jax.checkpoint(run) if cfg.remat else run)(state, x, ckv, key)
 
     new_k = new_v = None
     if cfg.scan_layers:
@@ -203,7 +215,14 @@ class Trunk(nnx.Module):
           state, key = xs
           return apply_block(graphdef, state, h, None, key)[0], None
 
-        x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+        if queries is None:
+          x, _ = jax.lax.scan(body, x, (stacked, layer_keys))
+        else:
+          # All layers but the last in the scan; the last one on the query rows only.
+          lower = jax.tree.map(lambda a: a[:-1], (stacked, layer_keys))
+          x, _ = jax.lax.scan(body, x, lower)
+          last_state = jax.tree.map(lambda a: a[-1], stacked)
+          x = apply_block(graphdef, last_state, x, None, None if layer_keys is None else layer_keys[-1], queries)[0]
       else:
         # The whole cache rides in the carry and each layer writes its slice back in place; scanning
         # over it as xs/ys would rebuild the stacked cache every decode step.
@@ -224,7 +243,8 @@ class Trunk(nnx.Module):
       for i, block in enumerate(self.blocks):
         graphdef, state = nnx.split(block)
         ckv = None if cache is None else cache.layer(i)
-        x, ckv = apply_block(graphdef, state, x, ckv, None if layer_keys is None else layer_keys[i])
+        x, ckv = apply_block(graphdef, state, x, ckv, None if layer_keys is None else layer_keys[i],
+                             queries if i == cfg.num_layers - 1 else None)
         if ckv is not None:
           ks.append(ckv[0])
           vs.append(ckv[1])
@@ -284,16 +304,15 @@ class ScalarModel(nnx.Module):
     self.head = layers.param(rngs, init, (cfg.d_model,), cfg.param_dtype, ("embed",))
     self.head_bias = layers.param(rngs, nnx.initializers.zeros, (), cfg.param_dtype, ())
 
-  def values(self, tokens: Array, mask: Array, dropout_key: Array | None = None) -> Array:
-    """Scalar output at every token: [B, T] float32."""
-    hidden, _ = self.trunk(tokens, mask, None, dropout_key)
+  def values(self, tokens: Array, mask: Array, dropout_key: Array | None = None, queries=None) -> Array:
+    """Scalar output at every token: [B, T] float32 (at the ``queries`` rows only: [B, Tq]; see ``Trunk``)."""
+    hidden, _ = self.trunk(tokens, mask, None, dropout_key, queries)
     out = hidden.astype(jnp.float32) @ self.head[...].astype(jnp.float32)
     return out + self.head_bias[...].astype(jnp.float32)
 
   def __call__(self, tokens: Array, mask: Array, dropout_key: Array | None = None) -> Array:
     """Reward [B] float32: the scalar output at the last real token of each row."""
-    values = self.values(tokens, mask, dropout_key)
-    return jnp.take_along_axis(values, last_token_index(mask)[:, None], axis=1)[:, 0]
+    return self.values(tokens, mask, dropout_key, queries=last_token_index(mask))[:, 0]
 
 
 def reward_head_std(cfg: DecoderConfig) -> float:

@@ -96,9 +96,39 @@ def rope(x: Array, positions: Array, theta: float, scaling: tuple = ()) -> Array
 
 
 def attention_mask(q_slots: Array, k_slots: Array, key_valid: Array) -> Array:
-  """Causal, padding-aware mask [B, 1, 1, Tq, S]: query slot i may see key slot j <= i that is real."""
-  causal = k_slots[None, :] <= q_slots[:, None]  # [Tq, S]
-  return (causal[None] & key_valid[:, None, :].astype(bool))[:, None, None]
+  """Causal, padding-aware mask [B, 1, 1, Tq, S]: query slot i may see key slot j <= i that is real.
+
+  q_slots: [Tq] (the same for every row) or [B, Tq].
+  """
+  if q_slots.ndim == 1:
+    causal = (k_slots[None, :] <= q_slots[:, None])[None]  # [1, Tq, S]
+  else:
+    causal = k_slots[None, None, :] <= q_slots[:, :, None]  # [B, Tq, S]
+  return (causal & key_valid[:, None, :].astype(bool))[:, None, None]
+
+
+def select_rows(x: Array, queries) -> Array:
+  """The query rows of x [B, T, ...] -> [B, Tq, ...].
+
+  queries: None (all T rows), a static ``(start, length)`` window, or an int array [B] (one row per
+  sequence, e.g. its last real token).
+  """
+  if queries is None:
+    return x
+  if isinstance(queries, tuple):
+    start, length = queries
+    return x[:, start:start + length]
+  return jnp.take_along_axis(x, queries.reshape(-1, 1, *([1] * (x.ndim - 2))), axis=1)
+
+
+def select_slots(q_slots: Array, queries) -> Array:
+  """``select_rows`` for the query slots [T] -> [Tq] (window) or [B, 1] (one row per sequence)."""
+  if queries is None:
+    return q_slots
+  if isinstance(queries, tuple):
+    start, length = queries
+    return q_slots[start:start + length]
+  return q_slots[queries][:, None]
 
 
 def dense(x: Array, w: Array, dtype) -> Array:
@@ -133,23 +163,29 @@ class Attention(nnx.Module):
       self.bo = param(rngs, zeros, (d,), pd, ("embed",))
 
   def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
-               cache_kv: tuple[Array, Array] | None, cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
-    """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each query.
+               cache_kv: tuple[Array, Array] | None, cache_index: Array | None,
+               queries=None) -> tuple[Array, tuple[Array, Array] | None]:
+    """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each token.
 
     Without a cache, keys are this call's tokens and ``key_valid`` is [B, T].
     With a cache (k, v: [B, KV, S, Dh], heads before slots so that the score and mix products read
     them without a relayout) the new keys are written in place at slot ``cache_index`` and
     ``key_valid`` is the cache's [B, S] validity *after* this write.
+    ``queries`` (see ``select_rows``): only those rows are queried; the output is [B, Tq, D]. Every
+    token is still a key.
     """
     cfg = self.cfg
     dt = cfg.dtype
-    q = dense(x, self.wq[...], dt)  # [B, T, H, Dh]
+    xq = select_rows(x, queries)
+    q = dense(xq, self.wq[...], dt)  # [B, Tq, H, Dh]
     k = dense(x, self.wk[...], dt)  # [B, T, KV, Dh]
     v = dense(x, self.wv[...], dt)
     if cfg.use_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.flavour == "llama":
-      q, k = rope(q, positions, cfg.rope_theta, cfg.rope_scaling), rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+      q = rope(q, select_rows(positions, queries), cfg.rope_theta, cfg.rope_scaling)
+      k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+    q_slots = select_slots(q_slots, queries)
     b, t, h, hd = q.shape
     kvh = k.shape[2]
     k = k.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
@@ -219,9 +255,10 @@ class Block(nnx.Module):
     self.norm_mlp = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key):
+  def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key, queries=None):
+    """Returns (x of the ``queries`` rows [B, Tq, D], updated layer cache or None); see ``Attention``."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index)
-    x = x + dropout(a, self.cfg.dropout, k1)
+    a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index, queries)
+    x = select_rows(x, queries) + dropout(a, self.cfg.dropout, k1)
     x = x + dropout(self.mlp(self.norm_mlp(x)), self.cfg.dropout, k2)
     return x, new_cache
