@@ -1,16 +1,14 @@
 """The ablation script's arms: each is matched to the PPO arm's samples or FLOPs; --arms picks them."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from experiment_scripts import load_script
 from rlhf_jax.config_io import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ablation", ROOT / "experiments" / "ablation_rl_vs_rft.py")
-ablation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ablation)
+ablation = load_script("ablation_rl_vs_rft")
 
 
 @pytest.fixture(scope="module")

@@ -93,10 +93,8 @@ def test_stage_helper_rejects_unknown_keys():
 
 
 def test_rounds_table_reads_each_round_from_the_summary():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("rounds_table", ROOT / "experiments" / "rounds_table.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from experiment_scripts import load_script
+  module = load_script("rounds_table")
   summary = {"eval": {"sft/eval/gold_reward": 0.6, "ppo_1/eval/gold_reward": 0.8, "ppo_1/eval/kl": 4.0,
                       "ppo_1/eval/win_rate_vs_sft": 0.7},
              "ppo_1": {}, "reward_1": {"eval/rm_accuracy": 0.74},
