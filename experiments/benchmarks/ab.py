@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,8 +73,15 @@ def main(argv):
   del argv
   import jax  # noqa: F401  (after flags: the env var XLA_FLAGS is read once)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="ab_"))
-  export_base(BASE.value, tmp)
-  sys.path.insert(0, str(tmp))
+  try:
+    export_base(BASE.value, tmp)
+    sys.path.insert(0, str(tmp))
+    run_pairs()
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_pairs():
   from experiments.benchmarks import sizes as new_sizes, suite as new_suite
   from experiments.benchmarks.timing import timed
   base_suite = importlib.import_module("experiments_base.benchmarks.suite")
