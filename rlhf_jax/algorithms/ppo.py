@@ -508,14 +508,16 @@ def make_ppo_step(update: Callable, section: Mapping[str, Any], rows: int) -> Ca
 
 def iteration_counts(model_cfg: DecoderConfig, cfg: PPOConfig, rows: int, prompt_len: int, response_lengths,
                      value_mode: ValueMode, ptx_shape: tuple[int, int] | None = None) -> compute.Counts:
-  """Compute of one PPO iteration: the rollout, four scoring passes (policy, reference, value, RM) over
-  [rows, P + N], and ``epochs`` training passes of the policy and value model (+ the ptx rows)."""
+  """Compute of one PPO iteration: the rollout, the scoring passes over [rows, P + N] (policy unless
+  ``old_log_probs="sampler"`` skips it, reference, value model if separate, RM), and ``epochs`` training
+  passes of the policy and value model (+ the ptx rows)."""
   n = cfg.sampling.max_new_tokens
   counts = compute.rollout_counts(model_cfg, rows, prompt_len, response_lengths, n)
   lm = compute.sequence_flops(model_cfg, rows, prompt_len + n)
   scalar = compute.sequence_flops(model_cfg, rows, prompt_len + n, lm_head=False)
   value = scalar if value_mode == "separate" else 0.0
   ptx = compute.sequence_flops(model_cfg, *ptx_shape) if ptx_shape and cfg.ptx_coef else 0.0
-  counts.flops += 2 * lm + value + scalar + cfg.epochs * 3 * (lm + value + ptx)
+  policy_pass = 0 if cfg.old_log_probs == "sampler" and value_mode != "shared" else 1
+  counts.flops += (policy_pass + 1) * lm + value + scalar + cfg.epochs * 3 * (lm + value + ptx)
   counts.grad_steps = float(cfg.epochs * cfg.minibatches)
   return counts
