@@ -244,8 +244,8 @@ class Sweep:
 
   def recover(self) -> None:
     """Before workers start: fails trials left RUNNING by a dead worker (stale heartbeat) so they are
-    re-queued, and queues again every grid point that has no finished, queued or running trial (its
-    runs failed: a re-run of the sweep retries it, resuming its workdir)."""
+    re-queued, and queues again every grid point whose trials all failed (the grid sampler counts a
+    failed point as visited): a re-run of the sweep retries it, resuming its workdir."""
     import optuna
     study = self.study()
     running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
@@ -255,9 +255,12 @@ class Sweep:
     if self.sweep["sampler"] != "grid":
       return
     live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    covered = [t.params for t in study.get_trials(deepcopy=False, states=live)]
+    # A queued trial holds its parameters as "fixed_params" until a worker takes it.
+    covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False,
+                                                                                           states=live)]
+    failed = [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     for point in grid_points(self.sweep["params"]):
-      if point not in covered:
+      if point in failed and point not in covered:
         study.enqueue_trial(point)
 
   def failures(self) -> list[str]:

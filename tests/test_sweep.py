@@ -102,3 +102,24 @@ def test_crash_mid_sweep_then_resume_with_parallel_workers(tmp_path):
   table = (workdir / "sweep.md").read_text()
   assert table.count("\n| ") == 2 + 3 and "kl_coef" in table  # header, rule, 3 trials
   assert (workdir / "sweep.csv").exists()
+
+
+def test_rerun_requeues_failed_grid_points_only(tmp_path):
+  config = tmp_path / "tiny_sweep.py"
+  config.write_text(TINY_SWEEP)
+  s = sweep.Sweep(str(config), str(tmp_path / "sweep"))
+  s.recover()  # a first run queues nothing: the grid sampler draws the points
+  study = s.study()
+  assert study.get_trials() == []
+  dist = optuna.distributions.CategoricalDistribution([0.0, 0.1, 0.3])
+  for value, state in ((0.0, optuna.trial.TrialState.FAIL), (0.1, optuna.trial.TrialState.FAIL),
+                       (0.1, optuna.trial.TrialState.COMPLETE), (0.3, optuna.trial.TrialState.COMPLETE)):
+    study.add_trial(optuna.trial.create_trial(params={"ppo.kl_coef": value}, distributions={"ppo.kl_coef": dist},
+                                              state=state,
+                                              value=1.0 if state == optuna.trial.TrialState.COMPLETE else None))
+  s.recover()
+  waiting = s.study().get_trials(states=(optuna.trial.TrialState.WAITING,))
+  assert [t.system_attrs["fixed_params"] for t in waiting] == [{"ppo.kl_coef": 0.0}]  # failed and never finished; 0.1 finished later
+  s.recover()
+  assert len(s.study().get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1  # queued once
+  assert s.remaining() == 1
