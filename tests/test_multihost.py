@@ -257,7 +257,6 @@ def test_host_count_check(monkeypatch):
 @pytest.fixture
 def fake_gcs(monkeypatch):
   """gs:// paths served by fsspec's in-memory filesystem (etils.epath reaches gs:// through fsspec)."""
-  fsspec = pytest.importorskip("fsspec")
   from fsspec.implementations.memory import MemoryFileSystem
 
   class FakeGCS(MemoryFileSystem):

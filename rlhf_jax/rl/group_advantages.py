@@ -38,9 +38,8 @@ def group_mean(values: jax.Array, group: jax.Array) -> jax.Array:
 def rloo_advantages(rewards: jax.Array, group: jax.Array) -> jax.Array:
   """Leave-one-out advantages [B] of sequence rewards [B]; 0 for a row alone in its group."""
   rewards = rewards.astype(jnp.float32)
-  same = _same_group(group)
-  n = same.sum(axis=1)
-  others = (same @ rewards - rewards) / jnp.maximum(n - 1.0, 1.0)
+  n = group_sizes(group)
+  others = (_same_group(group) @ rewards - rewards) / jnp.maximum(n - 1.0, 1.0)
   return jnp.where(n > 1, rewards - others, 0.0)
 
 
