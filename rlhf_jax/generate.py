@@ -10,6 +10,7 @@ right-padded: after a row's EOS its tokens are ``pad_id`` and its mask is 0.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -70,14 +71,14 @@ class Sample:
   mask: Array
 
 
-def sampling_log_probs(logits: Array, cfg: SamplingConfig) -> Array:
-  """Log-probs [..., V] of the distribution sampled from: temperature, then top-k, then top-p.
+def sampling_logits(logits: Array, cfg: SamplingConfig) -> Array:
+  """Float32 logits [..., V] of the distribution sampled from: temperature, then top-k, then top-p.
 
-  Greedy decoding reports the model's own (temperature 1) log-probs.
+  Tokens cut by top-k/top-p get -inf. Greedy decoding returns the model's own (temperature 1) logits.
   """
   logits = logits.astype(jnp.float32)
   if cfg.is_greedy:
-    return jax.nn.log_softmax(logits, axis=-1)
+    return logits
   logits = logits / cfg.temperature
   if cfg.top_k:
     kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
@@ -90,32 +91,60 @@ def sampling_log_probs(logits: Array, cfg: SamplingConfig) -> Array:
     keep = mass_before < cfg.top_p
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.nn.log_softmax(logits, axis=-1)
+  return logits
 
 
-def inverse_cdf_sample(key: Array, log_probs: Array) -> Array:
-  """One token [B] int32 per row of normalised log_probs [B, V], by inverting the row's CDF.
+def sampling_log_probs(logits: Array, cfg: SamplingConfig) -> Array:
+  """Log-probs [..., V] of the distribution sampled from (see ``sampling_logits``)."""
+  return jax.nn.log_softmax(sampling_logits(logits, cfg), axis=-1)
+
+
+def _last_positive(x: Array) -> Array:
+  """Index [B] of the last entry > 0 of each row of x [B, N] (0 if none)."""
+  n = x.shape[-1]
+  return (n - 1 - jnp.argmax(jnp.flip(x > 0, axis=-1), axis=-1)).astype(jnp.int32)
+
+
+def inverse_cdf_sample(key: Array, logits: Array) -> tuple[Array, Array]:
+  """One token per row of float32 logits [B, V] (-inf = never drawn) by inverting the row's CDF
+  -> (token [B] int32, its log-prob [B] float32).
 
   Needs one uniform per row, where Gumbel-max (``jax.random.categorical``) needs V: on CPU the
-  [B, V] random bits cost about as much as a decode step's matmuls. Tokens of probability 0
-  (top-k/top-p cut) have empty CDF intervals and are never drawn.
+  [B, V] random bits cost about as much as a decode step's matmuls. The CDF is searched in two levels,
+  blocks of ~sqrt(V) tokens and then one block, so no [B, V] cumulative sum is formed (XLA:CPU lowers
+  one to a reduce-window that cost more than the rest of the sampling together). A token of probability
+  0 is never drawn: each level's pick is clamped to its last entry of positive mass, which only matters
+  when rounding puts the uniform past a level's total.
   """
-  cdf = jnp.cumsum(jnp.exp(log_probs), axis=-1)
-  u = jax.random.uniform(key, cdf.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
-  token = jnp.sum(cdf <= u, axis=-1)
-  return jnp.minimum(token, log_probs.shape[-1] - 1).astype(jnp.int32)
+  b, v = logits.shape
+  block = 1 << max(0, round(math.log2(math.sqrt(v))))
+  nb = -(-v // block)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - top)  # unnormalised probabilities, in [0, 1]
+  weights = jnp.pad(weights, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+  block_mass = weights.sum(-1)  # [B, nb]
+  block_cdf = jnp.cumsum(block_mass, axis=-1)
+  total = block_cdf[:, -1]
+  u = jax.random.uniform(key, (b,), jnp.float32) * total
+  j = jnp.minimum(jnp.sum(block_cdf <= u[:, None], axis=-1).astype(jnp.int32), _last_positive(block_mass))
+  before = jnp.where(j > 0, jnp.take_along_axis(block_cdf, jnp.maximum(j - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+  inside = jnp.take_along_axis(weights, j[:, None, None], axis=1)[:, 0]  # [B, block]
+  k = jnp.sum(jnp.cumsum(inside, axis=-1) <= (u - before)[:, None], axis=-1).astype(jnp.int32)
+  token = j * block + jnp.minimum(k, _last_positive(inside))
+  log_prob = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - top[:, 0] - jnp.log(total)
+  return token, log_prob
 
 
 def _pick(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
   """Samples one token per row from logits [B, V] -> (token [B], its log-prob [B])."""
-  log_probs = sampling_log_probs(logits, cfg)
-  if cfg.is_greedy:
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  elif cfg.method == "gumbel":
-    token = jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)
-  else:
-    token = inverse_cdf_sample(key, log_probs)
-  return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+  if cfg.is_greedy or cfg.method == "gumbel":
+    log_probs = sampling_log_probs(logits, cfg)
+    if cfg.is_greedy:
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      token = jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)
+    return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+  return inverse_cdf_sample(key, sampling_logits(logits, cfg))
 
 
 def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg: SamplingConfig) -> Sample:

@@ -84,11 +84,37 @@ def test_top_k_and_top_p_restrict_support():
 
 def test_inverse_cdf_sample_frequencies_and_support():
   probs = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
-  log_probs = jnp.log(jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (40000, 5)))
-  tokens = np.asarray(inverse_cdf_sample(jax.random.key(3), log_probs))
+  logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs, jnp.float32), (40000, 5))) + 3.0  # unnormalised
+  tokens, log_probs = inverse_cdf_sample(jax.random.key(3), logits)
+  tokens = np.asarray(tokens)
   freq = np.bincount(tokens, minlength=5) / len(tokens)
   np.testing.assert_allclose(freq, probs, atol=0.01)
   assert freq[4] == 0 and tokens.dtype == np.int32
+  np.testing.assert_allclose(log_probs, np.log(probs[tokens]), atol=1e-6)
+
+
+def test_inverse_cdf_sample_two_levels_match_a_flat_cdf():
+  """V = 70 (blocks of 8, the last one short): mass spread over blocks, whole blocks of zero probability
+  (between and after the live ones) and zeros inside a block; frequencies and log-probs against numpy."""
+  rng = np.random.default_rng(0)
+  probs = rng.random(70) * (rng.random(70) < 0.6)
+  probs[16:32] = 0.0
+  probs[60:] = 0.0
+  probs /= probs.sum()
+  logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -np.inf).astype(np.float32)
+  tokens, log_probs = inverse_cdf_sample(jax.random.key(5), jnp.broadcast_to(jnp.asarray(logits), (60000, 70)))
+  tokens = np.asarray(tokens)
+  assert probs[tokens].min() > 0
+  np.testing.assert_allclose(np.bincount(tokens, minlength=70) / len(tokens), probs, atol=0.006)
+  np.testing.assert_allclose(log_probs, np.log(probs[tokens]), atol=1e-5)
+  # Each row's token is where a flat inverse CDF puts that row's uniform.
+  keys = jax.random.split(jax.random.key(7), 200)
+  rows = jnp.asarray(rng.normal(size=(200, 70)) * 3, jnp.float32)
+  got = np.asarray(jax.vmap(lambda k, r: inverse_cdf_sample(k, r[None])[0][0])(keys, rows))
+  p = np.exp(np.asarray(rows, np.float64) - np.asarray(rows).max(-1, keepdims=True))
+  u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32)[0])(keys), np.float64)
+  want = (np.cumsum(p, -1) <= (u * p.sum(-1))[:, None]).sum(-1)
+  assert (got == want).mean() >= 0.99
 
 
 def test_bfloat16_sampler_log_probs_match_teacher_forcing():
