@@ -82,7 +82,10 @@ def base_config() -> ConfigDict:
   c.task = ConfigDict(dict(name="instruct", labeler_temperature=-1.0, demo_quality=-1.0, num_train_prompts=2048))
   c.data = ConfigDict(dict(
       pretraining_file="", demonstrations_file="", comparisons_file="", scored_file="", prompts_file="",
-      prompt_len=24, response_len=24, seq_len=48))
+      prompt_len=24, response_len=24, seq_len=48,
+      # Batches are cut to the narrowest bucket (min_bucket_len * 2**k tokens, or the full width) that holds
+      # their real tokens; 0 pads every batch to the widths above (data/bucketing.py).
+      min_bucket_len=16))
   c.evaluation = evaluation_config()
   for name in DEFAULT_STAGES:
     c[name] = stage(name)

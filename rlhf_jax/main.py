@@ -32,7 +32,7 @@ from ml_collections import ConfigDict, config_flags
 
 from rlhf_jax import distributed, pipeline, sharding
 from rlhf_jax.config_io import ConfigError, check_override_key, flat_items, load_config, read_workdir_config
-from rlhf_jax.data import batching
+from rlhf_jax.data import batching, bucketing
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.generate import SamplingConfig, make_sampler
 from rlhf_jax.stages.context import StageContext, StageError
@@ -299,6 +299,7 @@ def sample_policy(workdir: str, policy: str, prompts: list[str], *, num_samples:
   rows = [p for p in prompts for _ in range(num_samples)]
   padding = -len(rows) % _rows_per_shard(ctx)
   batch, stats = batching.prompt_batch(tok, rows + rows[:1] * padding, config.data.prompt_len)
+  batch = bucketing.trim_prompts(batch, config.data.min_bucket_len)
   if stats.prompts_truncated:
     print(f"{PROG}: note: prompts longer than data.prompt_len={config.data.prompt_len} tokens keep their "
           "newest tokens", file=sys.stderr)

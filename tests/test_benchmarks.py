@@ -22,6 +22,7 @@ KEYS = {
     "mem_bandwidth": {"gbps"},
     "generate": {"new_tokens_per_s", "compile_s"},
     "sft_step": {"tokens_per_s", "ms_per_step", "mfu", "compile_s"},
+    "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup"},
     "reward_step": {"pairs_per_s", "compile_s"},
     "rl_iter": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
@@ -80,6 +81,9 @@ def test_benchmarks_drive_library_functions(results):
   called = {name for name, _ in calls}
   assert {"compile_step", "make_lm_step", "make_reward_step", "make_ppo_update", "make_experience_fn"} <= called
   assert "make_sampler" in called or "make_rollout_fn" in called
+  assert "trim_texts" in called
+  varlen = results[0]["sft_step_varlen"]
+  assert varlen["bucketed_width"] < varlen["fixed_width"] == sizes.SIZES["tiny"].sft_len
   for name, fn in calls:
     assert fn.__module__.startswith("rlhf_jax."), (name, fn.__module__)
 

@@ -189,6 +189,31 @@ def sft_step(env: Env) -> Record:
                 mfu_formula="6 * n_params * tokens_per_s / matmul_peak.gflops_max")
 
 
+def sft_step_varlen(env: Env) -> Record:
+  """``sft_step`` on rows of varied real length (uniform in [sft_len / 8, sft_len / 2]) built at the full
+  ``sft_len``: padded to it (``fixed``) and cut by the library's length bucketing (``bucketed``,
+  ``data.min_bucket_len`` 16, or sft_len / 4 at a smaller size). Throughput counts real tokens only."""
+  s = env.size
+  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
+  tx = optimizer(1e-4, 0.0)
+  lengths = np.random.default_rng(3).integers(max(s.sft_len // 8, 2), s.sft_len // 2 + 1, s.sft_batch)
+  mask = (np.arange(s.sft_len)[None] < lengths[:, None]).astype(np.int32)
+  loss_mask = mask.astype(np.float32)
+  loss_mask[:, 0] = 0
+  full = {"tokens": random_tokens(env, (s.sft_batch, s.sft_len), 1) * mask, "mask": mask, "loss_mask": loss_mask}
+  real = int(mask.sum())
+  record = {}
+  for name, smallest in (("fixed", 0), ("bucketed", min(16, s.sft_len // 4))):
+    batch = library.find("trim_texts", "rlhf_jax.data.bucketing")(full, smallest) if smallest else full
+    state, state_sh = state_lib.create_train_state({"policy": jax.tree.map(jnp.copy, params)}, {"policy": tx},
+                                                   {"policy": shardings}, env.mesh, seed=0)
+    stats = _train(env, library.make_lm_step()(graphdef, tx), state, state_sh, put_batch(env, batch))
+    record[f"{name}_width"] = int(batch["tokens"].shape[1])
+    record[f"{name}_real_tokens_per_s"] = round(real / stats["median_s"], 1)
+  record["speedup"] = round(record["bucketed_real_tokens_per_s"] / record["fixed_real_tokens_per_s"], 3)
+  return common("sft_step_varlen", env, **record, real_tokens=real, rows=s.sft_batch)
+
+
 def reward_step(env: Env) -> Record:
   """``make_reward_step`` (ranking loss, K=2 = Bradley-Terry) + ``compile_step``: AdamW, clip 1.0, one
   [2 * rm_pairs, rm_len] forward."""
@@ -338,6 +363,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "mem_bandwidth": mem_bandwidth,
     "generate": generate,
     "sft_step": sft_step,
+    "sft_step_varlen": sft_step_varlen,
     "reward_step": reward_step,
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),

@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from rlhf_jax import compute
 from rlhf_jax.config_groups import sampling_config
-from rlhf_jax.data import batching
+from rlhf_jax.data import batching, bucketing
 from rlhf_jax.rl import best_of_n as bon
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.scoring import GoldScorer
@@ -50,6 +50,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   for b, start in enumerate(range(0, len(texts), ROLLOUT_ROWS)):
     rows = slice(start, start + ROLLOUT_ROWS)
     batch, _ = batching.prompt_batch(ctx.tokenizer, texts[rows], ctx.config.data.prompt_len)
+    batch = bucketing.trim_prompts(batch, ctx.config.data.min_bucket_len)
     batch = ctx.put({**batch, "group": group[rows]})
     r = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
     rm.append(ctx.host(scorer(r)))

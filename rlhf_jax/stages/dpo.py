@@ -21,7 +21,7 @@ import numpy as np
 
 from rlhf_jax import compute, rng, state as state_lib
 from rlhf_jax.algorithms import dpo
-from rlhf_jax.data import batching
+from rlhf_jax.data import batching, bucketing
 from rlhf_jax.rl import dpo as dpo_math
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.scoring import GoldScorer
@@ -103,8 +103,11 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
 
     def host_batch(step):
       rows = [train[int(i)] for i in loader.indices_for_step(step)]
-      return batching.comparison_batch(tok, [r["prompt"] for r in rows], [r["responses"] for r in rows],
-                                       [r["ranking"] for r in rows], data.prompt_len, data.response_len, max_k)
+      batch, stats = batching.comparison_batch(tok, [r["prompt"] for r in rows], [r["responses"] for r in rows],
+                                               [r["ranking"] for r in rows], data.prompt_len, data.response_len,
+                                               max_k)
+      # Responses only: the step splits rows at data.prompt_len.
+      return bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len, left=False), stats
 
     def make_batch(step, state):
       del state

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from rlhf_jax.algorithms.lm import make_lm_eval
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_groups import sampling_config
-from rlhf_jax.data import batching
+from rlhf_jax.data import batching, bucketing
 from rlhf_jax.data.loader import BatchLoader
 from rlhf_jax.rollout import Rollout, make_rollout_fn, response_log_probs, response_texts
 from rlhf_jax.scoring import GoldScorer, RewardModelScorer
@@ -43,6 +43,7 @@ class PolicyEvaluator:
     prompts = [r["prompt"] for r in ctx.records("prompts", "test")]
     self.prompts = prompts[: cfg.num_prompts]
     batch, _ = batching.prompt_batch(ctx.tokenizer, self.prompts, ctx.config.data.prompt_len)
+    batch = bucketing.trim_prompts(batch, ctx.config.data.min_bucket_len)
     # Padded to fit the mesh; every metric reads the real rows (``valid``) only.
     self.prompt = ctx.put({**batch, "group": np.arange(len(self.prompts), dtype=np.int32)}, with_valid=True)
     self.group = self.prompt["group"]
@@ -73,7 +74,7 @@ class PolicyEvaluator:
     for step in range(min(ctx.config.evaluation.lm_loss_batches, loader.steps_per_epoch)):
       batch, _ = batching.lm_batch(ctx.tokenizer, [texts[int(i)]["text"] for i in loader.indices_for_step(step)],
                                    ctx.config.data.seq_len)
-      s, n = self.lm_eval(params, ctx.put(batch))
+      s, n = self.lm_eval(params, ctx.put(bucketing.trim_texts(batch, ctx.config.data.min_bucket_len)))
       total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 

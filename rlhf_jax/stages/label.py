@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from rlhf_jax import compute, rng
 from rlhf_jax.config_groups import sampling_config
-from rlhf_jax.data import batching, formats
+from rlhf_jax.data import batching, bucketing, formats
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError, sync
@@ -59,6 +59,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     chunk = prompts[start:start + per_batch]
     repeated, group = repeat_prompts(chunk, cfg.k)
     batch, _ = batching.prompt_batch(ctx.tokenizer, repeated, ctx.config.data.prompt_len)
+    batch = bucketing.trim_prompts(batch, ctx.config.data.min_bucket_len)
     # Padded to fit the mesh; only the real rows' responses and scores are read.
     batch = ctx.put({**batch, "group": group}, with_valid=True)
     rollout = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))

@@ -20,7 +20,7 @@ import numpy as np
 
 from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.algorithms import ppo
-from rlhf_jax.data import batching
+from rlhf_jax.data import batching, bucketing
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.scoring import GoldScorer
 from rlhf_jax.stages import evaluation
@@ -88,11 +88,12 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     texts, group = repeat_prompts([prompts[int(i)]["prompt"] for i in loader.indices_for_step(step)],
                                   cfg.samples_per_prompt)
     batch, stats = batching.prompt_batch(tok, texts, ctx.config.data.prompt_len)
-    return texts, {**batch, "group": group}, stats
+    return texts, {**bucketing.trim_prompts(batch, ctx.config.data.min_bucket_len), "group": group}, stats
 
   def host_ptx(step):
-    return batching.lm_batch(tok, [text[int(i)]["text"] for i in text_loader.indices_for_step(step)],
-                             ctx.config.data.seq_len)
+    batch, stats = batching.lm_batch(tok, [text[int(i)]["text"] for i in text_loader.indices_for_step(step)],
+                                     ctx.config.data.seq_len)
+    return bucketing.trim_texts(batch, ctx.config.data.min_bucket_len), stats
 
   # Prompts (and ptx rows) are padded to fit the mesh; the rollout's real rows are gathered right after
   # sampling, so the experience, its batch statistics (whitening, means) and the minibatch split are

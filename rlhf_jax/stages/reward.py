@@ -16,7 +16,7 @@ import numpy as np
 from rlhf_jax import compute, losses, state as state_lib
 from rlhf_jax.algorithms.reward import (LOSSES, NORMALIZATIONS, comparison_rewards, fold_normalisation,
                                         make_reward_step)
-from rlhf_jax.data import batching
+from rlhf_jax.data import batching, bucketing
 from rlhf_jax.models import hf as hf_models, reward_head_std
 from rlhf_jax.rollout import make_rollout_fn
 from rlhf_jax.scoring import RewardModelScorer, reward_scores
@@ -70,10 +70,13 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
 
   def to_batch(rows):
     if kind == "comparisons":
-      return batching.comparison_batch(tok, [r["prompt"] for r in rows], [r["responses"] for r in rows],
-                                       [r["ranking"] for r in rows], data.prompt_len, data.response_len, max_k)
-    return batching.scored_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                 [r["score"] for r in rows], data.prompt_len, data.response_len)
+      batch, stats = batching.comparison_batch(tok, [r["prompt"] for r in rows], [r["responses"] for r in rows],
+                                               [r["ranking"] for r in rows], data.prompt_len, data.response_len,
+                                               max_k)
+    else:
+      batch, stats = batching.scored_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                           [r["score"] for r in rows], data.prompt_len, data.response_len)
+    return bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len), stats
 
   def host_batch(step):
     return to_batch([train[int(i)] for i in loader.indices_for_step(step)])
@@ -135,6 +138,7 @@ def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float,
   reference, _ = ctx.load_params(cfg.reference, "lm")
   prompts = [r["prompt"] for r in ctx.records("prompts", "train")][: cfg.normalize_samples]
   batch, _ = batching.prompt_batch(ctx.tokenizer, prompts, ctx.config.data.prompt_len)
+  batch = bucketing.trim_prompts(batch, ctx.config.data.min_bucket_len)
   batch = ctx.put({**batch, "group": np.arange(len(prompts), dtype=np.int32)}, with_valid=True)
   # The reference policy's samples as the label stage draws them.
   labels = [ctx.config[n] for n in (cfg.comparisons or ()) if n in ctx.config and "sampling" in ctx.config[n]]
