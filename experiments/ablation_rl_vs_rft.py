@@ -70,7 +70,9 @@ def ppo_flops_per_sample(config: ConfigDict, ppo: ConfigDict) -> float:
   n = ppo.sampling.max_new_tokens
   pcfg = ppo_lib.PPOConfig.from_mapping(ppo, SamplingConfig(max_new_tokens=n))
   value_mode = "none" if pcfg.critic_free else "shared" if ppo.value_init == "shared" else "separate"
-  return ppo_lib.iteration_counts(model_of(config), pcfg, 1, config.data.prompt_len, [n], value_mode).flops
+  k = ppo.samples_per_prompt
+  return ppo_lib.iteration_counts(model_of(config), pcfg, k, config.data.prompt_len, [n] * k, value_mode,
+                                  samples_per_prompt=k).flops / k
 
 
 def ppo_budget(config: ConfigDict, match: str) -> float:
@@ -81,9 +83,12 @@ def ppo_budget(config: ConfigDict, match: str) -> float:
 
 
 def match_critic_free(config: ConfigDict, arm: ConfigDict, match: str) -> None:
-  """Sets a critic-free ppo instance's ``prompts_per_iteration`` (same iterations as PPO) to the budget."""
+  """Sets a critic-free ppo instance's ``prompts_per_iteration`` (same iterations as PPO) to the budget, a
+  multiple of its minibatches when its samples share their prompt, so that the update shares it too."""
   per_iteration = arm.samples_per_prompt * (1 if match == "samples" else ppo_flops_per_sample(config, arm))
-  arm.prompts_per_iteration = max(int(round(ppo_budget(config, match) / (arm.iterations * per_iteration))), 1)
+  step = arm.minibatches if arm.share_prompt and arm.samples_per_prompt > 1 else 1
+  prompts = ppo_budget(config, match) / (arm.iterations * per_iteration * step)
+  arm.prompts_per_iteration = max(int(round(prompts)), 1) * step
 
 
 def dpo_flops_per_step(config: ConfigDict, dpo: ConfigDict, k: int) -> float:

@@ -34,9 +34,17 @@ def forward_flops(cfg: DecoderConfig, tokens: int, context: int, lm_head: bool =
   return 2.0 * tokens * (matmul_weights(cfg, lm_head) + attention)
 
 
-def sequence_flops(cfg: DecoderConfig, batch: int, length: int, lm_head: bool = True, train: bool = False) -> float:
-  """FLOPs of a full-sequence pass over [batch, length] (x3 with ``train``: forward and backward)."""
-  return (3.0 if train else 1.0) * forward_flops(cfg, batch * length, length, lm_head)
+def sequence_flops(cfg: DecoderConfig, batch: int, length: int, lm_head: bool = True, train: bool = False,
+                   shared_prefix: tuple[int, int] | None = None) -> float:
+  """FLOPs of a full-sequence pass over [batch, length] (x3 with ``train``: forward and backward).
+
+  ``shared_prefix`` (P, k): the first P columns are computed once per k rows (``Trunk(shared_prefix=...)``).
+  """
+  tokens = batch * length
+  if shared_prefix is not None:
+    p, k = shared_prefix
+    tokens = batch // k * p + batch * (length - p)
+  return (3.0 if train else 1.0) * forward_flops(cfg, tokens, length, lm_head)
 
 
 def generation_flops(cfg: DecoderConfig, batch: int, prompt_len: int, decode_steps: int, cache_len: int) -> float:

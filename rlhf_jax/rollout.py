@@ -42,6 +42,9 @@ class Rollout:
   log_probs: [B, N] float32 log-probs of the sampled tokens under the distribution they were drawn
   from (temperature, top-k, top-p), 0 where ``response_mask`` is 0; group: [B] int32 prompt index,
   equal for the k samples of one prompt.
+  prompt_group (static): g > 1 promises that rows ``i*g .. i*g+g-1`` hold the same prompt; every model pass
+  over the rollout (``response_hidden``, value, reward) then computes each prompt once
+  (``Trunk(shared_prefix=...)``), and PPO's minibatches keep those rows together.
   """
 
   prompt: Array
@@ -50,6 +53,12 @@ class Rollout:
   response_mask: Array
   log_probs: Array
   group: Array
+  prompt_group: int = struct.field(pytree_node=False, default=1)
+
+  @property
+  def shared_prefix(self) -> tuple[int, int] | None:
+    """``(P, prompt_group)`` for ``Trunk(shared_prefix=...)``, or None (every row computes its prompt)."""
+    return (self.prompt_len, self.prompt_group) if self.prompt_group > 1 else None
 
   @property
   def prompt_len(self) -> int:
@@ -127,7 +136,8 @@ def response_hidden(graphdef: nnx.GraphDef, params, rollout: Rollout) -> tuple[n
   """(model, trunk hidden states [B, N, D] of the state before each response token)."""
   model = nnx.merge(graphdef, params)
   # Only the window's rows are queried in the last block (the same values as slicing the full output).
-  hidden, _ = model.trunk(rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len))
+  hidden, _ = model.trunk(rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len),
+                          shared_prefix=rollout.shared_prefix)
   return model, hidden
 
 

@@ -21,9 +21,10 @@ Array = jax.Array
 
 
 def reward_scores(graphdef: nnx.GraphDef, params, tokens: Array, mask: Array,
-                  dropout_key: Array | None = None) -> Array:
-  """Scores [B] float32 of a ``ScalarModel`` on full sequences tokens, mask [B, T] (read at the last real token)."""
-  return nnx.merge(graphdef, params)(tokens, mask, dropout_key)
+                  dropout_key: Array | None = None, shared_prefix: tuple[int, int] | None = None) -> Array:
+  """Scores [B] float32 of a ``ScalarModel`` on full sequences tokens, mask [B, T] (read at the last real
+  token); ``shared_prefix``: see ``Trunk``."""
+  return nnx.merge(graphdef, params)(tokens, mask, dropout_key, shared_prefix)
 
 
 class Scorer(Protocol):
@@ -44,7 +45,7 @@ class RewardModelScorer:
   def __init__(self, graphdef: nnx.GraphDef, params):
     self.graphdef = graphdef
     self.params = params
-    self._score = jax.jit(lambda p, r: reward_scores(graphdef, p, r.tokens, r.mask))
+    self._score = jax.jit(lambda p, r: reward_scores(graphdef, p, r.tokens, r.mask, shared_prefix=r.shared_prefix))
 
   def __call__(self, rollout: Rollout, prompts: Sequence[str] | None = None,
                responses: Sequence[str] | None = None) -> Array:

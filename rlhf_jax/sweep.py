@@ -252,6 +252,10 @@ class Sweep:
     if running:
       time.sleep(GRACE_S + 1)
       optuna.storages.fail_stale_trials(study)
+      # No worker runs yet, so a trial still RUNNING is dead too: one killed before its first heartbeat is
+      # never stale. Left RUNNING, it would make a re-queued trial of its point give way to it (objective).
+      for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     if self.sweep["sampler"] != "grid":
       return
     live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)

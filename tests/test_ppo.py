@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax import sharding, state as state_lib
+from rlhf_jax.algorithms import ppo as ppo_lib
 from rlhf_jax.algorithms.ppo import (PPOConfig, make_experience, make_experience_fn, make_ppo_step,
                                      make_ppo_update, truncate_after_stop, truncate_rollout, value_head_params)
 from rlhf_jax.generate import SamplingConfig
@@ -356,3 +357,43 @@ def test_sampler_old_log_probs_equal_the_teacher_forced_ones(models, value_mode)
   np.testing.assert_allclose(m1["rollout/entropy"], -np.asarray(r.log_probs)[real].mean(), rtol=1e-5)
   with pytest.raises(ValueError, match="top_k/top_p"):
     PPOConfig(sampling=TRUNCATED_SAMPLING, old_log_probs="sampler")
+
+
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])
+def test_shared_prompt_experience_and_update_match_per_row_passes(models, advantage):
+  """Two prompts x two samples (rows in repeat_prompts order): with ``share_prompt`` the experience (policy,
+  reference, value, RM passes) and one update equal the per-row ones; minibatches keep a prompt's rows."""
+  prompt = jnp.repeat(PROMPT[:2], 2, axis=0)
+  prompt_mask = jnp.repeat(PROMPT_MASK[:2], 2, axis=0)
+  group = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 2)
+  r = rollout_fn(models["policy_g"], SAMPLING)(models["policy"], prompt, prompt_mask, group, jax.random.key(4))
+  value_mode = "none" if advantage == "rloo" else "separate"
+  value_g = None if value_mode == "none" else models["value_g"]
+  value = {} if value_mode == "none" else models["value"]
+  cfg = PPOConfig(sampling=SAMPLING, advantage=advantage, epochs=1, minibatches=2)
+  shared = ppo_lib.share_prompts(r, cfg, 2)
+  assert shared.prompt_group == 2 and shared.shared_prefix == (PROMPT.shape[1], 2)
+  assert ppo_lib.share_prompts(r, dataclasses.replace(cfg, share_prompt=False), 2) is r
+  fn = make_experience_fn(models["policy_g"], value_g, cfg, value_mode)
+  exps = [fn(models["policy"], models["ref"], value, x, rm_score(models, x), 0.1)[0] for x in (r, shared)]
+  np.testing.assert_allclose(rm_score(models, shared), rm_score(models, r), atol=1e-5)
+  for name in ("log_probs", "ref_log_probs", "values", "kl", "advantages", "returns"):
+    np.testing.assert_allclose(getattr(exps[1], name), getattr(exps[0], name), atol=2e-5, err_msg=name)
+
+  tx = optax.sgd(1.0)  # the step is the gradient (Adam's first step would amplify rounding into signs)
+  params = {"policy": models["policy"], "value": value}
+  # One minibatch: any order of the rows gives the same loss, so per-row and shared updates are comparable.
+  update = jax.jit(make_ppo_update(models["policy_g"], value_g, tx, tx, dataclasses.replace(cfg, minibatches=1),
+                                   value_mode))
+  news = [update(make_state(params, {"policy": tx, "value": tx}), {"experience": e, "ptx": None})[0] for e in exps]
+  moved = 0.0
+  for a, b, before in zip(jax.tree.leaves(news[1].params), jax.tree.leaves(news[0].params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    moved = max(moved, float(np.abs(np.asarray(b) - before).max()))
+  assert moved > 1e-3
+  # Minibatches hold whole groups, in order.
+  split = np.asarray(ppo_lib._split_rows(jax.random.key(0), 8, 2, "rows", 2))
+  assert sorted(split.ravel().tolist()) == list(range(8))
+  assert all(row[i] % 2 == 0 and row[i + 1] == row[i] + 1 for row in split for i in (0, 2))
+  with pytest.raises(ValueError, match="4 rows of 2 groups of 2, not divisible by ppo.minibatches=4"):
+    ppo_lib._split_rows(jax.random.key(0), 4, 4, "experience", 2)

@@ -123,3 +123,24 @@ def test_rerun_requeues_failed_grid_points_only(tmp_path):
   s.recover()
   assert len(s.study().get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1  # queued once
   assert s.remaining() == 1
+
+
+def test_rerun_fails_a_trial_killed_before_its_first_heartbeat(tmp_path, monkeypatch):
+  """A worker killed between creating a trial and its first heartbeat leaves it RUNNING and never stale. A
+  re-run fails it and queues its point again, so a retry does not give way to a dead trial."""
+  monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)  # the grace period before stale checks
+  config = tmp_path / "tiny_sweep.py"
+  config.write_text(TINY_SWEEP)
+  s = sweep.Sweep(str(config), str(tmp_path / "sweep"))
+  study = s.study()
+  dist = optuna.distributions.CategoricalDistribution([0.0, 0.1, 0.3])
+  for value in (0.1, 0.3):
+    study.add_trial(optuna.trial.create_trial(params={"ppo.kl_coef": value}, distributions={"ppo.kl_coef": dist},
+                                              value=1.0))
+  dead = study.ask()  # RUNNING, with no heartbeat recorded
+  dead.suggest_categorical("ppo.kl_coef", [0.0, 0.1, 0.3])
+  s.recover()
+  states = {t.number: t.state for t in s.study().get_trials()}
+  assert states[dead.number] == optuna.trial.TrialState.FAIL
+  waiting = s.study().get_trials(states=(optuna.trial.TrialState.WAITING,))
+  assert [t.system_attrs["fixed_params"] for t in waiting] == [{"ppo.kl_coef": dead.params["ppo.kl_coef"]}]

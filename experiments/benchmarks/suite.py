@@ -255,7 +255,12 @@ def _rl_pipeline(env: Env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg, 
     group = jnp.repeat(jnp.arange(env.size.rl_prompts, dtype=jnp.int32), env.size.rl_samples)
     scorer = scoring.RewardModelScorer(sc_gd, reward)
     exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, pcfg, value_mode)
-    return (lambda params, key: rollout_fn(params, prompt, prompt_mask, group, key), scorer,
+    try:  # as the ppo stage marks the rollout: k samples of a prompt share its pass (``ppo.share_prompt``)
+      share = library.ppo("share_prompts")
+    except ImportError:  # a library from before prompt sharing
+      share = lambda rollout, cfg, k: rollout  # noqa: E731
+    return (lambda params, key: share(rollout_fn(params, prompt, prompt_mask, group, key), pcfg, env.size.rl_samples),
+            scorer,
             lambda policy, value, rollout, score: exp_fn(policy, ref, value, rollout, score, beta)[0])
   sampler = generate_lib.make_sampler(lm_gd, sampling)
   exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, sc_gd, pcfg, value_mode)

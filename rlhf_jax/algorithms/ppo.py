@@ -86,6 +86,10 @@ class PPOConfig:
     same numbers up to float rounding, and the experience skips the policy's LM head and, with a
     separate or no value model, its whole forward pass). "sampler" needs no top-k/top-p; its
     ``rollout/entropy`` is the sampled estimate -mean log p and ``rollout/logprob_diff`` is 0.
+  share_prompt: with k = samples_per_prompt >= 2, every model pass over the rollout (policy, reference,
+    value, reward; experience and update) computes each prompt once for its k samples, and minibatches
+    hold whole groups. The same values up to float rounding, for (1 - 1/k) less of the prompt columns'
+    compute. When the prompts per iteration do not divide by ``minibatches``, the update runs per row.
   """
 
   sampling: SamplingConfig
@@ -108,6 +112,7 @@ class PPOConfig:
   truncate_at_stop: bool = False
   stop_token: int = -1
   old_log_probs: str = "teacher_forced"
+  share_prompt: bool = True
 
   def __post_init__(self):
     if self.advantage not in ADVANTAGES:
@@ -258,7 +263,8 @@ def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, val
     values = hidden.astype(jnp.float32) @ head["head"].astype(jnp.float32) + head["head_bias"].astype(jnp.float32)
   else:
     values = nnx.merge(value_graphdef, value_params).values(
-        rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len))
+        rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len),
+        shared_prefix=rollout.shared_prefix)
   return token_lp, all_lp, values
 
 
@@ -421,11 +427,31 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
   return total, metrics
 
 
-def _split_rows(key: Array, rows: int, minibatches: int, what: str) -> Array:
-  """A random permutation of ``rows`` split into [minibatches, rows // minibatches] indices."""
-  if rows % minibatches:
-    raise ValueError(f"{what} has {rows} rows, not divisible by ppo.minibatches={minibatches}")
-  return jax.random.permutation(key, rows).reshape(minibatches, rows // minibatches)
+def _split_rows(key: Array, rows: int, minibatches: int, what: str, group: int = 1) -> Array:
+  """A random permutation of ``rows`` split into [minibatches, rows // minibatches] indices; with ``group``
+  g > 1 the rows ``i*g .. i*g+g-1`` stay together, in order (groups are permuted)."""
+  if rows % (minibatches * group):
+    whole = f" of {rows // group} groups of {group}" if group > 1 else ""
+    raise ValueError(f"{what} has {rows} rows{whole}, not divisible by ppo.minibatches={minibatches}")
+  order = jax.random.permutation(key, rows // group)
+  return (order[:, None] * group + jnp.arange(group)).reshape(minibatches, rows // minibatches)
+
+
+def update_shares_prompts(cfg: PPOConfig, prompts: int, samples_per_prompt: int) -> bool:
+  """Whether the update keeps each prompt's k rows together and computes the prompt once: ``share_prompt``,
+  k >= 2 and the ``prompts`` of an iteration split evenly into ``minibatches``."""
+  return cfg.share_prompt and samples_per_prompt > 1 and prompts % cfg.minibatches == 0
+
+
+def share_prompts(rollout: Rollout, cfg: PPOConfig, samples_per_prompt: int) -> Rollout:
+  """The rollout marked as groups of ``samples_per_prompt`` rows sharing one prompt (``Rollout.prompt_group``)
+  when ``cfg.share_prompt`` and k >= 2; its rows must be the k samples of each prompt in a row
+  (``rollout.repeat_prompts``)."""
+  if not cfg.share_prompt or samples_per_prompt < 2:
+    return rollout
+  if rollout.prompt.shape[0] % samples_per_prompt:
+    raise ValueError(f"{rollout.prompt.shape[0]} rollout rows are not groups of {samples_per_prompt}")
+  return rollout.replace(prompt_group=samples_per_prompt)
 
 
 def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None,
@@ -468,7 +494,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     beta = state.scalars["kl_coef"] if "kl_coef" in state.scalars else 0.0
 
     def epoch(carry, key):
-      idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience")
+      idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience", exp.rollout.prompt_group)
       mb_exp = jax.tree.map(lambda x: x[idx], exp)  # [M, B/M, ...]
       mb_ptx = None
       if ptx is not None:
@@ -507,17 +533,27 @@ def make_ppo_step(update: Callable, section: Mapping[str, Any], rows: int) -> Ca
 
 
 def iteration_counts(model_cfg: DecoderConfig, cfg: PPOConfig, rows: int, prompt_len: int, response_lengths,
-                     value_mode: ValueMode, ptx_shape: tuple[int, int] | None = None) -> compute.Counts:
+                     value_mode: ValueMode, ptx_shape: tuple[int, int] | None = None,
+                     samples_per_prompt: int = 1) -> compute.Counts:
   """Compute of one PPO iteration: the rollout, the scoring passes over [rows, P + N] (policy unless
   ``old_log_probs="sampler"`` skips it, reference, value model if separate, RM), and ``epochs`` training
-  passes of the policy and value model (+ the ptx rows)."""
+  passes of the policy and value model (+ the ptx rows). With ``share_prompt`` each prompt's columns count
+  once per ``samples_per_prompt`` rows."""
   n = cfg.sampling.max_new_tokens
   counts = compute.rollout_counts(model_cfg, rows, prompt_len, response_lengths, n)
-  lm = compute.sequence_flops(model_cfg, rows, prompt_len + n)
-  scalar = compute.sequence_flops(model_cfg, rows, prompt_len + n, lm_head=False)
+  k = samples_per_prompt
+
+  def passes(shared: bool) -> tuple[float, float]:
+    prefix = (prompt_len, k) if shared else None
+    return (compute.sequence_flops(model_cfg, rows, prompt_len + n, shared_prefix=prefix),
+            compute.sequence_flops(model_cfg, rows, prompt_len + n, lm_head=False, shared_prefix=prefix))
+
+  lm, scalar = passes(cfg.share_prompt and k > 1)
+  lm_train, scalar_train = passes(update_shares_prompts(cfg, rows // k, k))
   value = scalar if value_mode == "separate" else 0.0
+  value_train = scalar_train if value_mode == "separate" else 0.0
   ptx = compute.sequence_flops(model_cfg, *ptx_shape) if ptx_shape and cfg.ptx_coef else 0.0
   policy_pass = 0 if cfg.old_log_probs == "sampler" and value_mode != "shared" else 1
-  counts.flops += (policy_pass + 1) * lm + value + scalar + cfg.epochs * 3 * (lm + value + ptx)
+  counts.flops += (policy_pass + 1) * lm + value + scalar + cfg.epochs * 3 * (lm_train + value_train + ptx)
   counts.grad_steps = float(cfg.epochs * cfg.minibatches)
   return counts

@@ -166,7 +166,8 @@ class Trunk(nnx.Module):
     self.final_norm = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
 
   def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
-               dropout_key: Array | None = None, queries=None) -> tuple[Array, KVCache | None]:
+               dropout_key: Array | None = None, queries=None,
+               shared_prefix: tuple[int, int] | None = None) -> tuple[Array, KVCache | None]:
     """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None).
 
     ``queries`` (``layers.select_rows``: a static ``(start, length)`` window or one index [B] per row)
@@ -174,8 +175,15 @@ class Trunk(nnx.Module):
     output. The last block then computes its query, attention output and MLP for those rows only
     (every token is still a key): a reward read at the last token, or log-probs and values over the
     response window, skip most of the last layer.
+
+    ``shared_prefix`` (P, k): rows ``i*k .. i*k+k-1`` share their first P columns (the k samples of one
+    left-padded prompt), so the prompt is computed once per group into a KV cache and the rest of each
+    row attends to it; see ``_shared_prefix_call``.
     """
     cfg = self.cfg
+    if shared_prefix is not None and shared_prefix[1] > 1 and cache is None and not (
+        dropout_key is not None and cfg.dropout > 0):
+      return self._shared_prefix_call(tokens, mask, queries, *shared_prefix), None
     if queries is not None and ((dropout_key is not None and cfg.dropout > 0)
                                 or (cache is not None and cfg.scan_layers)):
       # Dropout draws masks of the full shape: keep its randomness that of the full pass.
@@ -258,6 +266,47 @@ class Trunk(nnx.Module):
     return x, new_cache
 
 
+  def _shared_prefix_call(self, tokens: Array, mask: Array, queries, prompt_len: int, k: int) -> Array:
+    """``self(tokens, mask, queries=queries)`` [B, Tq, D] with the prompt columns [0, P) computed once per
+    group of k rows (they must hold the same tokens and mask in each group, P >= 1).
+
+    The group's prompt is prefilled into a KV cache, the cache repeated k times, and columns [P, T) run
+    against it as a chunk, as the sampler decodes: the same attention, positions and values as the full
+    pass up to float rounding, for (1 - 1/k) less of the prompt's compute. Gradients flow through both
+    halves (the repeat's backward sums the k rows' prompt gradients). ``queries`` may ask for rows
+    >= P - 1 only (a window starting there, or per-row indices; an index before P - 1 reads row P - 1,
+    the last prompt column, which is real in a left-padded prompt); anything else runs the full pass.
+    """
+    b, t = tokens.shape
+    p = prompt_len
+    if b % k or not 0 < p < t:
+      raise ValueError(f"shared_prefix=({p}, {k}) does not fit tokens of shape {tokens.shape}")
+    window = isinstance(queries, tuple)
+    if window and queries[0] < p - 1:
+      return self(tokens, mask, queries=queries)[0]
+    repeat = lambda x, axis=0: jnp.repeat(x, k, axis=axis)  # noqa: E731
+    cache = init_cache(self.cfg, b // k, t)
+    head, cache = self(tokens[::k, :p], mask[::k, :p], cache, queries=None if queries is None else (p - 1, 1))
+    layer_axis = 1 if self.cfg.scan_layers else 0
+    stack = (lambda c: repeat(c, layer_axis)) if self.cfg.scan_layers else (lambda c: tuple(repeat(x) for x in c))
+    cache = KVCache(k=stack(cache.k), v=stack(cache.v), valid=repeat(cache.valid), index=cache.index,
+                    next_pos=repeat(cache.next_pos))
+    head = repeat(head)  # [B, P or 1, D]
+    if queries is None:
+      tail, _ = self(tokens[:, p:], mask[:, p:], cache)
+      return jnp.concatenate([head, tail], axis=1)
+    if window:
+      start, length = queries
+      tail_start = max(start, p) - p
+      tail_len = start + length - p - tail_start
+      parts = [head] if start == p - 1 else []
+      if tail_len > 0:
+        parts.append(self(tokens[:, p:], mask[:, p:], cache, queries=(tail_start, tail_len))[0])
+      return jnp.concatenate(parts, axis=1)
+    tail, _ = self(tokens[:, p:], mask[:, p:], cache, queries=jnp.maximum(queries - p, 0))
+    return jnp.where((queries >= p)[:, None, None], tail, head)
+
+
 class Decoder(nnx.Module):
   """Language model: trunk plus an output projection (tied to the embedding for GPT-2)."""
 
@@ -304,15 +353,18 @@ class ScalarModel(nnx.Module):
     self.head = layers.param(rngs, init, (cfg.d_model,), cfg.param_dtype, ("embed",))
     self.head_bias = layers.param(rngs, nnx.initializers.zeros, (), cfg.param_dtype, ())
 
-  def values(self, tokens: Array, mask: Array, dropout_key: Array | None = None, queries=None) -> Array:
-    """Scalar output at every token: [B, T] float32 (at the ``queries`` rows only: [B, Tq]; see ``Trunk``)."""
-    hidden, _ = self.trunk(tokens, mask, None, dropout_key, queries)
+  def values(self, tokens: Array, mask: Array, dropout_key: Array | None = None, queries=None,
+             shared_prefix: tuple[int, int] | None = None) -> Array:
+    """Scalar output at every token: [B, T] float32 (at the ``queries`` rows only: [B, Tq]; see ``Trunk``
+    for both ``queries`` and ``shared_prefix``)."""
+    hidden, _ = self.trunk(tokens, mask, None, dropout_key, queries, shared_prefix)
     out = hidden.astype(jnp.float32) @ self.head[...].astype(jnp.float32)
     return out + self.head_bias[...].astype(jnp.float32)
 
-  def __call__(self, tokens: Array, mask: Array, dropout_key: Array | None = None) -> Array:
+  def __call__(self, tokens: Array, mask: Array, dropout_key: Array | None = None,
+               shared_prefix: tuple[int, int] | None = None) -> Array:
     """Reward [B] float32: the scalar output at the last real token of each row."""
-    return self.values(tokens, mask, dropout_key, queries=last_token_index(mask))[:, 0]
+    return self.values(tokens, mask, dropout_key, queries=last_token_index(mask), shared_prefix=shared_prefix)[:, 0]
 
 
 def reward_head_std(cfg: DecoderConfig) -> float:

@@ -106,8 +106,10 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     rollout = rollout_fn(params["policy"], prompt["tokens"], prompt["mask"], prompt["group"], key)
     if rollout.prompt.shape[0] != rows:
       rollout = compact(rollout, prompt["valid"])
-    rollout = truncate(rollout)
+    rollout = ppo.share_prompts(truncate(rollout), pcfg, cfg.samples_per_prompt)  # rows: repeat_prompts order
     exp, metrics = experience_fn(params["policy"], reference, params["value"], rollout, scorer(rollout), kl_coef)
+    if not ppo.update_shares_prompts(pcfg, cfg.prompts_per_iteration, cfg.samples_per_prompt):
+      exp = exp.replace(rollout=exp.rollout.replace(prompt_group=1))  # row-level minibatches, per-row passes
     return rollout, exp, metrics
 
   def make_batch(step, state):
@@ -129,7 +131,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     host.update(truncation_metrics(stats))
     lengths = ctx.host(rollout.response_mask).sum(axis=1)
     host.update(ppo.iteration_counts(ctx.model_config, pcfg, rows, rollout.prompt_len, lengths, value_mode,
-                                     ptx_shape).metrics())
+                                     ptx_shape, cfg.samples_per_prompt).metrics())
     return batch, host
 
   # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.

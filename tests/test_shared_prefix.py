@@ -1,0 +1,70 @@
+"""Trunk(shared_prefix=(P, k)): the prompt computed once per group of k rows gives the full pass's values
+and gradients, and PPO's experience and update built that way match the per-row ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax.models import DecoderConfig, ScalarModel, last_token_index
+
+P, N, K, GROUPS = 6, 5, 3, 2
+
+
+def _rows(seed=0):
+  """GROUPS prompts (left-padded, different lengths), each repeated K times, then K different responses
+  (right-padded; one row's response is empty)."""
+  rng = np.random.default_rng(seed)
+  prompt = np.zeros((GROUPS, P), np.int32)
+  prompt_mask = np.zeros((GROUPS, P), np.int32)
+  for g, length in enumerate((4, 6)):
+    prompt[g, P - length:] = rng.integers(4, 40, length)
+    prompt_mask[g, P - length:] = 1
+  prompt, prompt_mask = np.repeat(prompt, K, 0), np.repeat(prompt_mask, K, 0)
+  lengths = rng.integers(1, N + 1, GROUPS * K)
+  lengths[1] = 0
+  response_mask = (np.arange(N)[None] < lengths[:, None]).astype(np.int32)
+  response = rng.integers(4, 40, (GROUPS * K, N)) * response_mask
+  return jnp.asarray(np.concatenate([prompt, response], 1)), jnp.asarray(np.concatenate([prompt_mask, response_mask], 1))
+
+
+CONFIGS = {
+    "gpt2": dict(flavour="gpt2"),
+    "llama_gqa": dict(flavour="llama", num_kv_heads=1),
+    "gpt2_scan_remat": dict(flavour="gpt2", scan_layers=True, remat=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shared_prefix_values_and_gradients_match_the_full_pass(name):
+  cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=32, **CONFIGS[name])
+  model = ScalarModel(cfg, 0.3, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens, mask = _rows()
+  shared = (P, K)
+  for queries in (None, (P - 1, N), (P + 1, N - 1), last_token_index(mask)):
+    full = model.values(tokens, mask, queries=queries)
+    got = model.values(tokens, mask, queries=queries, shared_prefix=shared)
+    real = mask if queries is None else None
+    if real is not None:  # padding queries see no key: their output is arbitrary
+      full, got = full * real, got * real
+    np.testing.assert_allclose(got, full, atol=2e-5, err_msg=str(queries))
+  np.testing.assert_allclose(model(tokens, mask, shared_prefix=shared), model(tokens, mask), atol=2e-5)
+
+  def loss(params, shared_prefix):
+    values = nnx.merge(graphdef, params).values(tokens, mask, queries=(P - 1, N), shared_prefix=shared_prefix)
+    return jnp.sum(jnp.sin(values) * mask[:, P:])
+
+  g_full = jax.grad(loss)(params, None)
+  g_shared = jax.grad(loss)(params, shared)
+  for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_shared_prefix_rejects_shapes_that_do_not_group():
+  cfg = DecoderConfig(vocab_size=40, num_layers=1, d_model=16, num_heads=2, d_ff=32, max_len=32)
+  model = ScalarModel(cfg, 0.3, rngs=nnx.Rngs(0))
+  tokens, mask = _rows()
+  with pytest.raises(ValueError, match=r"shared_prefix=\(6, 4\) does not fit"):
+    model.values(tokens, mask, shared_prefix=(P, 4))
