@@ -97,7 +97,7 @@ def dpo_flops_per_step(config: ConfigDict, dpo: ConfigDict, k: int) -> float:
   m, p = model_of(config), config.data.prompt_len
   n = dpo.sampling.max_new_tokens if dpo.online else config.data.response_len
   rows = dpo.batch_size * k
-  flops = dpo_lib.step_counts(m, rows, p + n).flops
+  flops = dpo_lib.step_counts(m, rows, p + n, p, k).flops
   if dpo.online:
     flops += (compute.rollout_counts(m, rows, p, [n] * rows, n).flops
               + compute.sequence_flops(m, rows, p + n, lm_head=False))

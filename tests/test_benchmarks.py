@@ -24,6 +24,7 @@ KEYS = {
     "sft_step": {"tokens_per_s", "ms_per_step", "mfu", "compile_s"},
     "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup"},
     "reward_step": {"pairs_per_s", "compile_s"},
+    "reward_step_kwise": {"per_row_ms_per_step", "shared_ms_per_step", "speedup"},
     "rl_iter": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_sampler_lp": {"s_per_iter", "phases", "compile_s"},

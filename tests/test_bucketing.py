@@ -51,8 +51,10 @@ def test_trim_pairs_cuts_both_sides_to_buckets_and_keeps_every_real_token():
 def test_trim_k_wise_rows_and_texts():
   batch = _pairs([3, 5, 2, 4], [2, 6, 1, 1], p=16, r=16)
   k_wise = {k: v.reshape(2, 2, -1) for k, v in batch.items() if k != "ranks"}
+  k_wise["prompt_mask"] = k_wise["mask"][:, 0, :16]
   out, prompt_len = bucketing.trim(k_wise, ("tokens", "mask"), 16, 4)
   assert out["tokens"].shape == (2, 2, 16) and prompt_len == 8
+  np.testing.assert_array_equal(out["prompt_mask"], out["mask"][:, 0, :8])  # cut with the prompt columns
   text = {"tokens": np.array([[1, 5, 6, 2, 0, 0, 0, 0, 0, 0]]), "mask": np.array([[1, 1, 1, 1] + [0] * 6])}
   text["loss_mask"] = text["mask"].astype(np.float32)
   out = bucketing.trim_texts(text, 4)

@@ -68,3 +68,31 @@ def test_shared_prefix_rejects_shapes_that_do_not_group():
   tokens, mask = _rows()
   with pytest.raises(ValueError, match=r"shared_prefix=\(6, 4\) does not fit"):
     model.values(tokens, mask, shared_prefix=(P, 4))
+
+
+def test_k_wise_reward_scores_and_dpo_log_ratios_compute_the_prompt_once():
+  """A comparison batch [B, K, T] whose K rows share the prompt: RM scores with ``prompt_mask`` (shared)
+  equal the per-row scores, and DPO's log-ratios (``comparison_rollout``, shared) the per-row ones."""
+  from rlhf_jax.algorithms import dpo, reward
+  from rlhf_jax.generate import SamplingConfig
+  from rlhf_jax.models import Decoder
+  from rlhf_jax.rollout import response_log_probs
+
+  cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=32)
+  tokens, mask = _rows(1)
+  batch = {"tokens": tokens.reshape(GROUPS, K, -1), "mask": mask.reshape(GROUPS, K, -1)}
+  rm_graphdef, rm_params = nnx.split(ScalarModel(cfg, 0.3, rngs=nnx.Rngs(0)))
+  per_row = reward.comparison_rewards(rm_graphdef, rm_params, batch)
+  shared = reward.comparison_rewards(rm_graphdef, rm_params, {**batch, "prompt_mask": mask[::K, :P]})
+  np.testing.assert_allclose(shared, per_row, atol=2e-5)
+
+  lm_graphdef, policy = nnx.split(Decoder(cfg, rngs=nnx.Rngs(1)))
+  ref = nnx.split(Decoder(cfg, rngs=nnx.Rngs(2)))[1]
+  sampling = SamplingConfig(max_new_tokens=N)
+  rollout = dpo.comparison_rollout(batch["tokens"], batch["mask"], P)
+  assert rollout.prompt_group == K
+  got = dpo.log_ratios(lm_graphdef, policy, ref, batch, P, sampling, average=False)
+  unshared = rollout.replace(prompt_group=1)
+  want = (response_log_probs(lm_graphdef, policy, unshared, sampling)[0]
+          - response_log_probs(lm_graphdef, ref, unshared, sampling)[0]).sum(-1).reshape(GROUPS, K)
+  np.testing.assert_allclose(got, want, atol=2e-5)

@@ -233,6 +233,31 @@ def reward_step(env: Env) -> Record:
                 ms_per_step=round(1e3 * stats["median_s"], 2), compile_s=round(stats["compile_s"], 2))
 
 
+def reward_step_kwise(env: Env) -> Record:
+  """``reward_step`` on K-wise comparisons as InstructGPT trains them: rm_pairs / 2 prompts x K = 4 responses,
+  each row a prompt of rm_len / 2 tokens then a response of rm_len / 2 (the same rows as ``reward_step``'s
+  batch), with the prompt computed per row (``per_row``) and once per prompt (``shared``, the batch's
+  ``prompt_mask`` as ``batching.comparison_batch`` builds it)."""
+  s = env.size
+  k, prompts, p = 4, max(s.rm_pairs // 2, 1), s.rm_len // 2
+  graphdef, params, shardings = init_params(
+      env, lambda r: ScalarModel(env.model, reward_head_std(env.model), rngs=r), 0, "rm")
+  tx = optimizer(1e-5, 1.0)
+  prompt = np.repeat(random_tokens(env, (prompts, 1, p), 1), k, axis=1)
+  tokens = np.concatenate([prompt, random_tokens(env, (prompts, k, s.rm_len - p), 2)], axis=-1)
+  batch = {"tokens": tokens, "mask": np.ones_like(tokens), "ranks": np.tile(np.arange(k, dtype=np.int32), (prompts, 1)),
+           "response_mask": np.ones((prompts, k), np.int32)}
+  record = {}
+  for name, extra in (("per_row", {}), ("shared", {"prompt_mask": np.ones((prompts, p), np.int32)})):
+    state, state_sh = state_lib.create_train_state({"reward": jax.tree.map(jnp.copy, params)}, {"reward": tx},
+                                                   {"reward": shardings}, env.mesh, seed=0)
+    step = library.make_reward_step()(graphdef, tx, "ranking", 0.0)
+    stats = _train(env, step, state, state_sh, put_batch(env, {**batch, **extra}))
+    record[f"{name}_ms_per_step"] = round(1e3 * stats["median_s"], 2)
+  record["speedup"] = round(record["per_row_ms_per_step"] / record["shared_ms_per_step"], 3)
+  return common("reward_step_kwise", env, **record, prompts=prompts, k=k, prompt_len=p, rows=prompts * k)
+
+
 # ----------------------------------------------------------------------------- RL iteration
 
 def _forward_timer(env: Env, fn: Callable, params, *args) -> float:
@@ -370,6 +395,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "sft_step": sft_step,
     "sft_step_varlen": sft_step_varlen,
     "reward_step": reward_step,
+    "reward_step_kwise": reward_step_kwise,
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),
     "rl_iter_sampler_lp": lambda env: rl_iter(env, "separate", "sampler"),

@@ -77,12 +77,16 @@ class DPOSettings:
 
 
 def comparison_rollout(tokens: jax.Array, mask: jax.Array, prompt_len: int) -> Rollout:
-  """The rows of a comparison batch [B, K, P + R] as a flat ``Rollout`` [B * K] (for ``response_log_probs``)."""
-  width = tokens.shape[-1]
+  """The rows of a comparison batch [B, K, P + R] as a flat ``Rollout`` [B * K] (for ``response_log_probs``).
+
+  The K responses of an example share its prompt, so model passes compute it once per example
+  (``Rollout.prompt_group`` K).
+  """
+  k, width = tokens.shape[-2:]
   tokens, mask = tokens.reshape(-1, width), mask.reshape(-1, width)
   return Rollout(prompt=tokens[:, :prompt_len], prompt_mask=mask[:, :prompt_len], response=tokens[:, prompt_len:],
                  response_mask=mask[:, prompt_len:], log_probs=jnp.zeros(tokens[:, prompt_len:].shape, jnp.float32),
-                 group=jnp.zeros(tokens.shape[0], jnp.int32))
+                 group=jnp.repeat(jnp.arange(tokens.shape[0] // k, dtype=jnp.int32), k), prompt_group=k)
 
 
 def log_ratios(graphdef: nnx.GraphDef, params, ref_params, batch: Mapping[str, jax.Array], prompt_len: int,
@@ -133,11 +137,13 @@ def make_log_ratio_fn(graphdef: nnx.GraphDef, prompt_len: int, sampling: Samplin
   return jax.jit(lambda p, r, b: log_ratios(graphdef, p, r, b, prompt_len, sampling, average))
 
 
-def step_counts(model_cfg: DecoderConfig, rows: int, width: int) -> compute.Counts:
+def step_counts(model_cfg: DecoderConfig, rows: int, width: int, prompt_len: int = 0, k: int = 1) -> compute.Counts:
   """Compute of one DPO step on ``rows`` sequences of ``width`` tokens: the policy's forward and backward
-  and the reference's forward."""
-  return compute.Counts(grad_steps=1.0, flops=compute.sequence_flops(model_cfg, rows, width, train=True)
-                        + compute.sequence_flops(model_cfg, rows, width))
+  and the reference's forward, each computing the ``prompt_len`` prompt columns once per ``k`` rows."""
+  shared = (prompt_len, k) if k > 1 and prompt_len else None
+  return compute.Counts(grad_steps=1.0,
+                        flops=compute.sequence_flops(model_cfg, rows, width, train=True, shared_prefix=shared)
+                        + compute.sequence_flops(model_cfg, rows, width, shared_prefix=shared))
 
 
 def ranks_from_ranking(ranking) -> np.ndarray:

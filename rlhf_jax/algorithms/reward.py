@@ -38,10 +38,16 @@ def reward_config() -> ConfigDict:
 
 
 def comparison_rewards(graphdef: nnx.GraphDef, params, batch, dropout_key=None) -> jax.Array:
-  """RM scores [B, K] of a comparison batch (tokens [B, K, T]); one forward pass per response."""
+  """RM scores [B, K] of a comparison batch (tokens [B, K, T]).
+
+  With the batch's ``prompt_mask`` [B, P] (``batching.comparison_batch``: columns [0, P) hold the example's
+  prompt in all K rows) the prompt is computed once per example (``Trunk(shared_prefix=(P, K))``);
+  without it, one full pass per response.
+  """
   b, k, t = batch["tokens"].shape
+  shared = (batch["prompt_mask"].shape[-1], k) if "prompt_mask" in batch and k > 1 else None
   return reward_scores(graphdef, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t),
-                       dropout_key).reshape(b, k)
+                       dropout_key, shared_prefix=shared).reshape(b, k)
 
 
 def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float) -> Callable:

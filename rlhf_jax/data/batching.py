@@ -209,7 +209,8 @@ def comparison_batch(
   Returns:
     {"tokens", "mask" [B, max_k, P + R] int32,
      "response_mask" [B, max_k] int32 (1 = real response),
-     "ranks" [B, max_k] int32 (0 = best; padding slots get max_k)}, and stats.
+     "ranks" [B, max_k] int32 (0 = best; padding slots get max_k),
+     "prompt_mask" [B, P] int32 (the prompt, the same in every slot: models compute it once)}, and stats.
   """
   _check_lengths(prompt_len=prompt_len, response_len=response_len)
   n = _check_batch(prompts=prompts, responses_list=responses_list,
@@ -238,7 +239,7 @@ def comparison_batch(
     response_mask[i, :k] = 1
     ranks[i, list(ranking)] = np.arange(k)
   return {"tokens": tokens, "mask": mask, "response_mask": response_mask,
-          "ranks": ranks}, stats
+          "ranks": ranks, "prompt_mask": mask[:, 0, :prompt_len].copy()}, stats
 
 
 def scored_batch(

@@ -38,8 +38,8 @@ def trim(batch: Mapping[str, np.ndarray], keys: Sequence[str], prompt_len: int, 
 
   Columns [0, prompt_len) are a left-padded prompt, trimmed from the left (``left``); columns
   [prompt_len, W) are right-padded, trimmed from the right (``right``). ``prompt_len`` 0: the whole row is
-  right-padded (pretraining text). Other entries of ``batch`` are passed through. ``smallest`` 0 returns
-  the batch unchanged.
+  right-padded (pretraining text). A ``prompt_mask`` [..., prompt_len] entry is cut with the prompt
+  columns; other entries are passed through. ``smallest`` 0 returns the batch unchanged.
   """
   out = dict(batch)
   if smallest <= 0:
@@ -63,6 +63,8 @@ def trim(batch: Mapping[str, np.ndarray], keys: Sequence[str], prompt_len: int, 
     return out, prompt_len
   for key in keys:
     out[key] = np.asarray(batch[key])[..., start:stop]
+  if "prompt_mask" in batch and np.shape(batch["prompt_mask"])[-1] == prompt_len:
+    out["prompt_mask"] = np.asarray(batch["prompt_mask"])[..., start:]  # the prompt columns kept
   return out, prompt_len - start
 
 

@@ -112,7 +112,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     def make_batch(step, state):
       del state
       batch, stats = host_batch(step)
-      counts = dpo.step_counts(model_cfg, batch["tokens"].shape[0] * max_k, batch["tokens"].shape[-1])
+      counts = dpo.step_counts(model_cfg, batch["tokens"].shape[0] * max_k, batch["tokens"].shape[-1],
+                               data.prompt_len, max_k)
       return ctx.put(batch), {**truncation_metrics(stats), **counts.metrics()}
 
     example = host_batch(0)[0]
@@ -189,7 +190,7 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
     host["rollout/distinct_fraction"] = float(np.mean([len(set(responses[i * k:(i + 1) * k])) / k
                                                        for i in range(len(chosen))]))
     batch = dpo.online_batch(rows["prompt"], rows["prompt_mask"], rows["response"], rows["response_mask"], ranks)
-    counts += dpo.step_counts(model_cfg, len(texts), width)
+    counts += dpo.step_counts(model_cfg, len(texts), width, rollout.prompt_len, k)
     return ctx.put(batch), {**truncation_metrics(stats), **host, **counts.metrics()}
 
   p, n = ctx.config.data.prompt_len, sampling.max_new_tokens

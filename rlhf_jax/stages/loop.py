@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 
 from rlhf_jax import compute, state as state_lib
 from rlhf_jax.checkpoint import Checkpointer
@@ -45,9 +46,16 @@ def truncation_metrics(stats: TruncationStats) -> dict[str, float]:
 
 def step_counts(model_cfg, batch: Mapping[str, Any], lm_head: bool = True) -> compute.Counts:
   """Compute of one training step on a host batch of full sequences: every ``*tokens`` array [..., T]
-  is one forward and backward pass (e.g. an SFT batch and its ``ptx_tokens``)."""
-  flops = sum(compute.sequence_flops(model_cfg, int(v.size // v.shape[-1]), int(v.shape[-1]), lm_head, train=True)
-              for k, v in batch.items() if k.endswith("tokens"))
+  is one forward and backward pass (e.g. an SFT batch and its ``ptx_tokens``). K-wise comparison
+  ``tokens`` [B, K, T] with a ``prompt_mask`` [B, P] compute the prompt once per example."""
+  flops = 0.0
+  for k, v in batch.items():
+    if k.endswith("tokens"):
+      shared = None
+      if k == "tokens" and "prompt_mask" in batch and v.ndim == 3 and v.shape[1] > 1:
+        shared = (int(np.shape(batch["prompt_mask"])[-1]), int(v.shape[1]))
+      flops += compute.sequence_flops(model_cfg, int(v.size // v.shape[-1]), int(v.shape[-1]), lm_head, train=True,
+                                      shared_prefix=shared)
   return compute.Counts(grad_steps=1.0, flops=flops)
 
 
