@@ -28,6 +28,7 @@ KEYS = {
     "rl_iter": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_sampler_lp": {"s_per_iter", "phases", "compile_s"},
+    "rl_iter_rloo": {"s_per_iter", "phases", "compile_s"},
 }
 PHASES = {"generate", "reference", "reward", "value", "update"}
 

@@ -301,7 +301,8 @@ def _full_sequence(rollout, prompt, prompt_mask):
   return jnp.concatenate([prompt, rollout.tokens], axis=1), jnp.concatenate([prompt_mask, rollout.mask], axis=1)
 
 
-def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teacher_forced") -> Record:
+def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teacher_forced",
+            advantage: str = "gae") -> Record:
   """One PPO iteration through the library: rollout (KV-cache sampler) -> reward-model score -> experience
   (policy, reference and value forwards, KL penalty beta 0.05, GAE) -> ``make_ppo_update`` under
   ``compile_step`` (1 epoch, 1 minibatch, clip 1.0).
@@ -309,7 +310,8 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
   ``phases``: generate, reward, experience and update are the library's compiled functions each timed
   alone; reference and value are the forward passes inside ``experience``, timed as standalone model
   calls (value is 0 with a shared value head). ``old_log_probs="sampler"`` (``rl_iter_sampler_lp``) takes
-  PPO's old log-probs from the rollout instead of a policy forward pass.
+  PPO's old log-probs from the rollout instead of a policy forward pass. ``advantage="rloo"``
+  (``rl_iter_rloo``, value mode "none") is the peer's algorithm: no value model, the leave-one-out baseline.
   """
   s, cfg = env.size, env.model
   lm_gd, policy, policy_sh = init_params(env, lambda r: Decoder(cfg, rngs=r), 0, "lm")
@@ -320,6 +322,8 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
     value = {**jax.tree.map(jnp.copy, reward), "head": jnp.zeros_like(reward["head"]),
              "head_bias": jnp.zeros_like(reward["head_bias"])}
     value_sh = rm_sh
+  elif value_mode == "none":
+    value, value_sh = {}, {}
   else:
     rep = shd.replicated(env.mesh)
     value = jax.device_put(library.ppo("value_head_params")(cfg), rep)
@@ -328,6 +332,8 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
 
   sampling = SamplingConfig(max_new_tokens=s.rl_new, temperature=1.0, stop_at_eos=False)
   extra = {} if old_log_probs == "teacher_forced" else {"old_log_probs": old_log_probs}
+  if advantage != "gae":
+    extra["advantage"] = advantage
   pcfg = library.ppo("PPOConfig")(sampling=sampling, epochs=1, minibatches=1, **extra)
   policy_tx, value_tx = optimizer(1e-6, 1.0), optimizer(1e-5, 1.0)
   state, state_sh = state_lib.create_train_state({"policy": policy, "value": value},
@@ -379,7 +385,7 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
     return metrics
 
   phases["update"] = bench(update_once, env.reps)["median_s"]
-  name = "rl_iter" if value_mode == "separate" else "rl_iter_shared"
+  name = {"separate": "rl_iter", "shared": "rl_iter_shared", "none": f"rl_iter_{advantage}"}[value_mode]
   if old_log_probs != "teacher_forced":
     name += "_sampler_lp"
   return common(name, env, s_per_iter=round(whole["median_s"], 3), compile_s=round(whole["compile_s"], 2),
@@ -399,4 +405,5 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),
     "rl_iter_sampler_lp": lambda env: rl_iter(env, "separate", "sampler"),
+    "rl_iter_rloo": lambda env: rl_iter(env, "none", advantage="rloo"),
 }
