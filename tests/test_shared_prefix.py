@@ -39,25 +39,28 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_shared_prefix_values_and_gradients_match_the_full_pass(name):
   cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=32, **CONFIGS[name])
-  model = ScalarModel(cfg, 0.3, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(ScalarModel(cfg, 0.3, rngs=nnx.Rngs(0)))
   tokens, mask = _rows()
-  shared = (P, K)
-  for queries in (None, (P - 1, N), (P + 1, N - 1), last_token_index(mask)):
-    full = model.values(tokens, mask, queries=queries)
-    got = model.values(tokens, mask, queries=queries, shared_prefix=shared)
-    real = mask if queries is None else None
-    if real is not None:  # padding queries see no key: their output is arbitrary
-      full, got = full * real, got * real
-    np.testing.assert_allclose(got, full, atol=2e-5, err_msg=str(queries))
-  np.testing.assert_allclose(model(tokens, mask, shared_prefix=shared), model(tokens, mask), atol=2e-5)
+  queries = (None, (P - 1, N), (P + 1, N - 1), last_token_index(mask))
 
   def loss(params, shared_prefix):
     values = nnx.merge(graphdef, params).values(tokens, mask, queries=(P - 1, N), shared_prefix=shared_prefix)
     return jnp.sum(jnp.sin(values) * mask[:, P:])
 
-  g_full = jax.grad(loss)(params, None)
-  g_shared = jax.grad(loss)(params, shared)
+  @jax.jit  # one compiled program per config: op-by-op, these passes and gradients take minutes
+  def both(params):
+    def run(shared_prefix):
+      model = nnx.merge(graphdef, params)
+      outs = [model.values(tokens, mask, queries=q, shared_prefix=shared_prefix) for q in queries]
+      return outs, model(tokens, mask, shared_prefix=shared_prefix), jax.grad(loss)(params, shared_prefix)
+    return run(None), run((P, K))
+
+  (full, full_reward, g_full), (got, got_reward, g_shared) = both(params)
+  for q, a, b in zip(queries, got, full):
+    if q is None:  # padding queries see no key: their output is arbitrary
+      a, b = a * mask, b * mask
+    np.testing.assert_allclose(a, b, atol=2e-5, err_msg=str(q))
+  np.testing.assert_allclose(got_reward, full_reward, atol=2e-5)
   for a, b in zip(jax.tree.leaves(g_shared), jax.tree.leaves(g_full)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 

@@ -265,7 +265,6 @@ class Trunk(nnx.Module):
                           next_pos=cache.next_pos + mask.sum(axis=1))
     return x, new_cache
 
-
   def _shared_prefix_call(self, tokens: Array, mask: Array, queries, prompt_len: int, k: int) -> Array:
     """``self(tokens, mask, queries=queries)`` [B, Tq, D] with the prompt columns [0, P) computed once per
     group of k rows (they must hold the same tokens and mask in each group, P >= 1).
