@@ -492,9 +492,13 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     m = cfg.minibatches
     rows = exp.mask.shape[0]
     beta = state.scalars["kl_coef"] if "kl_coef" in state.scalars else 0.0
+    group = exp.rollout.prompt_group
+    if group > 1 and not update_shares_prompts(cfg, rows // group, group):
+      # Groups do not split evenly into minibatches: row-level minibatches, each row its own prompt pass.
+      exp, group = exp.replace(rollout=exp.rollout.replace(prompt_group=1)), 1
 
     def epoch(carry, key):
-      idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience", exp.rollout.prompt_group)
+      idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience", group)
       mb_exp = jax.tree.map(lambda x: x[idx], exp)  # [M, B/M, ...]
       mb_ptx = None
       if ptx is not None:

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from rlhf_jax import losses
 from rlhf_jax.config_groups import loop_config
+from rlhf_jax.data.batching import comparison_shared_prefix
 from rlhf_jax.scoring import reward_scores
 from rlhf_jax.state import TrainState, step_key
 
@@ -45,9 +46,8 @@ def comparison_rewards(graphdef: nnx.GraphDef, params, batch, dropout_key=None) 
   without it, one full pass per response.
   """
   b, k, t = batch["tokens"].shape
-  shared = (batch["prompt_mask"].shape[-1], k) if "prompt_mask" in batch and k > 1 else None
   return reward_scores(graphdef, params, batch["tokens"].reshape(b * k, t), batch["mask"].reshape(b * k, t),
-                       dropout_key, shared_prefix=shared).reshape(b, k)
+                       dropout_key, shared_prefix=comparison_shared_prefix(batch)).reshape(b, k)
 
 
 def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float) -> Callable:

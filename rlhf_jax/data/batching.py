@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -240,6 +240,13 @@ def comparison_batch(
     ranks[i, list(ranking)] = np.arange(k)
   return {"tokens": tokens, "mask": mask, "response_mask": response_mask,
           "ranks": ranks, "prompt_mask": mask[:, 0, :prompt_len].copy()}, stats
+
+
+def comparison_shared_prefix(batch: Mapping[str, Any]) -> tuple[int, int] | None:
+  """``(P, K)`` for ``Trunk(shared_prefix=...)`` of a comparison batch's rows flattened to [B * K, T]: the K
+  rows of an example share columns [0, P) when the batch carries its ``prompt_mask`` [B, P]; else None."""
+  k = np.shape(batch["tokens"])[1]
+  return (int(np.shape(batch["prompt_mask"])[-1]), int(k)) if "prompt_mask" in batch and k > 1 else None
 
 
 def scored_batch(

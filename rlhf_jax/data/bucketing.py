@@ -73,14 +73,18 @@ def trim_prompts(batch: Mapping[str, np.ndarray], smallest: int) -> dict[str, np
   return trim(batch, ("tokens", "mask"), np.shape(batch["mask"])[-1], smallest)[0]
 
 
+def _row_keys(batch: Mapping[str, np.ndarray]) -> list[str]:
+  """The batch's per-column arrays [..., W] that batching builds."""
+  return [k for k in ("tokens", "mask", "loss_mask") if k in batch]
+
+
 def trim_texts(batch: Mapping[str, np.ndarray], smallest: int) -> dict[str, np.ndarray]:
   """``trim`` for right-padded texts {"tokens", "mask", "loss_mask" [B, T]} (``batching.lm_batch``)."""
-  return trim(batch, [k for k in ("tokens", "mask", "loss_mask") if k in batch], 0, smallest)[0]
+  return trim(batch, _row_keys(batch), 0, smallest)[0]
 
 
 def trim_pairs(batch: Mapping[str, np.ndarray], prompt_len: int, smallest: int,
                left: bool = True) -> dict[str, np.ndarray]:
   """``trim`` for prompt + response rows [..., P + R] (``sft_batch``, ``comparison_batch``,
   ``scored_batch``); ``left`` False keeps the prompt's width (a step that splits rows at ``prompt_len``)."""
-  keys = [k for k in ("tokens", "mask", "loss_mask") if k in batch]
-  return trim(batch, keys, prompt_len, smallest, left=left)[0]
+  return trim(batch, _row_keys(batch), prompt_len, smallest, left=left)[0]

@@ -286,10 +286,10 @@ class Trunk(nnx.Module):
     repeat = lambda x, axis=0: jnp.repeat(x, k, axis=axis)  # noqa: E731
     cache = init_cache(self.cfg, b // k, t)
     head, cache = self(tokens[::k, :p], mask[::k, :p], cache, queries=None if queries is None else (p - 1, 1))
-    layer_axis = 1 if self.cfg.scan_layers else 0
-    stack = (lambda c: repeat(c, layer_axis)) if self.cfg.scan_layers else (lambda c: tuple(repeat(x) for x in c))
-    cache = KVCache(k=stack(cache.k), v=stack(cache.v), valid=repeat(cache.valid), index=cache.index,
-                    next_pos=repeat(cache.next_pos))
+    rows_axis = 1 if self.cfg.scan_layers else 0  # k, v: stacked [L, B, ...] or a tuple of [B, ...]
+    cache = cache.replace(k=jax.tree.map(lambda x: repeat(x, rows_axis), cache.k),
+                          v=jax.tree.map(lambda x: repeat(x, rows_axis), cache.v),
+                          valid=repeat(cache.valid), next_pos=repeat(cache.next_pos))
     head = repeat(head)  # [B, P or 1, D]
     if queries is None:
       tail, _ = self(tokens[:, p:], mask[:, p:], cache)

@@ -16,7 +16,7 @@ import numpy as np
 
 from rlhf_jax import compute, state as state_lib
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.data.batching import TruncationStats
+from rlhf_jax.data.batching import TruncationStats, comparison_shared_prefix
 from rlhf_jax.progress import Progress
 from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.state import TrainState
@@ -48,14 +48,10 @@ def step_counts(model_cfg, batch: Mapping[str, Any], lm_head: bool = True) -> co
   """Compute of one training step on a host batch of full sequences: every ``*tokens`` array [..., T]
   is one forward and backward pass (e.g. an SFT batch and its ``ptx_tokens``). K-wise comparison
   ``tokens`` [B, K, T] with a ``prompt_mask`` [B, P] compute the prompt once per example."""
-  flops = 0.0
-  for k, v in batch.items():
-    if k.endswith("tokens"):
-      shared = None
-      if k == "tokens" and "prompt_mask" in batch and v.ndim == 3 and v.shape[1] > 1:
-        shared = (int(np.shape(batch["prompt_mask"])[-1]), int(v.shape[1]))
-      flops += compute.sequence_flops(model_cfg, int(v.size // v.shape[-1]), int(v.shape[-1]), lm_head, train=True,
-                                      shared_prefix=shared)
+  shared = comparison_shared_prefix(batch) if np.ndim(batch.get("tokens")) == 3 else None
+  flops = sum(compute.sequence_flops(model_cfg, int(v.size // v.shape[-1]), int(v.shape[-1]), lm_head, train=True,
+                                     shared_prefix=shared if k == "tokens" else None)
+              for k, v in batch.items() if k.endswith("tokens"))
   return compute.Counts(grad_steps=1.0, flops=flops)
 
 

@@ -108,8 +108,6 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       rollout = compact(rollout, prompt["valid"])
     rollout = ppo.share_prompts(truncate(rollout), pcfg, cfg.samples_per_prompt)  # rows: repeat_prompts order
     exp, metrics = experience_fn(params["policy"], reference, params["value"], rollout, scorer(rollout), kl_coef)
-    if not ppo.update_shares_prompts(pcfg, cfg.prompts_per_iteration, cfg.samples_per_prompt):
-      exp = exp.replace(rollout=exp.rollout.replace(prompt_group=1))  # row-level minibatches, per-row passes
     return rollout, exp, metrics
 
   def make_batch(step, state):
