@@ -99,8 +99,8 @@ def dpo_flops_per_step(config: ConfigDict, dpo: ConfigDict, k: int) -> float:
   rows = dpo.batch_size * k
   flops = dpo_lib.step_counts(m, rows, p + n, p, k).flops
   if dpo.online:
-    flops += (compute.rollout_counts(m, rows, p, [n] * rows, n).flops
-              + compute.sequence_flops(m, rows, p + n, lm_head=False))
+    flops += (compute.rollout_counts(m, rows, p, [n] * rows, n, prompt_group=k).flops
+              + compute.sequence_flops(m, rows, p + n, lm_head=False, shared_prefix=(p, k) if k > 1 else None))
   return flops
 
 
@@ -126,7 +126,9 @@ def match_dpo(config: ConfigDict, arm: ConfigDict, match: str) -> None:
 def rft_flops(config: ConfigDict, rft: ConfigDict) -> float:
   """Estimated FLOPs of an RFT instance: samples (generation, RM, 2 log-prob passes) and SFT steps."""
   m, p, n = model_of(config), config.data.prompt_len, rft.sampling.max_new_tokens
-  per_sample = compute.generation_flops(m, 1, p, n - 1, p + n - 1) + rft_lib.scoring_flops(m, 1, p + n)
+  g = rft_lib.sampler_group(rft.samples_per_prompt)  # rows per prefilled prompt
+  per_sample = (compute.generation_flops(m, g, p, n - 1, p + n - 1, prompt_group=g)
+                + rft_lib.scoring_flops(m, g, p + n, (p, g) if g > 1 else None)) / g
   samples = rft.rounds * rft.prompts_per_round * rft.samples_per_prompt
   steps = rft.rounds * rft.improve_passes * rft.improve_steps
   return samples * per_sample + steps * compute.sequence_flops(m, rft.batch_size, p + n, train=True)

@@ -47,9 +47,11 @@ def sequence_flops(cfg: DecoderConfig, batch: int, length: int, lm_head: bool = 
   return (3.0 if train else 1.0) * forward_flops(cfg, tokens, length, lm_head)
 
 
-def generation_flops(cfg: DecoderConfig, batch: int, prompt_len: int, decode_steps: int, cache_len: int) -> float:
-  """FLOPs of sampling: prefill [batch, prompt_len] then ``decode_steps`` one-token steps over the cache."""
-  prefill = forward_flops(cfg, batch * prompt_len, cache_len)
+def generation_flops(cfg: DecoderConfig, batch: int, prompt_len: int, decode_steps: int, cache_len: int,
+                     prompt_group: int = 1) -> float:
+  """FLOPs of sampling: prefill [batch, prompt_len] (once per ``prompt_group`` rows: ``generate``) then
+  ``decode_steps`` one-token steps over the cache."""
+  prefill = forward_flops(cfg, batch // prompt_group * prompt_len, cache_len)
   return prefill + decode_steps * forward_flops(cfg, batch, cache_len)
 
 
@@ -71,9 +73,10 @@ class Counts:
 
 
 def rollout_counts(cfg: DecoderConfig, batch: int, prompt_len: int, response_lengths, max_new_tokens: int,
-                   samples: int | None = None) -> Counts:
-  """Counts of one sampler call: ``response_lengths`` [B] real tokens per row (host array)."""
+                   samples: int | None = None, prompt_group: int = 1) -> Counts:
+  """Counts of one sampler call: ``response_lengths`` [B] real tokens per row (host array); ``prompt_group``:
+  rows per prefilled prompt (``generate``)."""
   lengths = [int(x) for x in response_lengths]
   steps = max(max(lengths, default=0) - 1, 0)  # the loop stops when every row has ended
   return Counts(samples=float(batch if samples is None else samples), tokens_generated=float(sum(lengths)),
-                flops=generation_flops(cfg, batch, prompt_len, steps, prompt_len + max_new_tokens - 1))
+                flops=generation_flops(cfg, batch, prompt_len, steps, prompt_len + max_new_tokens - 1, prompt_group))

@@ -10,6 +10,7 @@ the same for code that holds ``(key, text)`` pairs.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import json
@@ -74,6 +75,34 @@ def check_override_key(config: ConfigDict, key: str) -> None:
     node = node[part]
   if isinstance(node, ConfigDict):
     raise ConfigError(f"--config.{key} names a group; set one of its keys instead")
+
+
+def tuple_override(value: tuple, key: str) -> tuple:
+  """A tuple override as typed on a command line -> its items.
+
+  ``ml_collections`` reads ``--config.k=a,b`` and ``--config.k=(a,b)`` (unquoted names, which are not Python
+  literals) as the one string ``'a,b'`` / ``'(a,b)'``. Such a lone string is split at its commas (outer
+  brackets dropped) and each item read as a literal where it is one (``1``, ``'x'``), else kept as a name.
+  Nested tuples must be typed as a quoted Python literal; anything else is returned unchanged.
+  """
+  if len(value) != 1 or not isinstance(value[0], str):
+    return value
+  text = value[0].strip()
+  if text[:1] in "([" and text[-1:] in ")]":
+    text = text[1:-1]
+  elif "," not in text:
+    return value
+  if any(c in text for c in "()[]{}"):
+    raise ConfigError(f"--config.{key}={value[0]}: a nested tuple must be a quoted Python literal, e.g. "
+                      f"--config.{key}=\"(('a', 1), ('b', 2))\"")
+
+  def item(s: str) -> Any:
+    try:
+      return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+      return s
+
+  return tuple(item(s.strip()) for s in text.split(",") if s.strip())
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:

@@ -135,6 +135,11 @@ def inverse_cdf_sample(key: Array, logits: Array) -> tuple[Array, Array]:
   return token, log_prob
 
 
+def fitting_group(prompt_group: int, rows: int) -> int:
+  """``prompt_group`` if it divides ``rows``, else 1 (a batch padded to fit a mesh can break the groups)."""
+  return prompt_group if prompt_group > 1 and rows % prompt_group == 0 else 1
+
+
 def _pick(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
   """Samples one token per row from logits [B, V] -> (token [B], its log-prob [B])."""
   if cfg.is_greedy or cfg.method == "gumbel":
@@ -147,16 +152,28 @@ def _pick(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]
   return inverse_cdf_sample(key, sampling_logits(logits, cfg))
 
 
-def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg: SamplingConfig) -> Sample:
-  """Samples ``cfg.max_new_tokens`` tokens after left-padded ``prompt`` [B, P]; traceable under jit."""
+def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg: SamplingConfig,
+             prompt_group: int = 1) -> Sample:
+  """Samples ``cfg.max_new_tokens`` tokens after left-padded ``prompt`` [B, P]; traceable under jit.
+
+  ``prompt_group`` g > 1 promises that rows ``i*g .. i*g+g-1`` hold the same prompt (the g samples of one
+  prompt, ``rollout.repeat_prompts``): the prompt is prefilled once per group and its KV cache repeated,
+  the same values up to float rounding for (1 - 1/g) less of the prefill. Only the first row of each
+  group is read, so padding rows that fill a group's tail get that group's samples. B must divide by g.
+  """
   b, p = prompt.shape
   n = cfg.max_new_tokens
-  cache = init_cache(model.cfg, b, p + n - 1)
+  if b % prompt_group:
+    raise ValueError(f"prompt_group={prompt_group} does not divide the {b} prompt rows")
+  cache = init_cache(model.cfg, b // prompt_group, p + n - 1)
   # Only the last column's logits are needed (left padding puts every prompt's last token there):
   # the LM head over the whole prompt would be ~1/4 of the prefill's FLOPs at bench-small.
   # The last block queries that column alone too (every prompt token is still a key and fills the cache).
-  hidden, cache = model.trunk(prompt, prompt_mask, cache, queries=(p - 1, 1))
+  hidden, cache = model.trunk(prompt[::prompt_group], prompt_mask[::prompt_group], cache, queries=(p - 1, 1))
   last = model.logits_from_hidden(hidden[:, -1])
+  if prompt_group > 1:
+    cache = cache.repeat_rows(prompt_group)
+    last = jnp.repeat(last, prompt_group, axis=0)
 
   def emit(i, tokens, log_probs, mask, done, last):
     """Samples token i from ``last`` and writes it; rows already finished get padding."""
@@ -191,11 +208,14 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
   return Sample(tokens=tokens, log_probs=log_probs, mask=mask)
 
 
-def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig) -> Callable[[nnx.State, Array, Array, Array], Sample]:
-  """A jitted ``sample(params, prompt, prompt_mask, key) -> Sample`` for a decoder's graphdef."""
+def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig,
+                 prompt_group: int = 1) -> Callable[[nnx.State, Array, Array, Array], Sample]:
+  """A jitted ``sample(params, prompt, prompt_mask, key) -> Sample`` for a decoder's graphdef
+  (``prompt_group``: see ``generate``; where it does not divide a call's rows, that call prefills per row)."""
 
   @jax.jit
   def sample(params, prompt, prompt_mask, key):
-    return generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, cfg)
+    return generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, cfg,
+                    fitting_group(prompt_group, prompt.shape[0]))
 
   return sample

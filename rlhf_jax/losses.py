@@ -57,6 +57,12 @@ def next_token_loss(
   return nll.sum() / jnp.maximum(num_targets, 1.0), num_targets
 
 
+def tie_half_correct(margin: jax.Array) -> jax.Array:
+  """Per-pair accuracy of a preferred-minus-dispreferred ``margin``: 1 above 0, 0.5 at exactly 0 (the pair is
+  not ordered: a coin flip), 0 below; float32, same shape."""
+  return jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0)).astype(jnp.float32)
+
+
 def ranking_loss(
     rewards: jax.Array,
     ranks: jax.Array,
@@ -80,7 +86,8 @@ def ranking_loss(
 
   Returns:
     (loss, metrics) with metrics `accuracy` (weighted fraction of pairs with
-    r_w > r_l), `reward_gap` (weighted mean r_w - r_l) and `num_pairs` (total
+    r_w > r_l; a pair with r_w == r_l counts half, a coin flip, so an untrained
+    model reads 0.5 rather than 0), `reward_gap` (weighted mean r_w - r_l) and `num_pairs` (total
     pairs in the batch).
   """
   rewards = rewards.astype(jnp.float32)
@@ -103,7 +110,7 @@ def ranking_loss(
     return (x * weight).sum() / num_prompts
 
   metrics = {
-      "accuracy": weighted_mean((gap > 0).astype(jnp.float32)),
+      "accuracy": weighted_mean(tie_half_correct(gap)),
       "reward_gap": weighted_mean(gap),
       "num_pairs": pairs_per_prompt.sum(),
   }

@@ -31,7 +31,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from rlhf_jax import distributed, pipeline, sharding
-from rlhf_jax.config_io import ConfigError, check_override_key, flat_items, load_config, read_workdir_config
+from rlhf_jax.config_io import (ConfigError, check_override_key, flat_items, load_config, read_workdir_config,
+                                tuple_override)
 from rlhf_jax.data import batching, bucketing
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.generate import SamplingConfig, make_sampler
@@ -191,8 +192,14 @@ def parse_run_args(argv: list[str]) -> tuple[ConfigDict, str]:
     raise
   _require(fv, ["config", "workdir"], PROG)
   config = fv.config
-  for key in fv["config"].override_values:
+  for key, value in fv["config"].override_values.items():
     check_override_key(config, key)  # a dict literal may not replace a whole group
+    if isinstance(value, tuple):
+      *groups, leaf = key.split(".")
+      node = config
+      for part in groups:
+        node = node[part]
+      node[leaf] = tuple_override(value, key)
   distributed.set_launch_env(fv.coordinator, fv.num_processes, fv.process_id)
   return config, fv.workdir
 
@@ -304,7 +311,8 @@ def sample_policy(workdir: str, policy: str, prompts: list[str], *, num_samples:
     print(f"{PROG}: note: prompts longer than data.prompt_len={config.data.prompt_len} tokens keep their "
           "newest tokens", file=sys.stderr)
   batch = ctx.put(batch)
-  sample = make_sampler(ctx.graphdef("lm"), cfg)(params, batch["tokens"], batch["mask"], jax.random.key(seed))
+  sample = make_sampler(ctx.graphdef("lm"), cfg, num_samples)(params, batch["tokens"], batch["mask"],
+                                                               jax.random.key(seed))
   tokens, mask = np.asarray(sample.tokens)[:len(rows)], np.asarray(sample.mask)[:len(rows)]
   texts = [tok.decode(int(t) for t in row[m > 0]) for row, m in zip(tokens, mask)]
   return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

@@ -21,6 +21,7 @@ fall outside the support of the distribution it is scored under.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rlhf_jax import distributed
-from rlhf_jax.generate import Sample, SamplingConfig, generate
+from rlhf_jax.generate import Sample, SamplingConfig, fitting_group, generate
 
 Array = jax.Array
 
@@ -92,13 +93,20 @@ def rollout_from_sample(prompt: Array, prompt_mask: Array, sample: Sample, group
                  log_probs=sample.log_probs, group=group)
 
 
-def make_rollout_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable[..., Rollout]:
-  """Jitted ``rollout(params, prompt, prompt_mask, group, key) -> Rollout`` sampling a decoder."""
+def make_rollout_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig, prompt_group: int = 1) -> Callable[..., Rollout]:
+  """Jitted ``rollout(params, prompt, prompt_mask, group, key) -> Rollout`` sampling a decoder.
+
+  ``prompt_group`` g > 1: rows come as runs of g samples of one prompt (``repeat_prompts``, or a run length
+  dividing its k: see ``shared_run``), so the sampler prefills each prompt once (``generate``) and the
+  rollout comes marked ``Rollout.prompt_group`` g, so every later pass over it shares the prompt too. A
+  call whose rows g does not divide (padded to fit a mesh) prefills per row and comes unmarked.
+  """
 
   @jax.jit
   def rollout(params, prompt: Array, prompt_mask: Array, group: Array, key: Array) -> Rollout:
-    sample = generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, sampling)
-    return rollout_from_sample(prompt, prompt_mask, sample, group)
+    g = fitting_group(prompt_group, prompt.shape[0])
+    sample = generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, sampling, g)
+    return rollout_from_sample(prompt, prompt_mask, sample, group).replace(prompt_group=g)
 
   return rollout
 
@@ -108,6 +116,12 @@ def repeat_prompts(prompts: Sequence[str], k: int) -> tuple[list[str], np.ndarra
   if k < 1:
     raise ValueError(f"samples per prompt must be >= 1, got {k}")
   return [p for p in prompts for _ in range(k)], np.repeat(np.arange(len(prompts), dtype=np.int32), k)
+
+
+def shared_run(samples_per_prompt: int, chunk_rows: int) -> int:
+  """The rows that share a prompt in every chunk of ``chunk_rows`` rows of ``repeat_prompts(..., k)``'s output
+  cut at multiples of ``chunk_rows``: gcd(k, chunk_rows), runs aligned to multiples of it."""
+  return math.gcd(samples_per_prompt, chunk_rows)
 
 
 def response_window(x: Array, prompt_len: int, response_len: int) -> Array:

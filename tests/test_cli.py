@@ -86,6 +86,21 @@ def test_overrides_parse_by_type_and_config_is_locked(tmp_path):
     config.new_key = 1
 
 
+@pytest.mark.parametrize("typed, want", [
+    ("sft,ppo", ("sft", "ppo")), ("(sft, ppo)", ("sft", "ppo")), ("[sft,ppo]", ("sft", "ppo")),
+    ("('sft','ppo')", ("sft", "ppo")), ("sft", ("sft",)), ("()", ()), ("(1,2,4)", (1, 2, 4)), ("1,x", (1, "x")),
+])
+def test_tuple_overrides_read_unquoted_names(tmp_path, typed, want):
+  """ml_collections alone reads ``sft,ppo`` or ``(sft,ppo)`` as the one name 'sft,ppo'."""
+  config, _ = cli.parse_run_args([QUICKSTART, f"--workdir={tmp_path}", f"--config.eval.policies={typed}"])
+  assert config.eval.policies == want
+
+
+def test_nested_tuple_override_must_be_quoted(capsys, tmp_path):
+  code, _, err = run_main(capsys, QUICKSTART, f"--workdir={tmp_path}", "--config.eval.policies=((a,b),c)")
+  assert code == 2 and "a nested tuple must be a quoted Python literal" in err
+
+
 def test_flagfile_and_config_arg(tmp_path):
   (tmp_path / "flags").write_text(f"{QUICKSTART}\n--workdir={tmp_path}/w\n--config.seed=5\n")
   config, workdir = cli.parse_run_args([f"--flagfile={tmp_path}/flags", "--config.sft.steps=9"])

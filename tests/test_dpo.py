@@ -47,7 +47,7 @@ def numpy_preference_loss(h, ranks, valid, beta, loss="dpo", eps=0.0):
       else:
         terms.append((d - 1 / (2 * beta)) ** 2)
     per_prompt.append(np.mean(terms))
-    acc.append(np.mean([h[b, w] > h[b, l] for w, l in pairs]))
+    acc.append(np.mean([1.0 if h[b, w] > h[b, l] else 0.5 if h[b, w] == h[b, l] else 0.0 for w, l in pairs]))
     chosen.append(np.mean([beta * h[b, w] for w, _ in pairs]))
     rejected.append(np.mean([beta * h[b, l] for _, l in pairs]))
     margins.append(np.mean([beta * (h[b, w] - h[b, l]) for w, l in pairs]))
@@ -105,7 +105,7 @@ def test_all_equal_log_ratios(loss, beta, want):
   ranks = jnp.array([[0, 1, 2], [2, 1, 0]])
   got, aux = dpo_math.preference_loss(h, ranks, jnp.ones((2, 3)), beta, loss)
   assert float(got) == pytest.approx(want, rel=1e-6)
-  assert float(aux["accuracy"]) == 0.0 and float(aux["margin"]) == 0.0  # equal rewards count as wrong
+  assert float(aux["accuracy"]) == 0.5 and float(aux["margin"]) == 0.0  # equal rewards: a coin flip
   assert float(aux["chosen_reward"]) == pytest.approx(beta * 0.37) == float(aux["rejected_reward"])
 
 
@@ -198,7 +198,7 @@ def test_dpo_step_starts_at_log_2_and_learns_the_ranking():
   batch = jax.tree.map(jnp.asarray, comparison_batch())
   state, first = step(state, batch, {"reference": reference})
   assert float(first["train/loss"]) == pytest.approx(np.log(2.0), rel=1e-5)  # policy == reference
-  assert float(first["train/num_pairs"]) == 4 and float(first["train/accuracy"]) == 0.0
+  assert float(first["train/num_pairs"]) == 4 and float(first["train/accuracy"]) == 0.5
   for _ in range(30):
     state, metrics = step(state, batch, {"reference": reference})
   assert float(metrics["train/loss"]) < 0.5 * np.log(2.0) and float(metrics["train/accuracy"]) == 1.0

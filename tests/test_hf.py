@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: tiny random GPT-2 and Llama models built with ``transformers``.
+"""Hugging Face checkpoints in and out: tiny random GPT-2, Llama and Qwen2 models built with ``transformers``.
 
 Logits of the imported decoder match ``transformers``' on the same tokens (float32, max abs diff < 1e-4),
 including a left-padded batch; the export loads back into ``transformers`` (policies and reward models);
@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from rlhf_jax import main as cli, pipeline  # noqa: E402
 from rlhf_jax.config_io import load_config  # noqa: E402
 from rlhf_jax.data import hf_tokenizer  # noqa: E402
-from rlhf_jax.models import ScalarModel, hf, hf_export  # noqa: E402
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel, hf, hf_export  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -72,7 +72,15 @@ def _llama_tokenizer(path):
 
 def _build(kind, path):
   path.mkdir()
-  if kind == "gpt2":
+  if kind == "qwen2":
+    # Qwen2: Llama plus q/k/v biases (made nonzero by _perturb), byte-level BPE, tied embeddings, GQA.
+    vocab = _gpt2_tokenizer(path) + 4
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                      bos_token_id=0, eos_token_id=0)
+    model = transformers.Qwen2ForCausalLM(config)
+  elif kind == "gpt2":
     vocab = _gpt2_tokenizer(path) + 4  # a model vocabulary padded past the tokenizer's, as real ones often are
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
@@ -89,7 +97,7 @@ def _build(kind, path):
   return model
 
 
-KINDS = ("gpt2", "llama", "llama_tied")
+KINDS = ("gpt2", "llama", "llama_tied", "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +133,10 @@ def test_logits_match_transformers(checkpoints, kind):
   cfg = model.cfg
   assert cfg.flavour == ("gpt2" if kind == "gpt2" else "llama")
   assert cfg.tie_embeddings == (kind != "llama")
+  assert cfg.qkv_bias == (kind == "qwen2")
   if kind != "gpt2":
-    assert cfg.rope_theta == 500.0 and cfg.kv_heads == (1 if kind == "llama_tied" else 2)
+    assert cfg.rope_theta == (1e6 if kind == "qwen2" else 500.0)
+    assert cfg.kv_heads == (1 if kind == "llama_tied" else 2)
   ids, mask = _batch(cfg.vocab_size)
   # Unpadded: transformers' own positions.
   full = np.asarray(hf.forward(model, ids))
@@ -222,7 +232,7 @@ def test_round_trip_to_transformers(checkpoints, kind, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, params)
 
 
-@pytest.mark.parametrize("kind", ("gpt2", "llama"))
+@pytest.mark.parametrize("kind", ("gpt2", "llama", "qwen2"))
 def test_reward_model_exports_as_sequence_classification(checkpoints, kind, tmp_path):
   path, _ = checkpoints[kind]
   cfg = hf.load(path).cfg
@@ -272,7 +282,7 @@ def test_clear_errors(checkpoints, tmp_path):
   bert = tmp_path / "bert"
   bert.mkdir()
   (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-  with pytest.raises(hf.HFError, match=r"model_type 'bert' is not supported; supported: gpt2, llama, mistral"):
+  with pytest.raises(hf.HFError, match=r"model_type 'bert' is not supported; supported: gpt2, llama, mistral, qwen2"):
     hf.load(str(bert))
   missing = _copy_without(gpt2, tmp_path / "missing", drop=["transformer.h.1.mlp.c_fc.bias"])
   with pytest.raises(hf.HFError, match=r"tensor 'transformer.h.1.mlp.c_fc.bias' is missing"):
@@ -296,6 +306,82 @@ def test_clear_errors(checkpoints, tmp_path):
     hf.load(str(scaled))
   with pytest.raises(hf.HFError, match="GPT2LMHeadModel, not a reward model"):
     hf.load(gpt2, kind="scalar")
+
+
+def test_qwen2_qkv_biases(checkpoints, tmp_path):
+  """The q/k/v biases (and no others) are read, stacked under scan_layers, and written back as Qwen2's."""
+  path, ref = checkpoints["qwen2"]
+  attn = ref.model.layers[1].self_attn
+  assert attn.o_proj.bias is None and ref.model.layers[1].mlp.up_proj.bias is None
+  assert all(getattr(attn, f"{n}_proj").bias.abs().min() > 0 for n in "qkv")
+  model = hf.load(path)
+  ours = model.trunk.blocks[1].attn
+  assert not hasattr(ours, "bo") and not hasattr(model.trunk.blocks[1].mlp, "b_in")
+  np.testing.assert_array_equal(np.asarray(ours.bq[...]), attn.q_proj.bias.detach().numpy().reshape(4, 8))
+  np.testing.assert_array_equal(np.asarray(ours.bk[...]), attn.k_proj.bias.detach().numpy().reshape(2, 8))
+  np.testing.assert_array_equal(np.asarray(ours.bv[...]), attn.v_proj.bias.detach().numpy().reshape(2, 8))
+  ids, mask = _batch(model.cfg.vocab_size, seed=5)
+  scanned = hf.load(path, scan_layers=True)
+  assert scanned.trunk.blocks.attn.bq[...].shape == (2, 4, 8)
+  np.testing.assert_allclose(np.asarray(hf.forward(scanned, ids, mask)), np.asarray(hf.forward(model, ids, mask)),
+                             atol=1e-5)
+  out = str(tmp_path / "out")
+  hf_export.save(out, model.cfg, nnx.split(model)[1].to_pure_dict())
+  config = hf.read_config(out)
+  assert (config["model_type"], config["architectures"], config["use_sliding_window"]) == (
+      "qwen2", ["Qwen2ForCausalLM"], False)
+  biases = sorted(k for k in load_file(os.path.join(out, "model.safetensors")) if k.endswith(".bias"))
+  assert biases == [f"model.layers.{i}.self_attn.{n}_proj.bias" for i in range(2) for n in "kqv"]
+
+
+def test_qwen2_sequence_classification_reads_as_reward_model(tmp_path):
+  """A one-label Qwen2ForSequenceClassification made by transformers scores as our ScalarModel does."""
+  config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=True, num_labels=1, pad_token_id=0)
+  ref = _perturb(transformers.Qwen2ForSequenceClassification(config))
+  ref.save_pretrained(str(tmp_path / "rm"))
+  rm = hf.load(str(tmp_path / "rm"), kind="scalar")
+  assert isinstance(rm, ScalarModel) and rm.cfg.qkv_bias
+  # Right-padded with pad id 0, which no real token uses: transformers scores the last non-pad token.
+  ids = np.random.RandomState(6).randint(1, 64, (3, 12))
+  mask = np.ones_like(ids)
+  mask[1, 9:] = 0
+  mask[2, 4:] = 0
+  ids = np.where(mask > 0, ids, 0)
+  with torch.no_grad():
+    theirs = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()[:, 0]
+  assert np.abs(np.asarray(rm(jnp.asarray(ids), jnp.asarray(mask))) - theirs).max() < TOL
+
+
+def test_qwen2_sliding_window_is_refused(tmp_path):
+  """A window shorter than the context on some layer is refused; one that is off (released Qwen2 configs carry
+  a window with use_sliding_window false) or covers no layer is not."""
+  config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    use_sliding_window=True, sliding_window=8, max_window_layers=1)
+  transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "sw"))
+  with pytest.raises(hf.HFError, match=r"qwen2 checkpoint with config.json use_sliding_window=true and "
+                     r"sliding_window=8 < max_position_embeddings=64 \(layers \[1\]"):
+    hf.load(str(tmp_path / "sw"))
+  saved = hf.read_config(str(tmp_path / "sw"))
+  assert hf.decoder_config({**saved, "use_sliding_window": False}).qkv_bias
+  assert hf.decoder_config({**saved, "sliding_window": 64}).max_len == 64
+  legacy = {k: v for k, v in saved.items() if k != "layer_types"}  # older files: max_window_layers says which
+  hf.decoder_config({**legacy, "max_window_layers": 2})
+  with pytest.raises(hf.HFError, match=r"layers \[0, 1\]"):
+    hf.decoder_config({**legacy, "max_window_layers": 0})
+
+
+def test_qkv_bias_is_llama_only():
+  with pytest.raises(ValueError, match=r"model.qkv_bias applies to the llama flavour only"):
+    DecoderConfig(vocab_size=64, flavour="gpt2", qkv_bias=True)
+  with pytest.raises(ValueError, match=r"model.qkv_bias"):
+    DecoderConfig.from_mapping({"vocab_size": 64, "qkv_bias": True})  # gpt2 is the default flavour
+  llama = DecoderConfig(vocab_size=64, flavour="llama", num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
+                        d_ff=64, qkv_bias=True)
+  attn = nnx.split(Decoder(llama, rngs=nnx.Rngs(0)))[1].to_pure_dict()["trunk"]["blocks"][0]["attn"]
+  assert sorted(attn) == ["bk", "bq", "bv", "wk", "wo", "wq", "wv"]
 
 
 def test_tokenizers(checkpoints, tmp_path):

@@ -106,7 +106,7 @@ def _ref_ranking(rewards, ranks, mask, margin):
           m = margin[b, w, l]
           d = float(rewards[b, w]) - float(rewards[b, l])
           pair_losses.append(-math.log(1.0 / (1.0 + math.exp(-(d - m)))))
-          correct.append(1.0 if d > 0 else 0.0)
+          correct.append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
           gaps.append(d)
     if pair_losses:
       per_prompt.append((np.mean(pair_losses), np.mean(correct), np.mean(gaps), len(pair_losses)))
@@ -171,7 +171,7 @@ def test_ranking_loss_each_prompt_counts_equally():
   loss, metrics = ranking_loss(jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(mask))
   expected = 0.5 * -math.log(1 / (1 + math.exp(-1.0))) + 0.5 * math.log(2.0)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
-  np.testing.assert_allclose(metrics["accuracy"], 0.5)
+  np.testing.assert_allclose(metrics["accuracy"], 0.5 * 1.0 + 0.5 * 0.5, rtol=1e-6)  # prompt 1's pairs are all ties
 
 
 def test_ranking_loss_no_pairs_is_safe():

@@ -99,3 +99,56 @@ def test_k_wise_reward_scores_and_dpo_log_ratios_compute_the_prompt_once():
   want = (response_log_probs(lm_graphdef, policy, unshared, sampling)[0]
           - response_log_probs(lm_graphdef, ref, unshared, sampling)[0]).sum(-1).reshape(GROUPS, K)
   np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2_scan_remat"])
+def test_sampler_prefills_each_prompt_once_for_its_samples(name):
+  """``generate(prompt_group=k)`` (one prefill per prompt, its cache repeated) draws what the per-row prefill
+  draws: the same greedy and Gumbel tokens from the same key, log-probs equal up to rounding."""
+  from rlhf_jax.generate import SamplingConfig, generate
+  from rlhf_jax.models import Decoder
+
+  cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=32, **CONFIGS[name])
+  graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(3)))
+  tokens, mask = _rows(2)
+  prompt, prompt_mask = tokens[:, :P], mask[:, :P]
+  for sampling in (SamplingConfig(max_new_tokens=N, greedy=True, stop_at_eos=False),
+                   SamplingConfig(max_new_tokens=N, temperature=1.5, method="gumbel", eos_id=5)):
+    run = jax.jit(lambda p, g: generate(nnx.merge(graphdef, p), prompt, prompt_mask, jax.random.key(4), sampling, g),
+                  static_argnums=1)
+    per_row, shared = run(params, 1), run(params, K)
+    np.testing.assert_array_equal(shared.tokens, per_row.tokens)
+    np.testing.assert_array_equal(shared.mask, per_row.mask)
+    np.testing.assert_allclose(shared.log_probs, per_row.log_probs, atol=2e-5)
+  with pytest.raises(ValueError, match="prompt_group=4 does not divide the 6 prompt rows"):
+    generate(nnx.merge(graphdef, params), prompt, prompt_mask, jax.random.key(0), sampling, 4)
+
+
+def test_rollout_fn_marks_the_groups_it_shared_and_falls_back_per_row():
+  """``make_rollout_fn(prompt_group=k)`` marks its rollout ``prompt_group`` k (later passes share the prompt);
+  a batch that k does not divide (rows padded to fit a mesh) is sampled per row and left unmarked. The
+  FLOP count of a shared prefill is the per-row one less (1 - 1/k) of the prompt's pass."""
+  from rlhf_jax import compute
+  from rlhf_jax.generate import SamplingConfig
+  from rlhf_jax.models import Decoder
+  from rlhf_jax.rollout import make_rollout_fn, shared_run
+
+  cfg = DecoderConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, max_len=32)
+  graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(3)))
+  tokens, mask = _rows(3)
+  prompt, prompt_mask = tokens[:, :P], mask[:, :P]
+  group = jnp.repeat(jnp.arange(GROUPS, dtype=jnp.int32), K)
+  rollout_fn = make_rollout_fn(graphdef, SamplingConfig(max_new_tokens=N, greedy=True), K)
+  shared = rollout_fn(params, prompt, prompt_mask, group, jax.random.key(0))
+  assert shared.prompt_group == K and shared.shared_prefix == (P, K)
+  padded = rollout_fn(params, jnp.pad(prompt, ((0, 1), (0, 0))), jnp.pad(prompt_mask, ((0, 1), (0, 0))),
+                      jnp.pad(group, (0, 1)), jax.random.key(0))
+  assert padded.prompt_group == 1
+  np.testing.assert_array_equal(padded.response[:-1], shared.response)
+
+  assert shared_run(8, 64) == 8 and shared_run(64, 256) == 64 and shared_run(512, 256) == 256
+  assert shared_run(6, 64) == 2
+  per_row = compute.generation_flops(cfg, 6, P, 4, P + N - 1)
+  grouped = compute.generation_flops(cfg, 6, P, 4, P + N - 1, prompt_group=3)
+  prefill = compute.forward_flops(cfg, 6 * P, P + N - 1)
+  assert grouped == pytest.approx(per_row - prefill * (1 - 1 / 3))

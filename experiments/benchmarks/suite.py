@@ -128,19 +128,33 @@ def mem_bandwidth(env: Env) -> Record:
 
 # ----------------------------------------------------------------------------- generate
 
-def generate(env: Env) -> Record:
-  """``make_sampler``: prefill + exactly ``gen_new`` sampled tokens per prompt (temperature 1, no EOS stop)."""
+GROUPED_SAMPLES = 4  # samples per prompt of ``generate_grouped`` (as best-of-n, label, RLOO/GRPO draw them)
+
+
+def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate") -> Record:
+  """``make_sampler``: prefill + exactly ``gen_new`` sampled tokens per prompt (temperature 1, no EOS stop).
+
+  ``samples_per_prompt`` k > 1: gen_batch rows are gen_batch / k prompts k times each, as the stages that draw
+  several samples per prompt lay them out (the sampler prefills each prompt once).
+  """
   s = env.size
+  k = samples_per_prompt
   graphdef, params, _ = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
-  prompt = put_batch(env, random_tokens(env, (s.gen_batch, s.gen_prompt), 1))
+  prompt = put_batch(env, np.repeat(random_tokens(env, (s.gen_batch // k, s.gen_prompt), 1), k, axis=0))
   mask = put_batch(env, np.ones((s.gen_batch, s.gen_prompt), np.int32))
-  sampler = generate_lib.make_sampler(graphdef, SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, stop_at_eos=False))
+  sampling = SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, stop_at_eos=False)
+  try:
+    sampler = generate_lib.make_sampler(graphdef, sampling, k)
+  except TypeError:  # a library from before the shared prefill
+    sampler = generate_lib.make_sampler(graphdef, sampling)
   key = jax.random.key(2)
   stats = bench(lambda: sampler(params, prompt, mask, key).tokens, env.reps)
   new_tokens = s.gen_batch * s.gen_new
-  rec = common("generate", env, new_tokens_per_s=round(new_tokens / stats["median_s"], 1),
+  rec = common(name, env,
+               new_tokens_per_s=round(new_tokens / stats["median_s"], 1),
                s_per_call=round(stats["median_s"], 4), compile_s=round(stats["compile_s"], 2),
-               batch=s.gen_batch, prompt_len=s.gen_prompt, new_tokens=s.gen_new)
+               batch=s.gen_batch, prompt_len=s.gen_prompt, new_tokens=s.gen_new,
+               samples_per_prompt=k)
   if env.mem_gbps:
     # Each decode step must read every weight (in the compute dtype) and the KV cache once.
     itemsize = jnp.dtype(env.model.dtype).itemsize
@@ -276,7 +290,11 @@ def _rl_pipeline(env: Env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg, 
   beta = jnp.float32(0.05)
   if library.rollout_api():
     from rlhf_jax import rollout as rollout_lib, scoring
-    rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling)
+    try:  # the sampler prefills each prompt once for its k samples, as the ppo stage asks (``ppo.share_prompt``)
+      rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling,
+                                               env.size.rl_samples if getattr(pcfg, "share_prompt", False) else 1)
+    except TypeError:  # a library from before the shared prefill
+      rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling)
     group = jnp.repeat(jnp.arange(env.size.rl_prompts, dtype=jnp.int32), env.size.rl_samples)
     scorer = scoring.RewardModelScorer(sc_gd, reward)
     exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, pcfg, value_mode)
@@ -398,6 +416,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "matmul_peak": matmul_peak,
     "mem_bandwidth": mem_bandwidth,
     "generate": generate,
+    "generate_grouped": lambda env: generate(env, math.gcd(GROUPED_SAMPLES, env.size.gen_batch), "generate_grouped"),
     "sft_step": sft_step,
     "sft_step_varlen": sft_step_varlen,
     "reward_step": reward_step,

@@ -86,10 +86,10 @@ class PPOConfig:
     same numbers up to float rounding, and the experience skips the policy's LM head and, with a
     separate or no value model, its whole forward pass). "sampler" needs no top-k/top-p; its
     ``rollout/entropy`` is the sampled estimate -mean log p and ``rollout/logprob_diff`` is 0.
-  share_prompt: with k = samples_per_prompt >= 2, every model pass over the rollout (policy, reference,
-    value, reward; experience and update) computes each prompt once for its k samples, and minibatches
-    hold whole groups. The same values up to float rounding, for (1 - 1/k) less of the prompt columns'
-    compute. When the prompts per iteration do not divide by ``minibatches``, the update runs per row.
+  share_prompt: with k = samples_per_prompt >= 2, the sampler's prefill and every model pass over the
+    rollout (policy, reference, value, reward; experience and update) compute each prompt once for its k
+    samples, and minibatches hold whole groups. The same values up to float rounding, for (1 - 1/k) less
+    of the prompt columns' compute. When the prompts per iteration do not divide by ``minibatches``, the update runs per row.
   """
 
   sampling: SamplingConfig
@@ -542,10 +542,11 @@ def iteration_counts(model_cfg: DecoderConfig, cfg: PPOConfig, rows: int, prompt
   """Compute of one PPO iteration: the rollout, the scoring passes over [rows, P + N] (policy unless
   ``old_log_probs="sampler"`` skips it, reference, value model if separate, RM), and ``epochs`` training
   passes of the policy and value model (+ the ptx rows). With ``share_prompt`` each prompt's columns count
-  once per ``samples_per_prompt`` rows."""
+  once per ``samples_per_prompt`` rows, in the sampler's prefill too."""
   n = cfg.sampling.max_new_tokens
-  counts = compute.rollout_counts(model_cfg, rows, prompt_len, response_lengths, n)
   k = samples_per_prompt
+  counts = compute.rollout_counts(model_cfg, rows, prompt_len, response_lengths, n,
+                                  prompt_group=k if cfg.share_prompt else 1)
 
   def passes(shared: bool) -> tuple[float, float]:
     prefix = (prompt_len, k) if shared else None

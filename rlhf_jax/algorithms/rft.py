@@ -19,6 +19,9 @@ from rlhf_jax import compute
 from rlhf_jax.config_groups import checkpoint_config, optimizer_config, sampling_config
 from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl import selection
+from rlhf_jax.rollout import shared_run
+
+ROLLOUT_ROWS = 64  # rows per sampler call while growing
 
 
 def rft_config() -> ConfigDict:
@@ -61,10 +64,17 @@ def select(cfg, scores: np.ndarray, group: np.ndarray, log_ratio: np.ndarray, ro
   raise ValueError(f"rft.selection must be one of {selection.RULES}, got {rule!r}")
 
 
-def scoring_flops(model_cfg: DecoderConfig, rows: int, width: int) -> float:
-  """FLOPs of scoring grown samples [rows, width]: one RM pass and two log-prob passes (policy, reference)."""
-  return (compute.sequence_flops(model_cfg, rows, width, lm_head=False)
-          + 2 * compute.sequence_flops(model_cfg, rows, width))
+def sampler_group(samples_per_prompt: int) -> int:
+  """Rows per prefilled prompt in each sampler call of ``ROLLOUT_ROWS`` rows (``rollout.shared_run``)."""
+  return shared_run(samples_per_prompt, ROLLOUT_ROWS)
+
+
+def scoring_flops(model_cfg: DecoderConfig, rows: int, width: int,
+                  shared_prefix: tuple[int, int] | None = None) -> float:
+  """FLOPs of scoring grown samples [rows, width]: one RM pass and two log-prob passes (policy, reference);
+  ``shared_prefix``: see ``compute.sequence_flops``."""
+  return (compute.sequence_flops(model_cfg, rows, width, lm_head=False, shared_prefix=shared_prefix)
+          + 2 * compute.sequence_flops(model_cfg, rows, width, shared_prefix=shared_prefix))
 
 
 def sft_rows(prompt: np.ndarray, prompt_mask: np.ndarray, response: np.ndarray,

@@ -49,10 +49,15 @@ class DecoderConfig:
   # RoPE context stretching (llama): () none, ("linear", factor) or
   # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len); see layers.rope_frequencies.
   rope_scaling: tuple = ()
+  # Biases on the q, k and v projections only (llama flavour; Qwen2's attention). GPT-2 has all its biases anyway.
+  qkv_bias: bool = False
 
   def __post_init__(self):
     if self.flavour not in ("gpt2", "llama"):
       raise ValueError(f"model.flavour must be 'gpt2' or 'llama', got {self.flavour!r}")
+    if self.qkv_bias and self.flavour != "llama":
+      raise ValueError("model.qkv_bias applies to the llama flavour only (gpt2 has every bias already); "
+                       f"got flavour {self.flavour!r}")
     if self.tie_embeddings is None:
       object.__setattr__(self, "tie_embeddings", self.flavour == "gpt2")
     scaling = tuple(self.rope_scaling or ())  # a list once read back from config.json
@@ -114,6 +119,14 @@ class KVCache:
   def layer(self, i: int) -> tuple[Array, Array]:
     """Layer ``i``'s (k, v), each [B, KV, S, Dh]."""
     return self.k[i], self.v[i]
+
+  def repeat_rows(self, k: int) -> "KVCache":
+    """The cache with each row repeated k times in a row ([B, ...] -> [B * k, ...]): one prompt's prefill
+    shared by its k samples."""
+    rows_axis = 1 if isinstance(self.k, jax.Array) else 0  # k, v: stacked [L, B, ...] or a tuple of [B, ...]
+    repeat = lambda x: jnp.repeat(x, k, axis=rows_axis)  # noqa: E731
+    return self.replace(k=jax.tree.map(repeat, self.k), v=jax.tree.map(repeat, self.v),
+                        valid=jnp.repeat(self.valid, k, axis=0), next_pos=jnp.repeat(self.next_pos, k))
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> KVCache:
@@ -283,14 +296,10 @@ class Trunk(nnx.Module):
     window = isinstance(queries, tuple)
     if window and queries[0] < p - 1:
       return self(tokens, mask, queries=queries)[0]
-    repeat = lambda x, axis=0: jnp.repeat(x, k, axis=axis)  # noqa: E731
     cache = init_cache(self.cfg, b // k, t)
     head, cache = self(tokens[::k, :p], mask[::k, :p], cache, queries=None if queries is None else (p - 1, 1))
-    rows_axis = 1 if self.cfg.scan_layers else 0  # k, v: stacked [L, B, ...] or a tuple of [B, ...]
-    cache = cache.replace(k=jax.tree.map(lambda x: repeat(x, rows_axis), cache.k),
-                          v=jax.tree.map(lambda x: repeat(x, rows_axis), cache.v),
-                          valid=repeat(cache.valid), next_pos=repeat(cache.next_pos))
-    head = repeat(head)  # [B, P or 1, D]
+    cache = cache.repeat_rows(k)
+    head = jnp.repeat(head, k, axis=0)  # [B, P or 1, D]
     if queries is None:
       tail, _ = self(tokens[:, p:], mask[:, p:], cache)
       return jnp.concatenate([head, tail], axis=1)

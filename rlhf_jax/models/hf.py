@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 and Llama-family checkpoints read into our decoder.
+"""Hugging Face GPT-2, Llama-family and Qwen2 checkpoints read into our decoder.
 
   model = rlhf_jax.models.hf.load("/models/gpt2")          # a Decoder with the checkpoint's weights
   logits = rlhf_jax.models.hf.forward(model, input_ids, attention_mask)   # [B, T, V] float32
@@ -8,9 +8,10 @@ A checkpoint directory holds ``config.json`` and ``model.safetensors`` (or shard
 time: each is converted to our layout on the host and placed straight into its shards on the mesh
 (``rlhf_jax.sharding`` rules), so a model larger than one device loads onto a mesh of several.
 
-Supported ``model_type``s: ``gpt2`` (our ``gpt2`` flavour) and ``llama`` / ``mistral`` (our ``llama``
-flavour: RMSNorm, SwiGLU, RoPE, grouped-query attention, tied or untied embeddings). A
-``*ForSequenceClassification`` checkpoint with one label loads as a reward model (``ScalarModel``).
+Supported ``model_type``s: ``gpt2`` (our ``gpt2`` flavour) and ``llama`` / ``mistral`` / ``qwen2`` (our ``llama``
+flavour: RMSNorm, SwiGLU, RoPE, grouped-query attention, tied or untied embeddings; ``qwen2`` adds biases on
+the q, k and v projections, ``qkv_bias``). A ``*ForSequenceClassification`` checkpoint with one label loads as a
+reward model (``ScalarModel``).
 
 Positions come from the attention mask (``cumsum(mask) - 1``, as Hugging Face ``generate`` computes
 them), so a left-padded row gives the logits of the unpadded one. Writing back: ``hf_export``.
@@ -34,10 +35,10 @@ from rlhf_jax.models.decoder import Decoder, DecoderConfig, ScalarModel
 # A stage input (``sft.init_from``, ``ppo.policy``, ...) of the form "hf:PATH" names a checkpoint directory.
 HF_PREFIX = "hf:"
 # model_type -> our flavour.
-FLAVOURS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+FLAVOURS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 # Keys of ``config.model`` that a checkpoint fixes (the rest: dtype, dropout, remat, scan_layers are the run's).
 SHAPE_KEYS = ("flavour", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "max_len", "rope_theta",
-              "rope_scaling", "norm_eps", "tie_embeddings")
+              "rope_scaling", "norm_eps", "tie_embeddings", "qkv_bias")
 # config.json key where an exported reward model keeps the head bias Llama's score layer has no room for.
 SCORE_BIAS_KEY = "rlhf_jax_score_bias"
 
@@ -133,14 +134,37 @@ def _decoder_values(hf: Mapping[str, Any], model_type: str, need: Callable[[bool
     head_dim = hf.get("head_dim") or d // heads
     need(head_dim * heads == d, f"head_dim={head_dim} != hidden_size/num_attention_heads={d / heads:g}")
     max_len = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    need(window is None or window >= max_len, f"sliding_window={window} < max_position_embeddings={max_len}")
+    if model_type == "qwen2":
+      _check_qwen2_window(hf, max_len, need)
+    else:
+      window = hf.get("sliding_window")
+      need(window is None or window >= max_len, f"sliding_window={window} < max_position_embeddings={max_len}")
     values = dict(flavour="llama", vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], d_model=d,
                   num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
                   d_ff=hf["intermediate_size"], max_len=max_len, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  tie_embeddings=hf.get("tie_word_embeddings", False))
+                  tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2")
     values["rope_theta"], values["rope_scaling"] = _rope(hf)
   return values
+
+
+def _check_qwen2_window(hf: Mapping[str, Any], max_len: int, need: Callable[[bool, str], None]) -> None:
+  """Refuses a Qwen2 checkpoint whose layers attend through a window shorter than the context.
+
+  ``sliding_window`` counts only under ``use_sliding_window`` (transformers drops it otherwise, and released
+  Qwen2 configs carry a window with the switch off); it covers the layers ``layer_types`` marks
+  "sliding_attention", or without that key, layers ``max_window_layers`` and up.
+  """
+  window = hf.get("sliding_window")
+  if not hf.get("use_sliding_window", False) or window is None or window >= max_len:
+    return
+  layers = hf["num_hidden_layers"]
+  types = hf.get("layer_types")
+  if types:
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+  else:
+    sliding = list(range(hf.get("max_window_layers", 28), layers))  # 28: transformers' default
+  need(not sliding, f"config.json use_sliding_window=true and sliding_window={window} < "
+       f"max_position_embeddings={max_len} (layers {sliding} attend through the window; our attention is full)")
 
 
 def is_reward_checkpoint(path: str) -> bool:
@@ -292,7 +316,7 @@ def block_specs(cfg: DecoderConfig, i: int) -> dict[tuple[str, ...], Spec]:
     }
   p = f"model.layers.{i}."
   # torch Linear weights are [out, in]; ours are [in, ...].
-  return {
+  specs = {
       ("norm_attn", "scale"): (p + "input_layernorm.weight", (d,), lambda x: x),
       ("attn", "wq"): (p + "self_attn.q_proj.weight", (h * hd, d), lambda x: x.T.reshape(d, h, hd)),
       ("attn", "wk"): (p + "self_attn.k_proj.weight", (kv * hd, d), lambda x: x.T.reshape(d, kv, hd)),
@@ -303,6 +327,11 @@ def block_specs(cfg: DecoderConfig, i: int) -> dict[tuple[str, ...], Spec]:
       ("mlp", "w_in"): (p + "mlp.up_proj.weight", (f, d), lambda x: x.T),
       ("mlp", "w_out"): (p + "mlp.down_proj.weight", (d, f), lambda x: x.T),
   }
+  if cfg.qkv_bias:
+    specs[("attn", "bq")] = (p + "self_attn.q_proj.bias", (h * hd,), lambda x: x.reshape(h, hd))
+    specs[("attn", "bk")] = (p + "self_attn.k_proj.bias", (kv * hd,), lambda x: x.reshape(kv, hd))
+    specs[("attn", "bv")] = (p + "self_attn.v_proj.bias", (kv * hd,), lambda x: x.reshape(kv, hd))
+  return specs
 
 
 def top_specs(cfg: DecoderConfig, kind: str) -> dict[tuple[str, ...], Spec]:

@@ -1,10 +1,11 @@
 """Our decoder and reward model written as Hugging Face checkpoints (``config.json`` + safetensors).
 
-A policy becomes ``GPT2LMHeadModel`` / ``LlamaForCausalLM``; a reward model (``ScalarModel``) becomes
-``GPT2ForSequenceClassification`` / ``LlamaForSequenceClassification`` with one label, whose ``score`` is
-our head. Their score layer has no bias: for GPT-2 our head bias is folded into the final LayerNorm's bias
-(exact: that hidden state feeds only the score); Llama's RMSNorm has no bias, so there it is recorded in
-``config.json`` under ``rlhf_jax_score_bias`` (add it to the model's scores; ``hf.load`` reads it back).
+A policy becomes ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` with ``qkv_bias``); a reward
+model (``ScalarModel``) becomes ``GPT2ForSequenceClassification`` / ``LlamaForSequenceClassification`` (``Qwen2...``)
+with one label, whose ``score`` is our head. Their score layer has no bias: for GPT-2 our head bias is folded into
+the final LayerNorm's bias (exact: that hidden state feeds only the score); RMSNorm has no bias, so for the others
+it is recorded in ``config.json`` under ``rlhf_jax_score_bias`` (add it to the model's scores; ``hf.load`` reads it
+back).
 
 The tensor names and shapes are those ``rlhf_jax.models.hf`` reads, so export then import is exact.
 """
@@ -39,7 +40,7 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _architecture(cfg: DecoderConfig, kind: str) -> str:
-  family = "GPT2" if cfg.flavour == "gpt2" else "Llama"
+  family = "GPT2" if cfg.flavour == "gpt2" else ("Qwen2" if cfg.qkv_bias else "Llama")
   return f"{family}LMHeadModel" if (kind == "lm" and family == "GPT2") else (
       f"{family}ForCausalLM" if kind == "lm" else f"{family}ForSequenceClassification")
 
@@ -60,11 +61,14 @@ def hf_config(cfg: DecoderConfig, kind: str = "lm", *, bos_id: int | None = None
             "n_head": cfg.num_heads, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "summary_first_dropout": 0.0, "scale_attn_weights": True, **common}
-  return {"model_type": "llama", "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_len,
-          "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-          "rope_theta": cfg.rope_theta, "rope_parameters": _rope_parameters(cfg), **common}
+  llama = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+           "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+           "rope_theta": cfg.rope_theta, "rope_parameters": _rope_parameters(cfg), **common}
+  if cfg.qkv_bias:  # Qwen2: the q/k/v biases are part of the architecture, not a config key
+    return {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": None,
+            "max_window_layers": cfg.num_layers, **llama}
+  return {"model_type": "llama", "attention_bias": False, "mlp_bias": False, **llama}
 
 
 def _rope_parameters(cfg: DecoderConfig) -> dict:
@@ -98,14 +102,17 @@ def block_tensors(cfg: DecoderConfig, block: dict, i: int) -> dict[str, np.ndarr
             p + "mlp.c_fc.weight": m["w_in"], p + "mlp.c_fc.bias": m["b_in"],
             p + "mlp.c_proj.weight": m["w_out"], p + "mlp.c_proj.bias": m["b_out"]}
   p = f"model.layers.{i}."
-  return {p + "input_layernorm.weight": block["norm_attn"]["scale"],
-          p + "self_attn.q_proj.weight": a["wq"].reshape(d, -1).T,
-          p + "self_attn.k_proj.weight": a["wk"].reshape(d, -1).T,
-          p + "self_attn.v_proj.weight": a["wv"].reshape(d, -1).T,
-          p + "self_attn.o_proj.weight": a["wo"].reshape(-1, d).T,
-          p + "post_attention_layernorm.weight": block["norm_mlp"]["scale"],
-          p + "mlp.gate_proj.weight": m["w_gate"].T, p + "mlp.up_proj.weight": m["w_in"].T,
-          p + "mlp.down_proj.weight": m["w_out"].reshape(f, d).T}
+  out = {p + "input_layernorm.weight": block["norm_attn"]["scale"],
+         p + "self_attn.q_proj.weight": a["wq"].reshape(d, -1).T,
+         p + "self_attn.k_proj.weight": a["wk"].reshape(d, -1).T,
+         p + "self_attn.v_proj.weight": a["wv"].reshape(d, -1).T,
+         p + "self_attn.o_proj.weight": a["wo"].reshape(-1, d).T,
+         p + "post_attention_layernorm.weight": block["norm_mlp"]["scale"],
+         p + "mlp.gate_proj.weight": m["w_gate"].T, p + "mlp.up_proj.weight": m["w_in"].T,
+         p + "mlp.down_proj.weight": m["w_out"].reshape(f, d).T}
+  if cfg.qkv_bias:
+    out.update({p + f"self_attn.{n}_proj.bias": a[f"b{n}"].reshape(-1) for n in "qkv"})
+  return out
 
 
 def top_tensors(cfg: DecoderConfig, params: dict, kind: str) -> tuple[dict[str, np.ndarray], float]:

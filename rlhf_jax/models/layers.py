@@ -143,7 +143,8 @@ def dense(x: Array, w: Array, dtype) -> Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head (GPT-2) or grouped-query (Llama) attention with an optional KV cache."""
+  """Multi-head (GPT-2) or grouped-query (Llama) attention with an optional KV cache; q/k/v biases for GPT-2
+  and ``qkv_bias`` (Qwen2), an output bias for GPT-2 only."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
@@ -155,11 +156,12 @@ class Attention(nnx.Module):
     self.wk = param(rngs, init, (d, kv, hd), pd, ("embed", "kv_heads", "head_dim"))
     self.wv = param(rngs, init, (d, kv, hd), pd, ("embed", "kv_heads", "head_dim"))
     self.wo = param(rngs, out_init, (h, hd, d), pd, ("heads", "head_dim", "embed"))
-    if cfg.use_bias:
-      zeros = nnx.initializers.zeros
+    zeros = nnx.initializers.zeros
+    if cfg.use_bias or cfg.qkv_bias:
       self.bq = param(rngs, zeros, (h, hd), pd, ("heads", "head_dim"))
       self.bk = param(rngs, zeros, (kv, hd), pd, ("kv_heads", "head_dim"))
       self.bv = param(rngs, zeros, (kv, hd), pd, ("kv_heads", "head_dim"))
+    if cfg.use_bias:
       self.bo = param(rngs, zeros, (d,), pd, ("embed",))
 
   def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
@@ -180,7 +182,7 @@ class Attention(nnx.Module):
     q = dense(xq, self.wq[...], dt)  # [B, Tq, H, Dh]
     k = dense(x, self.wk[...], dt)  # [B, T, KV, Dh]
     v = dense(x, self.wv[...], dt)
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.flavour == "llama":
       q = rope(q, select_rows(positions, queries), cfg.rope_theta, cfg.rope_scaling)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses import tie_half_correct
+
 LOSSES = ("dpo", "ipo")
 
 
@@ -94,7 +96,8 @@ def preference_loss(log_ratio: jax.Array, ranks: jax.Array, valid: jax.Array, be
   Returns:
     (loss, metrics): the mean over prompts with at least one pair of each prompt's pair-weighted loss
     (0 when no prompt has a pair). Metrics, weighted the same way: ``accuracy`` (pairs whose implicit
-    reward ``beta * h`` ranks w strictly above l; equal rewards count as wrong), ``chosen_reward`` and
+    reward ``beta * h`` ranks w above l; equal rewards count half, so the first step, where the policy is
+    the reference, reads 0.5), ``chosen_reward`` and
     ``rejected_reward`` (mean ``beta * h`` of the preferred and the dispreferred response of a pair),
     ``margin`` (their difference); ``num_pairs`` and ``num_prompts`` are counts over the batch.
   """
@@ -108,7 +111,7 @@ def preference_loss(log_ratio: jax.Array, ranks: jax.Array, valid: jax.Array, be
     return (x * weight).sum() / denominator
 
   reward = beta * h
-  metrics = {"accuracy": mean((margin > 0).astype(jnp.float32)),
+  metrics = {"accuracy": mean(tie_half_correct(margin)),
              "chosen_reward": mean(jnp.broadcast_to(reward[:, :, None], margin.shape)),
              "rejected_reward": mean(jnp.broadcast_to(reward[:, None, :], margin.shape)),
              "margin": mean(beta * margin), "num_pairs": pairs.sum(), "num_prompts": num_prompts}

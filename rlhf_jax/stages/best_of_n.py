@@ -18,7 +18,7 @@ from rlhf_jax import compute
 from rlhf_jax.config_groups import sampling_config
 from rlhf_jax.data import batching, bucketing
 from rlhf_jax.rl import best_of_n as bon
-from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
+from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts, shared_run
 from rlhf_jax.scoring import GoldScorer
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
@@ -44,7 +44,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   gold_scorer = GoldScorer(ctx.task)
   prompts = [r["prompt"] for r in ctx.records("prompts", "test")][: cfg.num_prompts]
   texts, group = repeat_prompts(prompts, m)
-  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling)
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, shared_run(m, ROLLOUT_ROWS))
   key = ctx.key("bon/samples", instance.name)
   rm, gold, counts = [], [], compute.Counts()
   for b, start in enumerate(range(0, len(texts), ROLLOUT_ROWS)):
@@ -56,9 +56,10 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     rm.append(ctx.host(scorer(r)))
     gold.append(gold_scorer(r, texts[rows], response_texts(ctx.tokenizer, r)))
     lengths = ctx.host(r.response_mask).sum(axis=1)
-    counts += compute.rollout_counts(ctx.model_config, len(lengths), r.prompt_len, lengths, sampling.max_new_tokens)
+    counts += compute.rollout_counts(ctx.model_config, len(lengths), r.prompt_len, lengths, sampling.max_new_tokens,
+                                     prompt_group=r.prompt_group)
     counts.flops += compute.sequence_flops(ctx.model_config, len(lengths), r.prompt_len + r.response_len,
-                                           lm_head=False)
+                                           lm_head=False, shared_prefix=r.shared_prefix)
   rm = np.concatenate(rm).reshape(len(prompts), m)
   gold = np.concatenate(gold).reshape(len(prompts), m)
   summary = counts.metrics()

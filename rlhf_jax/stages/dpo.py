@@ -156,7 +156,7 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
   k = cfg.samples_per_prompt
   prompts = ctx.records("prompts", "train")
   loader = ctx.loader(prompts, cfg.batch_size)
-  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling)
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, k)
   key = ctx.key("dpo/samples", instance.name)
   gold = GoldScorer(ctx.task)
   columns = ("prompt", "prompt_mask", "response", "response_mask")
@@ -173,14 +173,15 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
     responses = [r for r, v in zip(response_texts(tok, rollout), valid) if v]
     lengths = rows["response_mask"].sum(axis=1)
     counts = compute.rollout_counts(model_cfg, len(valid), rollout.prompt_len, lengths, rollout.response_len,
-                                    samples=len(texts))
+                                    samples=len(texts), prompt_group=rollout.prompt_group)
     width = rollout.prompt_len + rollout.response_len
     host = {"rollout/gold_score": float(gold(None, texts, responses).mean()),
             "rollout/response_length": float(lengths.mean())}
     if cfg.ranker == "rm":
       scores = ctx.real_rows(scorer(rollout), valid).reshape(len(chosen), k)
       ranks = np.asarray(dpo_math.ranks_from_scores(scores, np.ones_like(scores)))
-      counts.flops += compute.sequence_flops(model_cfg, len(valid), width, lm_head=False)
+      counts.flops += compute.sequence_flops(model_cfg, len(valid), width, lm_head=False,
+                                             shared_prefix=rollout.shared_prefix)
       host["rollout/rm_score"] = float(scores.mean())
     else:
       seed = int(rng.numpy_rng(ctx.config.seed, "dpo/rank", instance.name, step).integers(2 ** 31))

@@ -50,7 +50,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   prompts = [prompts[int(i)] for i in order[: cfg.num_prompts]]
   rank_seed = int(rng.numpy_rng(seed, "label/rank", instance.name).integers(2 ** 31))
   params, _ = ctx.load_params(cfg.policy, "lm")
-  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), ctx.sampling(cfg))
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), ctx.sampling(cfg), cfg.k)
   scorer = evaluation.reward_scorer(ctx, cfg.reward) if cfg.reward else None
   key = ctx.key("label/samples", instance.name)
   records, gold, rm, counts = [], [], [], compute.Counts()
@@ -66,10 +66,10 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     real = ctx.host(batch["valid"]).astype(bool)
     lengths = ctx.host(rollout.response_mask).sum(axis=1)[real]
     counts += compute.rollout_counts(ctx.model_config, len(real), rollout.prompt_len, lengths,
-                                     rollout.response_len, samples=int(real.sum()))
+                                     rollout.response_len, samples=int(real.sum()), prompt_group=rollout.prompt_group)
     if scorer is not None:
       counts.flops += compute.sequence_flops(ctx.model_config, len(real), rollout.prompt_len + rollout.response_len,
-                                             lm_head=False)
+                                             lm_head=False, shared_prefix=rollout.shared_prefix)
     responses = [r for r, v in zip(response_texts(ctx.tokenizer, rollout), real) if v]
     scores = ctx.real_rows(scorer(rollout), real) if scorer is not None else None
     for i, prompt in enumerate(chunk):

@@ -22,14 +22,13 @@ from rlhf_jax.algorithms import rft
 from rlhf_jax.algorithms.lm import make_lm_step
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.data import batching
+from rlhf_jax.generate import fitting_group
 from rlhf_jax.rl.selection import RULES
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_log_probs, response_texts
 from rlhf_jax.scoring import GoldScorer
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.stages.loop import run_loop, step_counts
-
-ROLLOUT_ROWS = 64  # rows per sampler call while growing
 
 
 def make_guarded_step(step_fn):
@@ -59,7 +58,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   state, shardings = state_lib.create_train_state({"policy": policy}, {"policy": tx},
                                                   {"policy": ctx.param_shardings("lm")}, ctx.mesh,
                                                   seed=ctx.config.seed)
-  rollout_fn = make_rollout_fn(graphdef, sampling)
+  rollout_fn = make_rollout_fn(graphdef, sampling, rft.sampler_group(cfg.samples_per_prompt))
   log_ratio_fn = jax.jit(lambda p, r: (response_log_probs(graphdef, p, r, sampling)[0]
                                        - response_log_probs(graphdef, reference, r, sampling)[0]).sum(axis=1))
   gold = GoldScorer(ctx.task)
@@ -79,8 +78,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       texts, group = repeat_prompts(chosen, cfg.samples_per_prompt)
       key = jax.random.fold_in(ctx.key("rft/samples", instance.name), round_index)
       parts = []
-      for b, start in enumerate(range(0, len(texts), ROLLOUT_ROWS)):
-        rows = slice(start, start + ROLLOUT_ROWS)
+      for b, start in enumerate(range(0, len(texts), rft.ROLLOUT_ROWS)):
+        rows = slice(start, start + rft.ROLLOUT_ROWS)
         batch, _ = batching.prompt_batch(ctx.tokenizer, texts[rows], ctx.config.data.prompt_len)
         batch = ctx.put({**batch, "group": group[rows]})
         r = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
@@ -95,12 +94,14 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
         write_atomic(path, buffer.getvalue())
     lengths = data["response_mask"].sum(axis=1)
     counts = compute.Counts()
-    for start in range(0, len(lengths), ROLLOUT_ROWS):
-      rows = slice(start, start + ROLLOUT_ROWS)
-      counts += compute.rollout_counts(model_cfg, len(lengths[rows]), data["prompt"].shape[1], lengths[rows],
-                                       sampling.max_new_tokens)
-    width = data["prompt"].shape[1] + data["response"].shape[1]
-    counts.flops += rft.scoring_flops(model_cfg, len(lengths), width)
+    prompt_len = data["prompt"].shape[1]
+    width = prompt_len + data["response"].shape[1]
+    for start in range(0, len(lengths), rft.ROLLOUT_ROWS):
+      chunk = lengths[start:start + rft.ROLLOUT_ROWS]
+      group = fitting_group(rft.sampler_group(cfg.samples_per_prompt), len(chunk))
+      counts += compute.rollout_counts(model_cfg, len(chunk), prompt_len, chunk, sampling.max_new_tokens,
+                                       prompt_group=group)
+      counts.flops += rft.scoring_flops(model_cfg, len(chunk), width, (prompt_len, group) if group > 1 else None)
     metrics = {"rollout/rm_score": float(data["score"].mean()), "rollout/gold_score": float(data["gold"].mean()),
                "rollout/kl": float(data["log_ratio"].mean()),
                "rollout/response_length": float(lengths.mean()), **counts.metrics()}
