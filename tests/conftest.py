@@ -1,0 +1,31 @@
+"""One persistent XLA compilation cache for the whole test run.
+
+Most of the suite's time is compiling the same tiny programs again: every pipeline, kill -9 / resume and
+preset test runs the quickstart's stages in fresh processes. The cache directory is made once by the first
+process that loads this file (pytest's main process, before xdist starts its workers, which inherit the
+environment) and removed when that process ends. A cached executable is the one a fresh compile gives, so
+results do not change. ``RLHF_JAX_TEST_XLA_CACHE=off`` runs without it; a ``JAX_COMPILATION_CACHE_DIR`` set
+by the caller is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+_VAR = "RLHF_JAX_TEST_XLA_CACHE"
+_OWNER = False
+
+if os.environ.get(_VAR) != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  if _VAR not in os.environ:
+    os.environ[_VAR] = tempfile.mkdtemp(prefix="rlhf_jax_xla_cache_")
+    _OWNER = True
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_VAR]
+  # Tiny programs compile in well under the default 1 s threshold; cache them all.
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config) -> None:
+  if _OWNER:
+    shutil.rmtree(os.environ[_VAR], ignore_errors=True)
