@@ -22,6 +22,7 @@ KEYS = {
     "mem_bandwidth": {"gbps"},
     "generate": {"new_tokens_per_s", "compile_s"},
     "generate_grouped": {"new_tokens_per_s", "compile_s", "samples_per_prompt"},
+    "generate_top_p": {"new_tokens_per_s", "compile_s", "top_p"},
     "sft_step": {"tokens_per_s", "ms_per_step", "mfu", "compile_s"},
     "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup"},
     "reward_step": {"pairs_per_s", "compile_s"},

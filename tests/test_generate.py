@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhf_jax.generate import SamplingConfig, inverse_cdf_sample, make_sampler, sampling_log_probs
+from rlhf_jax.generate import SamplingConfig, inverse_cdf_sample, make_sampler, sampling_log_probs, sampling_logits
 from rlhf_jax.models import Decoder, DecoderConfig
 
 EOS = 3
@@ -80,6 +80,44 @@ def test_top_k_and_top_p_restrict_support():
   np.testing.assert_allclose(hot[0], ref / ref.sum(), atol=1e-6)
   with pytest.raises(ValueError, match="top_p"):
     SamplingConfig(1, top_p=0.0)
+
+
+def _numpy_cut(logits, top_k, top_p):
+  """The sort-based definition, row by row in float64: top-k keeps logits >= the k-th largest; top-p then keeps
+  the tokens (in descending order, ties in any order) whose predecessors hold less than p of the mass, and
+  every token tied with the smallest kept one."""
+  out = logits.astype(np.float64).copy()
+  for row in out:
+    if top_k and top_k < len(row):
+      row[row < np.sort(row)[::-1][top_k - 1]] = -np.inf
+    if top_p < 1:
+      order = np.sort(row)[::-1]
+      probs = np.exp(order - order[0])
+      probs /= probs.sum()
+      before = np.cumsum(probs) - probs
+      row[row < order[before < top_p].min()] = -np.inf
+  return out
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (1, 1.0), (0, 0.9), (0, 0.3), (20, 0.8), (500, 0.95)])
+def test_top_k_and_top_p_cuts_match_the_sort_definition(top_k, top_p):
+  """Bisection cuts against sorting each row: random rows (V 257), rows with ties at the cut (repeated
+  values), rows that already hold -inf, a [2, 3, V] batch, and a top-k above V (no cut)."""
+  rng = np.random.default_rng(top_k * 100 + int(top_p * 10))
+  logits = rng.normal(size=(12, 257)).astype(np.float32) * 3
+  logits[3] = np.round(logits[3])  # many exact ties, also at the cut
+  logits[4, ::2] = -np.inf
+  logits[5] = 1.5  # all tied: everything stays
+  cfg = SamplingConfig(1, top_k=top_k, top_p=top_p)
+  got = np.asarray(sampling_logits(jnp.asarray(logits), cfg))
+  want = _numpy_cut(logits, top_k, top_p)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
+  assert np.all(np.isfinite(got).sum(-1) >= 1)
+  batched = np.asarray(sampling_logits(jnp.asarray(logits.reshape(2, 6, 257)), cfg))
+  np.testing.assert_array_equal(batched.reshape(12, 257), got)
+  if top_p == 1:  # a row without ties keeps exactly k
+    assert np.isfinite(got[0]).sum() == min(top_k, 257)
 
 
 def test_inverse_cdf_sample_frequencies_and_support():

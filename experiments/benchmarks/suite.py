@@ -131,18 +131,19 @@ def mem_bandwidth(env: Env) -> Record:
 GROUPED_SAMPLES = 4  # samples per prompt of ``generate_grouped`` (as best-of-n, label, RLOO/GRPO draw them)
 
 
-def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate") -> Record:
+def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate", top_p: float = 1.0) -> Record:
   """``make_sampler``: prefill + exactly ``gen_new`` sampled tokens per prompt (temperature 1, no EOS stop).
 
   ``samples_per_prompt`` k > 1: gen_batch rows are gen_batch / k prompts k times each, as the stages that draw
-  several samples per prompt lay them out (the sampler prefills each prompt once).
+  several samples per prompt lay them out (the sampler prefills each prompt once). ``top_p`` < 1: nucleus
+  sampling, the cut made every decode step.
   """
   s = env.size
   k = samples_per_prompt
   graphdef, params, _ = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
   prompt = put_batch(env, np.repeat(random_tokens(env, (s.gen_batch // k, s.gen_prompt), 1), k, axis=0))
   mask = put_batch(env, np.ones((s.gen_batch, s.gen_prompt), np.int32))
-  sampling = SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, stop_at_eos=False)
+  sampling = SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, top_p=top_p, stop_at_eos=False)
   try:
     sampler = generate_lib.make_sampler(graphdef, sampling, k)
   except TypeError:  # a library from before the shared prefill
@@ -154,7 +155,7 @@ def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate") -> R
                new_tokens_per_s=round(new_tokens / stats["median_s"], 1),
                s_per_call=round(stats["median_s"], 4), compile_s=round(stats["compile_s"], 2),
                batch=s.gen_batch, prompt_len=s.gen_prompt, new_tokens=s.gen_new,
-               samples_per_prompt=k)
+               samples_per_prompt=k, top_p=top_p)
   if env.mem_gbps:
     # Each decode step must read every weight (in the compute dtype) and the KV cache once.
     itemsize = jnp.dtype(env.model.dtype).itemsize
@@ -417,6 +418,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "mem_bandwidth": mem_bandwidth,
     "generate": generate,
     "generate_grouped": lambda env: generate(env, math.gcd(GROUPED_SAMPLES, env.size.gen_batch), "generate_grouped"),
+    "generate_top_p": lambda env: generate(env, name="generate_top_p", top_p=0.9),
     "sft_step": sft_step,
     "sft_step_varlen": sft_step_varlen,
     "reward_step": reward_step,
