@@ -30,7 +30,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from rlhf_jax import main as cli, pipeline  # noqa: E402
 from rlhf_jax.config_io import load_config  # noqa: E402
 from rlhf_jax.data import hf_tokenizer  # noqa: E402
-from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel, hf, hf_export  # noqa: E402
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel, hf, hf_export, layers  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -213,6 +214,92 @@ def test_rope_scaling(rope, tmp_path):
   assert np.abs(_hf_logits(back, ids) - _hf_logits(ref, ids)).max() < TOL
 
 
+YARN = [{"factor": 4.0, "original_max_position_embeddings": 16},
+        {"factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2,
+         "attention_factor": 0.9, "truncate": False},
+        {"factor": 2.5, "original_max_position_embeddings": 16, "mscale": 0.8, "mscale_all_dim": 0.5},
+        {"factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 24.0, "truncate": True},
+        {"factor": None, "original_max_position_embeddings": 16, "beta_slow": 0}]  # null factor: 64 / 16; 0: default
+
+
+@pytest.mark.parametrize("rope", YARN)
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_yarn_frequencies_match_transformers(rope, theta):
+  """Our YaRN inverse frequencies and attention factor are transformers' for the same config.json."""
+  hf_cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 256, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": theta, **rope}}
+  cfg = hf.decoder_config(hf_cfg)
+  inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig.from_dict(
+      json.loads(json.dumps(hf_cfg))))
+  assert cfg.rope_scaling[0] == "yarn" and cfg.rope_scaling[5] == pytest.approx(attention_factor, rel=1e-12)
+  assert cfg.rope_scaling[6] == rope.get("truncate", True)
+  ours = np.asarray(layers.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+  np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
+  # The blend really happens: some dims are kept, some divided by the factor, some in between.
+  ratio = ours / np.asarray(layers.rope_frequencies(cfg.head_dim, cfg.rope_theta))
+  factor = cfg.rope_scaling[1]
+  assert np.isclose(ratio, 1).any() and np.isclose(ratio, 1 / factor).any()
+  assert ((ratio < 0.999) & (ratio > 1.001 / factor)).any()
+
+
+def test_yarn_config_json_keys():
+  """Legacy rope_scaling {"type": "yarn"} and a top-level original_max_position_embeddings (it wins, as in
+  transformers); what our RoPE cannot represent is refused by key."""
+  base = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64, "rope_theta": 1e6}
+  legacy = {**base, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}
+  assert hf.decoder_config(legacy).rope_scaling == ("yarn", 4.0, 16, 32.0, 1.0, 0.1 * np.log(4.0) + 1, True)
+  assert hf.decoder_config({**legacy, "original_max_position_embeddings": 8}).rope_scaling[2] == 8
+  scaling = legacy["rope_scaling"]
+  with pytest.raises(hf.HFError, match=r"config.json RoPE yarn with partial_rotary_factor=0.5 is not supported"):
+    hf.decoder_config({**legacy, "rope_scaling": {**scaling, "partial_rotary_factor": 0.5}})
+  with pytest.raises(hf.HFError, match=r"config.json RoPE yarn beta_fast=-1 is not supported"):
+    hf.decoder_config({**legacy, "rope_scaling": {**scaling, "beta_fast": -1}})
+  with pytest.raises(hf.HFError, match=r"config.json RoPE yarn original_max_position_embeddings=16.5 is not a whole"):
+    hf.decoder_config({**legacy, "rope_scaling": {**scaling, "original_max_position_embeddings": 16.5}})
+  with pytest.raises(hf.HFError, match=r"qwen2 config.json has no 'factor'"):
+    hf.decoder_config({**legacy, "rope_scaling": {"type": "yarn"}})
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_yarn_logits_and_export(kind, tmp_path):
+  """YaRN past original_max_position_embeddings (16; 40 tokens, a left-padded row), from transformers 5's
+  rope_parameters (Llama) and the legacy rope_scaling key (Qwen2); the export keeps it, exactly."""
+  shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+  src = str(tmp_path / "src")
+  if kind == "llama":
+    rope = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 16,
+            "beta_fast": 8.0, "beta_slow": 0.25, "truncate": False}  # dim 1 blended part way
+    config = transformers.LlamaConfig(**shape, rope_parameters=rope)
+    _perturb(transformers.LlamaForCausalLM(config)).save_pretrained(src)
+  else:
+    _perturb(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))).save_pretrained(src)
+    config = hf.read_config(src)
+    del config["rope_parameters"]
+    config.update(rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                                "attention_factor": 1.3})
+    pathlib.Path(src, "config.json").write_text(json.dumps(config))
+  ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+  assert ref.model.rotary_emb.rope_type == "yarn"
+  model = hf.load(src)
+  assert model.cfg.rope_scaling[:3] == ("yarn", 4.0, 16)
+  ids = np.random.RandomState(7).randint(0, 64, (2, 40))
+  mask = np.ones_like(ids)
+  mask[1, :6] = 0
+  real = mask.astype(bool)
+  assert np.abs(np.asarray(hf.forward(model, ids, mask)) - _hf_logits(ref, ids, mask))[real].max() < TOL
+  out = str(tmp_path / "out")
+  hf_export.save(out, model.cfg, nnx.split(model)[1].to_pure_dict())
+  assert hf.read_config(out)["rope_parameters"]["rope_type"] == "yarn"
+  assert hf.load(out).cfg.rope_scaling == model.cfg.rope_scaling
+  back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert back.model.rotary_emb.attention_scaling == ref.model.rotary_emb.attention_scaling
+  np.testing.assert_array_equal(back.model.rotary_emb.inv_freq.numpy(), ref.model.rotary_emb.inv_freq.numpy())
+  assert np.abs(_hf_logits(back, ids, mask) - _hf_logits(ref, ids, mask))[real].max() < TOL
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_to_transformers(checkpoints, kind, tmp_path):
   path, ref = checkpoints[kind]
@@ -300,9 +387,9 @@ def test_clear_errors(checkpoints, tmp_path):
   scaled = tmp_path / "scaled"
   shutil.copytree(llama, scaled)
   config = json.loads((scaled / "config.json").read_text())
-  config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}
+  config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 4.0}
   (scaled / "config.json").write_text(json.dumps(config))
-  with pytest.raises(hf.HFError, match=r"RoPE scaling 'yarn' is not supported \(supported: default, linear"):
+  with pytest.raises(hf.HFError, match=r"RoPE scaling 'dynamic' is not supported \(supported: default, linear"):
     hf.load(str(scaled))
   with pytest.raises(hf.HFError, match="GPT2LMHeadModel, not a reward model"):
     hf.load(gpt2, kind="scalar")

@@ -1,5 +1,7 @@
 """Decoder: padding-aware positions, KV-cache decoding equals a full pass, scan/remat equivalence, heads."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +168,22 @@ def test_bad_model_config_is_named():
     tiny("gpt2", d_model=30)
   with pytest.raises(ValueError, match="unknown model config keys"):
     DecoderConfig.from_mapping({"vocab_size": 10, "n_layers": 2})
+
+
+def test_yarn_rope_scaling_config():
+  """A yarn rope_scaling is typed on the way in, survives JSON as a list, and a bad one is named."""
+  cfg = tiny("llama", rope_scaling=("yarn", 4, 16, 32, 1, 1.2, True))
+  assert cfg.rope_scaling == ("yarn", 4.0, 16, 32.0, 1.0, 1.2, True)
+  assert isinstance(cfg.rope_scaling[2], int) and isinstance(cfg.rope_scaling[1], float)
+  assert tiny("llama", rope_scaling=json.loads(json.dumps(cfg.rope_scaling))).rope_scaling == cfg.rope_scaling
+  with pytest.raises(ValueError, match=r'model.rope_scaling must be \(\), \("linear", factor\), .* or \("yarn", '
+                     r"factor, original_max_len, beta_fast, beta_slow, attention_factor, truncate\), got \('yarn', "
+                     r"4.0, 16\)"):
+    tiny("llama", rope_scaling=("yarn", 4.0, 16))
+  bad = [("yarn", 4.0, 16, 32.0, -1.0, 1.2, True), ("yarn", 4.0, 16.5, 32.0, 1.0, 1.2, True),
+         ("yarn", 4.0, 16, 32.0, 1.0, 0.0, True), ("yarn", 4.0, 16, 32.0, 1.0, 1.2, "yes"),
+         ("yarn", True, 16, 32.0, 1.0, 1.2, True), ("yarn", 4.0, 16, float("nan"), 1.0, 1.2, True)]
+  for scaling in bad:
+    with pytest.raises(ValueError, match=r'model.rope_scaling \("yarn", .*\) needs numbers > 0, a whole '
+                       r"original_max_len and a bool truncate"):
+      tiny("llama", rope_scaling=scaling)

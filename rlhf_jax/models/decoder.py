@@ -46,8 +46,9 @@ class DecoderConfig:
   norm_eps: float = 1e-5
   # Output projection shares the embedding table; None: the flavour's default (GPT-2 tied, Llama untied).
   tie_embeddings: bool | None = None
-  # RoPE context stretching (llama): () none, ("linear", factor) or
-  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len); see layers.rope_frequencies.
+  # RoPE context stretching (llama): () none, ("linear", factor),
+  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len) or
+  # ("yarn", factor, original_max_len, beta_fast, beta_slow, attention_factor, truncate); see layers.rope_frequencies.
   rope_scaling: tuple = ()
   # Biases on the q, k and v projections only (llama flavour; Qwen2's attention). GPT-2 has all its biases anyway.
   qkv_bias: bool = False
@@ -62,10 +63,13 @@ class DecoderConfig:
       object.__setattr__(self, "tie_embeddings", self.flavour == "gpt2")
     scaling = tuple(self.rope_scaling or ())  # a list once read back from config.json
     object.__setattr__(self, "rope_scaling", scaling)
-    known = {"linear": 2, "llama3": 5}
+    known = {"linear": 2, "llama3": 5, "yarn": 7}
     if scaling and known.get(scaling[0]) != len(scaling):
-      raise ValueError('model.rope_scaling must be (), ("linear", factor) or ("llama3", factor, low_freq_factor, '
-                       f"high_freq_factor, original_max_len), got {scaling!r}")
+      raise ValueError('model.rope_scaling must be (), ("linear", factor), ("llama3", factor, low_freq_factor, '
+                       'high_freq_factor, original_max_len) or ("yarn", factor, original_max_len, beta_fast, '
+                       f"beta_slow, attention_factor, truncate), got {scaling!r}")
+    if scaling and scaling[0] == "yarn":
+      object.__setattr__(self, "rope_scaling", _yarn_scaling(scaling))
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if isinstance(value, str):
@@ -97,6 +101,20 @@ class DecoderConfig:
   @property
   def use_bias(self) -> bool:
     return self.flavour == "gpt2"
+
+
+def _yarn_scaling(scaling: tuple) -> tuple:
+  """A yarn ``rope_scaling`` with its numbers checked and typed (float, int original_max_len, bool truncate)."""
+  numbers, truncate = scaling[1:6], scaling[6]
+  positive = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                 for v in numbers)
+  if not positive or not isinstance(truncate, bool) or numbers[1] != int(numbers[1]):
+    raise ValueError('model.rope_scaling ("yarn", factor, original_max_len, beta_fast, beta_slow, attention_factor, '
+                     "truncate) needs numbers > 0, a whole original_max_len and a bool truncate, "
+                     f"got {scaling!r}")
+  factor, original, beta_fast, beta_slow, attention_factor = numbers
+  return ("yarn", float(factor), int(original), float(beta_fast), float(beta_slow), float(attention_factor),
+          truncate)
 
 
 @struct.dataclass

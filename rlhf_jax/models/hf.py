@@ -20,6 +20,7 @@ them), so a left-padded row gives the logits of the unpadded one. Writing back: 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -82,7 +83,48 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple]:
     original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
     return theta, ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
                    float(params["high_freq_factor"]), int(original))
-  raise HFError(f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3)")
+  if kind == "yarn":
+    return theta, _yarn(hf, params)
+  raise HFError(f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3, yarn)")
+
+
+def _yarn(hf: Mapping[str, Any], params: Mapping[str, Any]) -> tuple:
+  """Our yarn ``rope_scaling`` with transformers' defaults filled in: beta_fast 32, beta_slow 1, truncate true,
+  the attention factor from mscale / mscale_all_dim or 0.1 ln(factor) + 1, the factor (if null) from the
+  context lengths, and a top-level original_max_position_embeddings before the nested one."""
+  partial = params.get("partial_rotary_factor")
+  partial = hf.get("partial_rotary_factor") if partial is None else partial
+  if partial not in (None, 1.0):
+    raise HFError(f"config.json RoPE yarn with partial_rotary_factor={partial!r} is not supported (our RoPE "
+                  "rotates the whole head)")
+  original = hf.get("original_max_position_embeddings")
+  if original is None:
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+  _positive("original_max_position_embeddings", original)
+  if original != int(original):
+    raise HFError(f"config.json RoPE yarn original_max_position_embeddings={original!r} is not a whole number")
+  factor = params["factor"]
+  if factor is None:
+    factor = hf.get("max_position_embeddings", 2048) / original
+  _positive("factor", factor)
+
+  def get_mscale(m: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+  attention_factor = params.get("attention_factor")
+  if attention_factor is None:
+    mscale, all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = get_mscale(mscale) / get_mscale(all_dim) if mscale and all_dim else get_mscale(1.0)
+  beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+  for key, value in (("attention_factor", attention_factor), ("beta_fast", beta_fast), ("beta_slow", beta_slow)):
+    _positive(key, value)
+  return ("yarn", float(factor), int(original), float(beta_fast), float(beta_slow), float(attention_factor),
+          bool(params.get("truncate", True)))
+
+
+def _positive(key: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    raise HFError(f"config.json RoPE yarn {key}={value!r} is not supported (a number > 0 is needed)")
 
 
 def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:

@@ -78,6 +78,10 @@ def _rope_parameters(cfg: DecoderConfig) -> dict:
   if cfg.rope_scaling and cfg.rope_scaling[0] == "llama3":
     params.update(low_freq_factor=cfg.rope_scaling[2], high_freq_factor=cfg.rope_scaling[3],
                   original_max_position_embeddings=cfg.rope_scaling[4])
+  if cfg.rope_scaling and cfg.rope_scaling[0] == "yarn":
+    # Every value explicit (the attention factor too), so transformers' defaults never come into play.
+    params.update(zip(("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                       "truncate"), cfg.rope_scaling[2:]))
   return params
 
 

@@ -67,6 +67,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> Array:
   ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len) is Llama 3.1's rule: wavelengths
   above ``original_max_len / low_freq_factor`` are divided by ``factor``, those below
   ``original_max_len / high_freq_factor`` kept, and the band between interpolated.
+  ("yarn", factor, original_max_len, beta_fast, beta_slow, attention_factor, truncate) is YaRN: dims that turn
+  more than ``beta_fast`` times over ``original_max_len`` positions are kept, those turning fewer than
+  ``beta_slow`` times divided by ``factor``, with a linear ramp between (its ends rounded outwards when
+  ``truncate``); ``rope`` also multiplies cos and sin by ``attention_factor``.
   """
   half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
@@ -75,12 +79,31 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> Array:
   factor = float(scaling[1])
   if scaling[0] == "linear":
     return freq / factor
+  if scaling[0] == "yarn":
+    return _yarn_frequencies(freq, head_dim, theta, scaling)
   low, high, original = (float(v) for v in scaling[2:])
   wavelen = 2 * math.pi / freq
   scaled = jnp.where(wavelen > original / low, freq / factor, freq)
   smooth = (original / wavelen - low) / (high - low)
   medium = (wavelen >= original / high) & (wavelen <= original / low)
   return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def _yarn_frequencies(freq: Array, head_dim: int, theta: float, scaling: tuple) -> Array:
+  """YaRN's blend of ``freq`` (extrapolated) and ``freq / factor`` (interpolated); see ``rope_frequencies``."""
+  factor, original, beta_fast, beta_slow, _, truncate = scaling[1:]
+
+  def dim_turning(turns: float) -> float:  # the (fractional) dim index whose wave turns ``turns`` times
+    return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = dim_turning(beta_fast), dim_turning(beta_slow)
+  if truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001  # transformers' guard against a zero-width ramp
+  ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  return freq / factor * ramp + freq * (1 - ramp)
 
 
 def rope(x: Array, positions: Array, theta: float, scaling: tuple = ()) -> Array:
@@ -90,6 +113,8 @@ def rope(x: Array, positions: Array, theta: float, scaling: tuple = ()) -> Array
   angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
+  if scaling and scaling[0] == "yarn":
+    sin, cos = sin * scaling[5], cos * scaling[5]
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., :half], xf[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
