@@ -313,6 +313,23 @@ def test_rank_is_a_permutation_and_exact_at_zero_temperature(name):
     assert exact.rank(prompt, responses, seed=0) == list(np.argsort(-gold, kind="stable"))
 
 
+def test_score_agreement_skips_reference_ties_and_halves_predicted_ties():
+  gold = [np.array([3.0, 2.0, 2.0, 0.0])]  # 5 pairs with a preference (the two 2.0s are tied)
+  assert labeler.score_agreement(gold, [np.array([9.0, 5.0, 4.0, 1.0])]) == 1.0
+  assert labeler.score_agreement(gold, [np.array([0.0, 1.0, 1.0, 2.0])]) == 0.0
+  # The prediction ties responses 0 and 1 (gold prefers 0): that pair counts half.
+  assert labeler.score_agreement(gold, [np.array([5.0, 5.0, 1.0, 0.0])]) == pytest.approx(4.5 / 5)
+  assert labeler.score_agreement(gold, [np.zeros(4)]) == 0.5  # a constant reward model is at chance
+  assert np.isnan(labeler.score_agreement([np.ones(3)], [np.arange(3.0)]))
+  # Against a ranking it is pairwise_agreement whenever the prediction has no ties.
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    scores, ranking = rng.normal(size=5), [int(i) for i in rng.permutation(5)]
+    assert labeler.score_agreement([labeler.ranking_scores(ranking)], [scores]) == pytest.approx(
+        labeler.pairwise_agreement([scores], [ranking]))
+  np.testing.assert_array_equal(labeler.ranking_scores([2, 0, 1]), [1.0, 0.0, 2.0])
+
+
 def test_pairwise_agreement_counts_untied_pairs():
   scores = [np.array([3.0, 2.0, 1.0, 1.0])]
   assert labeler.pairwise_agreement(scores, [[0, 1, 2, 3]]) == 1.0

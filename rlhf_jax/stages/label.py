@@ -25,17 +25,13 @@ from rlhf_jax.data import batching, bucketing, formats
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError, sync
-from rlhf_jax.tasks import pairwise_agreement
+from rlhf_jax.tasks import pairwise_agreement, ranking_scores, score_agreement
 
 
 def label_config() -> ConfigDict:
   """Keys of a ``label`` instance. Inputs: ``policy`` (whose samples are ranked), ``reward`` (optional RM to test)."""
   return ConfigDict(dict(kind="label", policy="sft", reward="", num_prompts=2048, k=8, batch_size=64,
                          sampling=sampling_config()))
-
-
-def _rankings_of(scores: list[np.ndarray]) -> list[list[int]]:
-  return [list(np.argsort(-s, kind="stable")) for s in scores]
 
 
 def run(ctx: StageContext, instance) -> dict[str, float]:
@@ -89,8 +85,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
              "label/sample_gold_mean": float(np.mean([g.mean() for g in gold])),
              "label/distinct_fraction": float(distinct), **counts.metrics()}
   if rm:
-    metrics["label/rm_accuracy"] = float(pairwise_agreement(rm, rankings))
-    metrics["label/rm_gold_accuracy"] = float(pairwise_agreement(gold, _rankings_of(rm)))
+    metrics["label/rm_accuracy"] = score_agreement([ranking_scores(r) for r in rankings], rm)
+    metrics["label/rm_gold_accuracy"] = score_agreement(gold, rm)
     metrics["label/rm_score_mean"] = float(np.mean([s.mean() for s in rm]))
   return metrics
 

@@ -23,7 +23,7 @@ from rlhf_jax.scoring import RewardModelScorer, reward_scores
 from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.stages.graph import KINDS, REWARD
 from rlhf_jax.stages.loop import run_loop, step_counts, truncation_metrics
-from rlhf_jax.tasks import pairwise_agreement
+from rlhf_jax.tasks import pairwise_agreement, score_agreement
 
 
 def init_reward_params(ctx: StageContext, instance) -> dict:
@@ -115,10 +115,10 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
 
     def evaluate(params):
       rewards = ctx.real_rows(score(params, batch), valid)
-      rm_rankings = [list(np.argsort(-rewards[i, :len(r["responses"])], kind="stable")) for i, r in enumerate(rows)]
+      predicted = [rewards[i, :len(r["responses"])] for i, r in enumerate(rows)]
       _, aux = losses.ranking_loss(jnp.asarray(rewards), host["ranks"], host["response_mask"])
       return {"eval/rm_accuracy": float(aux["accuracy"]),
-              "eval/rm_gold_accuracy": float(pairwise_agreement(gold, rm_rankings)),
+              "eval/rm_gold_accuracy": score_agreement(gold, predicted),
               "eval/labeler_gold_agreement": float(labeler_vs_gold)}
     return evaluate
   score = jax.jit(lambda p, b: reward_scores(graphdef, p, b["tokens"], b["mask"]))

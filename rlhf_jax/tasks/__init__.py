@@ -14,10 +14,10 @@ import dataclasses
 from rlhf_jax.tasks.arithmetic import ArithmeticTask
 from rlhf_jax.tasks.base import SPLITS, Task, TaskOptions
 from rlhf_jax.tasks.instruct import InstructTask
-from rlhf_jax.tasks.labeler import pairwise_agreement, sample_ranking
+from rlhf_jax.tasks.labeler import pairwise_agreement, ranking_scores, sample_ranking, score_agreement
 
 __all__ = ["ArithmeticTask", "InstructTask", "SPLITS", "Task", "TaskOptions",
-           "get", "names", "pairwise_agreement", "sample_ranking"]
+           "get", "names", "pairwise_agreement", "ranking_scores", "sample_ranking", "score_agreement"]
 
 # The first entry is the default task.
 _TASKS: dict[str, type[Task]] = {

@@ -50,3 +50,28 @@ def pairwise_agreement(
     agree += int(np.sum(strict & ((diff > 0) == ahead)))
     total += int(np.sum(strict))
   return agree / total if total else float("nan")
+
+
+def score_agreement(reference: Sequence[np.ndarray], predicted: Sequence[np.ndarray]) -> float:
+  """Fraction of response pairs that ``predicted`` scores order as ``reference`` scores do, group by group.
+
+  A pair with equal reference scores carries no preference and is skipped; a pair the prediction scores
+  equally is not ordered and counts half (a coin flip), as in the reward model's training accuracy. A
+  ranking (indices, best first) is compared by passing ``ranking_scores(ranking)``. NaN when no pair has a
+  preference.
+  """
+  agree = total = 0.0
+  for ref, pred in zip(reference, predicted, strict=True):
+    ref_order = np.sign(np.subtract.outer(np.asarray(ref, np.float64), np.asarray(ref, np.float64)))
+    pred_order = np.sign(np.subtract.outer(np.asarray(pred, np.float64), np.asarray(pred, np.float64)))
+    pairs = np.triu(np.ones_like(ref_order, dtype=bool), k=1) & (ref_order != 0)
+    agree += np.sum(pairs & (pred_order == ref_order)) + 0.5 * np.sum(pairs & (pred_order == 0))
+    total += np.sum(pairs)
+  return float(agree / total) if total else float("nan")
+
+
+def ranking_scores(ranking: Sequence[int]) -> np.ndarray:
+  """Scores [K] that order responses as ``ranking`` (indices, best first) does: K-1 for the best, 0 for the worst."""
+  scores = np.empty(len(ranking), dtype=np.float64)
+  scores[np.asarray(ranking, dtype=np.int64)] = np.arange(len(ranking))[::-1]
+  return scores
