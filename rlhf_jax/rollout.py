@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx, struct
 
 from rlhf_jax import distributed
+from rlhf_jax.data.bucketing import bucket_width
 from rlhf_jax.generate import Sample, SamplingConfig, fitting_group, generate
 
 Array = jax.Array
@@ -83,6 +84,24 @@ class Rollout:
     """The same rollout with its response replaced (e.g. truncated at a stop token); log-probs masked."""
     return self.replace(response=response, response_mask=response_mask,
                         log_probs=jnp.where(response_mask.astype(bool), self.log_probs, 0.0))
+
+
+def trim_response_width(rollout: Rollout, smallest: int) -> Rollout:
+  """The rollout with its response columns cut to the bucket width (``bucketing.bucket_width``, ``smallest``
+  0 = off) of its longest response.
+
+  The cut columns are padding in every row, and nothing a learner computes reads them: token means, GAE
+  and KL are masked, values and advantages are 0 after a response ends. So the experience and the update
+  run over [B, P + W] instead of [B, P + N] with the same values up to rounding, as TRL pads to the longest
+  completion. Reads the lengths on the host (a collective on a multi-host run: call it on every process).
+  """
+  n = rollout.response_len
+  longest = int(distributed.to_host(rollout.response_mask.astype(jnp.int32).sum(axis=1)).max(initial=0))
+  width = bucket_width(max(longest, 1), n, smallest)
+  if width == n:
+    return rollout
+  return rollout.replace(response=rollout.response[:, :width], response_mask=rollout.response_mask[:, :width],
+                         log_probs=rollout.log_probs[:, :width])
 
 
 def rollout_from_sample(prompt: Array, prompt_mask: Array, sample: Sample, group: Array | None = None) -> Rollout:

@@ -397,3 +397,44 @@ def test_shared_prompt_experience_and_update_match_per_row_passes(models, advant
   assert all(row[i] % 2 == 0 and row[i + 1] == row[i] + 1 for row in split for i in (0, 2))
   with pytest.raises(ValueError, match="4 rows of 2 groups of 2, not divisible by ppo.minibatches=4"):
     ppo_lib._split_rows(jax.random.key(0), 4, 4, "experience", 2)
+
+
+@pytest.mark.parametrize("value_mode", ["separate", "none"])
+def test_trimmed_response_width_gives_the_same_experience_and_update(models, value_mode):
+  """``rollout.trim_response_width`` cuts the response columns no row uses (here 6 -> 4 with buckets of 2):
+  the experience over [B, P + 4] equals the full one's first 4 columns (the rest is 0), and one update gives
+  the same params; the FLOP count reads the trimmed width."""
+  from rlhf_jax.rollout import trim_response_width
+
+  full = rollout(models, SAMPLING, key=5)
+  keep = (jnp.arange(SAMPLING.max_new_tokens) < 3)[None]  # responses of at most 3 tokens
+  full = full.with_response(jnp.where(keep, full.response, PAD), full.response_mask * keep)
+  assert int(np.asarray(full.response_mask).sum(1).max()) == 3
+  trimmed = trim_response_width(full, 2)
+  assert trimmed.response_len == 4 and trim_response_width(full, 0) is full
+  assert trim_response_width(full, 8) is full  # the bucket would be wider than N: nothing to cut
+  advantage = "rloo" if value_mode == "none" else "gae"
+  value_g = None if value_mode == "none" else models["value_g"]
+  value = {} if value_mode == "none" else models["value"]
+  cfg = PPOConfig(sampling=SAMPLING, advantage=advantage, epochs=1, minibatches=1)
+  fn = make_experience_fn(models["policy_g"], value_g, cfg, value_mode)
+  exps = [fn(models["policy"], models["ref"], value, x, rm_score(models, x), 0.1) for x in (full, trimmed)]
+  (e_full, m_full), (e_cut, m_cut) = exps
+  for name in ("log_probs", "ref_log_probs", "values", "kl", "rewards", "advantages", "returns"):
+    a, b = np.asarray(getattr(e_full, name)), np.asarray(getattr(e_cut, name))
+    np.testing.assert_allclose(b, a[:, :4], atol=2e-5, err_msg=name)
+    assert np.all(a[:, 4:] == 0), name
+  for key in m_full:
+    np.testing.assert_allclose(m_cut[key], m_full[key], atol=2e-5, err_msg=key)
+
+  tx = optax.sgd(1.0)
+  params = {"policy": models["policy"], "value": value}
+  update = jax.jit(make_ppo_update(models["policy_g"], value_g, tx, tx, cfg, value_mode))
+  news = [update(make_state(params, {"policy": tx, "value": tx}), {"experience": e, "ptx": None})[0]
+          for e, _ in exps]
+  for a, b in zip(jax.tree.leaves(news[1].params), jax.tree.leaves(news[0].params)):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+  lengths = np.asarray(full.response_mask).sum(1)
+  counts = [ppo_lib.iteration_counts(MODEL, cfg, 4, PROMPT.shape[1], lengths, value_mode, response_width=w).flops
+            for w in (None, 4)]
+  assert counts[1] < counts[0]

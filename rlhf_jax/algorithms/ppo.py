@@ -538,20 +538,22 @@ def make_ppo_step(update: Callable, section: Mapping[str, Any], rows: int) -> Ca
 
 def iteration_counts(model_cfg: DecoderConfig, cfg: PPOConfig, rows: int, prompt_len: int, response_lengths,
                      value_mode: ValueMode, ptx_shape: tuple[int, int] | None = None,
-                     samples_per_prompt: int = 1) -> compute.Counts:
-  """Compute of one PPO iteration: the rollout, the scoring passes over [rows, P + N] (policy unless
+                     samples_per_prompt: int = 1, response_width: int | None = None) -> compute.Counts:
+  """Compute of one PPO iteration: the rollout, the scoring passes over [rows, P + W] (policy unless
   ``old_log_probs="sampler"`` skips it, reference, value model if separate, RM), and ``epochs`` training
-  passes of the policy and value model (+ the ptx rows). With ``share_prompt`` each prompt's columns count
-  once per ``samples_per_prompt`` rows, in the sampler's prefill too."""
+  passes of the policy and value model (+ the ptx rows). W is ``response_width`` (the rollout's response
+  columns after ``rollout.trim_response_width``), by default the sampler's N. With ``share_prompt`` each
+  prompt's columns count once per ``samples_per_prompt`` rows, in the sampler's prefill too."""
   n = cfg.sampling.max_new_tokens
+  width = n if response_width is None else response_width
   k = samples_per_prompt
   counts = compute.rollout_counts(model_cfg, rows, prompt_len, response_lengths, n,
                                   prompt_group=k if cfg.share_prompt else 1)
 
   def passes(shared: bool) -> tuple[float, float]:
     prefix = (prompt_len, k) if shared else None
-    return (compute.sequence_flops(model_cfg, rows, prompt_len + n, shared_prefix=prefix),
-            compute.sequence_flops(model_cfg, rows, prompt_len + n, lm_head=False, shared_prefix=prefix))
+    return (compute.sequence_flops(model_cfg, rows, prompt_len + width, shared_prefix=prefix),
+            compute.sequence_flops(model_cfg, rows, prompt_len + width, lm_head=False, shared_prefix=prefix))
 
   lm, scalar = passes(cfg.share_prompt and k > 1)
   lm_train, scalar_train = passes(update_shares_prompts(cfg, rows // k, k))

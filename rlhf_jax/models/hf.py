@@ -80,9 +80,8 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple]:
   if kind == "linear":
     return theta, ("linear", float(params["factor"]))
   if kind == "llama3":
-    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
     return theta, ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                   float(params["high_freq_factor"]), int(original))
+                   float(params["high_freq_factor"]), int(_original_len(hf, params)))
   if kind == "yarn":
     return theta, _yarn(hf, params)
   raise HFError(f"RoPE scaling {kind!r} is not supported (supported: default, linear, llama3, yarn)")
@@ -97,9 +96,7 @@ def _yarn(hf: Mapping[str, Any], params: Mapping[str, Any]) -> tuple:
   if partial not in (None, 1.0):
     raise HFError(f"config.json RoPE yarn with partial_rotary_factor={partial!r} is not supported (our RoPE "
                   "rotates the whole head)")
-  original = hf.get("original_max_position_embeddings")
-  if original is None:
-    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+  original = _original_len(hf, params)
   _positive("original_max_position_embeddings", original)
   if original != int(original):
     raise HFError(f"config.json RoPE yarn original_max_position_embeddings={original!r} is not a whole number")
@@ -120,6 +117,15 @@ def _yarn(hf: Mapping[str, Any], params: Mapping[str, Any]) -> tuple:
     _positive(key, value)
   return ("yarn", float(factor), int(original), float(beta_fast), float(beta_slow), float(attention_factor),
           bool(params.get("truncate", True)))
+
+
+def _original_len(hf: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+  """The pretraining context a RoPE scaling stretches: a top-level original_max_position_embeddings (as
+  transformers reads it first), the scaling's own, else max_position_embeddings."""
+  original = hf.get("original_max_position_embeddings")
+  if original is None:
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+  return original
 
 
 def _positive(key: str, value: Any) -> None:

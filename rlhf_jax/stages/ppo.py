@@ -21,7 +21,7 @@ import numpy as np
 from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.algorithms import ppo
 from rlhf_jax.data import batching, bucketing
-from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
+from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts, trim_response_width
 from rlhf_jax.scoring import GoldScorer
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
@@ -101,19 +101,22 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   real_rows = sharding.rows_sharding(ctx.mesh, ctx.rules, (rows,))
   compact = jax.jit(lambda r, valid: sharding.take_rows(r, valid, rows), out_shardings=real_rows)
 
-  def collect(params, prompt, key, kl_coef):
-    """One iteration's experience: rollout -> real rows -> truncation -> RM score -> experience."""
+  def collect(params, prompt, key, kl_coef, trim=False):
+    """One iteration's experience: rollout -> real rows -> truncation -> (with ``trim``, response columns cut
+    to the longest response's bucket: a host read, so not under ``eval_shape``) -> RM score -> experience."""
     rollout = rollout_fn(params["policy"], prompt["tokens"], prompt["mask"], prompt["group"], key)
     if rollout.prompt.shape[0] != rows:
       rollout = compact(rollout, prompt["valid"])
     rollout = ppo.share_prompts(truncate(rollout), pcfg, cfg.samples_per_prompt)  # rows: repeat_prompts order
+    if trim:
+      rollout = trim_response_width(rollout, ctx.config.data.min_bucket_len)
     exp, metrics = experience_fn(params["policy"], reference, params["value"], rollout, scorer(rollout), kl_coef)
     return rollout, exp, metrics
 
   def make_batch(step, state):
     texts, prompt, stats = host_prompts(step)
     rollout, exp, rollout_metrics = collect(state.params, ctx.put(prompt, with_valid=True),
-                                            jax.random.fold_in(rollout_key, step), state.scalars["kl_coef"])
+                                            jax.random.fold_in(rollout_key, step), state.scalars["kl_coef"], trim=True)
     # As the step expects (XLA may leave a row array it built from a constant replicated; a no-op otherwise).
     exp = jax.device_put(exp, batch_shardings["experience"])
     host = {k: float(v) for k, v in jax.device_get(rollout_metrics).items()}
@@ -129,7 +132,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     host.update(truncation_metrics(stats))
     lengths = ctx.host(rollout.response_mask).sum(axis=1)
     host.update(ppo.iteration_counts(ctx.model_config, pcfg, rows, rollout.prompt_len, lengths, value_mode,
-                                     ptx_shape, cfg.samples_per_prompt).metrics())
+                                     ptx_shape, cfg.samples_per_prompt, rollout.response_len).metrics())
     return batch, host
 
   # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.
