@@ -129,16 +129,31 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
   return text
 
 
+def _parent(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:
+  """(the group holding a dotted ``key``, the key's last part)."""
+  *groups, leaf = key.split(".")
+  node = config
+  for part in groups:
+    node = node[part]
+  return node, leaf
+
+
 def apply_overrides(config: ConfigDict, overrides: Iterable[tuple[str, str]]) -> ConfigDict:
   """Applies ``(dotted_key, text)`` overrides in place; unknown keys raise ``ConfigError``."""
   for key, text in overrides:
     check_override_key(config, key)
-    *groups, leaf = key.split(".")
-    node = config
-    for part in groups:
-      node = node[part]
+    node, leaf = _parent(config, key)
     node[leaf] = _parse_value(text, node[leaf], key)
   return config
+
+
+def fix_tuple_overrides(config: ConfigDict, overrides: dict[str, Any]) -> None:
+  """Re-reads, in place, the tuple values among ml_collections' parsed ``--config.KEY`` overrides
+  (``tuple_override``)."""
+  for key, value in overrides.items():
+    if isinstance(value, tuple):
+      node, leaf = _parent(config, key)
+      node[leaf] = tuple_override(value, key)
 
 
 def config_to_json(config: ConfigDict) -> str:

@@ -189,7 +189,7 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
   ``prompt_group`` g > 1 promises that rows ``i*g .. i*g+g-1`` hold the same prompt (the g samples of one
   prompt, ``rollout.repeat_prompts``): the prompt is prefilled once per group and its KV cache repeated,
   the same values up to float rounding for (1 - 1/g) less of the prefill. Only the first row of each
-  group is read, so padding rows that fill a group's tail get that group's samples. B must divide by g.
+  group is read: every row of a group is sampled after that row's prompt. B must divide by g.
   """
   b, p = prompt.shape
   n = cfg.max_new_tokens

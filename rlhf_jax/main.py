@@ -31,8 +31,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from rlhf_jax import distributed, pipeline, sharding
-from rlhf_jax.config_io import (ConfigError, check_override_key, flat_items, load_config, read_workdir_config,
-                                tuple_override)
+from rlhf_jax.config_io import (ConfigError, check_override_key, fix_tuple_overrides, flat_items, load_config,
+                                read_workdir_config)
 from rlhf_jax.data import batching, bucketing
 from rlhf_jax.data.formats import DataError
 from rlhf_jax.generate import SamplingConfig, make_sampler
@@ -192,14 +192,9 @@ def parse_run_args(argv: list[str]) -> tuple[ConfigDict, str]:
     raise
   _require(fv, ["config", "workdir"], PROG)
   config = fv.config
-  for key, value in fv["config"].override_values.items():
+  for key in fv["config"].override_values:
     check_override_key(config, key)  # a dict literal may not replace a whole group
-    if isinstance(value, tuple):
-      *groups, leaf = key.split(".")
-      node = config
-      for part in groups:
-        node = node[part]
-      node[leaf] = tuple_override(value, key)
+  fix_tuple_overrides(config, fv["config"].override_values)
   distributed.set_launch_env(fv.coordinator, fv.num_processes, fv.process_id)
   return config, fv.workdir
 
