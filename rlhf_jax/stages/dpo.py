@@ -191,7 +191,9 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
     host["rollout/distinct_fraction"] = float(np.mean([len(set(responses[i * k:(i + 1) * k])) / k
                                                        for i in range(len(chosen))]))
     batch = dpo.online_batch(rows["prompt"], rows["prompt_mask"], rows["response"], rows["response_mask"], ranks)
-    counts += dpo.step_counts(model_cfg, len(texts), width, rollout.prompt_len, k)
+    # Responses only, as offline: the step splits rows at the prompt's width.
+    batch = bucketing.trim_pairs(batch, rollout.prompt_len, ctx.config.data.min_bucket_len, left=False)
+    counts += dpo.step_counts(model_cfg, len(texts), batch["tokens"].shape[-1], rollout.prompt_len, k)
     return ctx.put(batch), {**truncation_metrics(stats), **host, **counts.metrics()}
 
   p, n = ctx.config.data.prompt_len, sampling.max_new_tokens
