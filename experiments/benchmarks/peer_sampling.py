@@ -1,6 +1,6 @@
 """The peer's sampler with top-k/top-p, which ``../shared/peers/run.sh`` does not time.
 
-  ~/.cache/rlhf-peers/venv/bin/python experiments/benchmarks/peer_sampling.py   # or any venv with torch and transformers
+  ~/.cache/rlhf-peers/venv/bin/python experiments/benchmarks/peer_sampling.py  # any venv with torch, transformers
 
 Hugging Face ``generate`` on a randomly initialised GPT-2 of the bench-small shape (4 x 256, 4 heads, ff 1024,
 vocab 4096), 32 prompts x 64 tokens -> exactly 64 sampled tokens, temperature 1, as the peer's ``generate``

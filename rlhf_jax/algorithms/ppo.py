@@ -89,7 +89,8 @@ class PPOConfig:
   share_prompt: with k = samples_per_prompt >= 2, the sampler's prefill and every model pass over the
     rollout (policy, reference, value, reward; experience and update) compute each prompt once for its k
     samples, and minibatches hold whole groups. The same values up to float rounding, for (1 - 1/k) less
-    of the prompt columns' compute. When the prompts per iteration do not divide by ``minibatches``, the update runs per row.
+    of the prompt columns' compute. When the prompts per iteration do not divide by ``minibatches``, the
+    update runs per row.
   """
 
   sampling: SamplingConfig
