@@ -86,18 +86,25 @@ class Rollout:
                         log_probs=jnp.where(response_mask.astype(bool), self.log_probs, 0.0))
 
 
-def trim_response_width(rollout: Rollout, smallest: int) -> Rollout:
+def response_lengths(rollout: Rollout) -> np.ndarray:
+  """Each row's response length in tokens, read to the host [B] (a collective on a multi-host run)."""
+  return distributed.to_host(rollout.response_mask.astype(jnp.int32).sum(axis=1))
+
+
+def trim_response_width(rollout: Rollout, smallest: int, lengths: np.ndarray | None = None) -> Rollout:
   """The rollout with its response columns cut to the bucket width (``bucketing.bucket_width``, ``smallest``
   0 = off) of its longest response.
 
   The cut columns are padding in every row, and nothing a learner computes reads them: token means, GAE
   and KL are masked, values and advantages are 0 after a response ends. So the experience and the update
   run over [B, P + W] instead of [B, P + N] with the same values up to rounding, as TRL pads to the longest
-  completion. Reads the lengths on the host (a collective on a multi-host run: call it on every process).
+  completion. ``lengths`` [B]: the rows' ``response_lengths`` when the caller already holds them; else they
+  are read here (a collective on a multi-host run: call it on every process).
   """
   n = rollout.response_len
-  longest = int(distributed.to_host(rollout.response_mask.astype(jnp.int32).sum(axis=1)).max(initial=0))
-  width = bucket_width(max(longest, 1), n, smallest)
+  if lengths is None:
+    lengths = response_lengths(rollout)
+  width = bucket_width(max(int(np.max(lengths, initial=0)), 1), n, smallest)
   if width == n:
     return rollout
   return rollout.replace(response=rollout.response[:, :width], response_mask=rollout.response_mask[:, :width],

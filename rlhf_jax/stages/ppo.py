@@ -21,7 +21,8 @@ import numpy as np
 from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.algorithms import ppo
 from rlhf_jax.data import batching, bucketing
-from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts, trim_response_width
+from rlhf_jax.rollout import (make_rollout_fn, repeat_prompts, response_lengths, response_texts,
+                              trim_response_width)
 from rlhf_jax.scoring import GoldScorer
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
@@ -103,19 +104,22 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
 
   def collect(params, prompt, key, kl_coef, trim=False):
     """One iteration's experience: rollout -> real rows -> truncation -> (with ``trim``, response columns cut
-    to the longest response's bucket: a host read, so not under ``eval_shape``) -> RM score -> experience."""
+    to the longest response's bucket: a host read, so not under ``eval_shape``) -> RM score -> experience.
+    Returns the rollout, experience, metrics and (with ``trim``) the rows' response lengths [rows]."""
     rollout = rollout_fn(params["policy"], prompt["tokens"], prompt["mask"], prompt["group"], key)
     if rollout.prompt.shape[0] != rows:
       rollout = compact(rollout, prompt["valid"])
     rollout = ppo.share_prompts(truncate(rollout), pcfg, cfg.samples_per_prompt)  # rows: repeat_prompts order
+    lengths = None
     if trim:
-      rollout = trim_response_width(rollout, ctx.config.data.min_bucket_len)
+      lengths = response_lengths(rollout)
+      rollout = trim_response_width(rollout, ctx.config.data.min_bucket_len, lengths)
     exp, metrics = experience_fn(params["policy"], reference, params["value"], rollout, scorer(rollout), kl_coef)
-    return rollout, exp, metrics
+    return rollout, exp, metrics, lengths
 
   def make_batch(step, state):
     texts, prompt, stats = host_prompts(step)
-    rollout, exp, rollout_metrics = collect(state.params, ctx.put(prompt, with_valid=True),
+    rollout, exp, rollout_metrics, lengths = collect(state.params, ctx.put(prompt, with_valid=True),
                                             jax.random.fold_in(rollout_key, step), state.scalars["kl_coef"], trim=True)
     # As the step expects (XLA may leave a row array it built from a constant replicated; a no-op otherwise).
     exp = jax.device_put(exp, batch_shardings["experience"])
@@ -130,14 +134,13 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       stats = stats + ptx_stats
       ptx_shape = tuple(ptx["tokens"].shape)
     host.update(truncation_metrics(stats))
-    lengths = ctx.host(rollout.response_mask).sum(axis=1)
     host.update(ppo.iteration_counts(ctx.model_config, pcfg, rows, rollout.prompt_len, lengths, value_mode,
                                      ptx_shape, cfg.samples_per_prompt, rollout.response_len).metrics())
     return batch, host
 
   # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.
   example = {**host_prompts(0)[1], "valid": np.ones(rows, np.int32)}
-  _, exp_shape, metrics_shape = jax.eval_shape(collect, state.params, example, rollout_key, state.scalars["kl_coef"])
+  _, exp_shape, metrics_shape, _ = jax.eval_shape(collect, state.params, example, rollout_key, state.scalars["kl_coef"])
   batch_shape = {"experience": exp_shape, "kl": metrics_shape["rollout/kl"],
                  "ptx": {**host_ptx(0)[0], "valid": np.zeros(1, np.int32)} if cfg.ptx_coef else None}
   update = ppo.make_ppo_update(lm_graphdef, value_graphdef, policy_tx, value_tx, pcfg, value_mode)
