@@ -68,6 +68,31 @@ def test_cached_decoding_matches_full_forward(flavour, scan):
   np.testing.assert_array_equal(cache.next_pos, full_mask.sum(1))
 
 
+@pytest.mark.parametrize("flavour,scan", [("gpt2", False), ("llama", True)])
+def test_prefill_into_a_fresh_cache_matches_a_chunked_prefill(flavour, scan):
+  """A fresh cache's first call attends to its own keys only (``KVCache.fresh``); a prefill in two chunks
+  (the second reading the cache) must give the same logits and the same cache."""
+  cfg = tiny(flavour, scan_layers=scan)
+  model = Decoder(cfg, rngs=nnx.Rngs(4))
+  tokens, mask, _ = left_padded_batch()
+  cache = init_cache(cfg, 3, 16)
+  assert cache.fresh
+  whole, one = model(tokens, mask, cache)
+  assert not one.fresh
+  head, chunked = model(tokens[:, :6], mask[:, :6], cache)
+  tail, chunked = model(tokens[:, 6:], mask[:, 6:], chunked)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate([head, tail], 1))[real], np.asarray(whole)[real], atol=2e-5)
+  np.testing.assert_array_equal(one.valid, chunked.valid)
+  assert int(one.index) == int(chunked.index) == 10
+  np.testing.assert_array_equal(one.next_pos, chunked.next_pos)
+  valid = np.asarray(one.valid)  # pad slots hold keys of pad tokens, which nothing reads
+  for a, b in zip(jax.tree.leaves((one.k, one.v)), jax.tree.leaves((chunked.k, chunked.v))):
+    a, b = np.moveaxis(np.asarray(a), -2, -3), np.moveaxis(np.asarray(b), -2, -3)  # [..., B, S, KV, Dh]
+    np.testing.assert_allclose(a[..., valid, :, :], b[..., valid, :, :], atol=2e-5)
+    assert not a[..., 10:, :, :].any()  # slots past the prompt stay empty
+
+
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_scan_and_remat_match_layer_loop(flavour):
   tokens, mask, _ = left_padded_batch()

@@ -125,7 +125,8 @@ class KVCache:
   directly). With a layer loop they are tuples of L arrays, so that each layer's decode step writes
   its own buffer in place; with ``scan_layers`` they are stacked arrays [L, B, KV, S, Dh] carried
   through the scan. valid: [B, S] (slot holds a real token); index: scalar, next slot to write;
-  next_pos: [B], position id of the next real token.
+  next_pos: [B], position id of the next real token. fresh (static): nothing written yet, so the first
+  call (a prefill) attends to its own keys without reading the S slots.
   """
 
   k: Any
@@ -133,6 +134,7 @@ class KVCache:
   valid: Array
   index: Array
   next_pos: Array
+  fresh: bool = struct.field(pytree_node=False, default=False)
 
   def layer(self, i: int) -> tuple[Array, Array]:
     """Layer ``i``'s (k, v), each [B, KV, S, Dh]."""
@@ -157,7 +159,7 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int) -> KVCache:
     k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
     v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
   return KVCache(k=k, v=v, valid=jnp.zeros((batch, length), jnp.bool_),
-                 index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32))
+                 index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32), fresh=True)
 
 
 def positions_from_mask(mask: Array, offset: Array | None = None) -> Array:
@@ -232,6 +234,7 @@ class Trunk(nnx.Module):
       q_slots = cache.index + jnp.arange(t)
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask.astype(bool), cache.index, axis=1)
       cache_index = cache.index
+    fresh = cache is not None and cache.fresh
     # Gather, then cast: casting the whole table first costs a [V, D] pass per call (per decode step).
     x = self.embed[...][tokens].astype(cfg.dtype)
     if cfg.flavour == "gpt2":
@@ -242,7 +245,7 @@ class Trunk(nnx.Module):
     def apply_block(graphdef, state, x, ckv, key, block_queries=None):
       def run(state, x, ckv, key):
         block = nnx.merge(graphdef, state)
-        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries)
+        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries, fresh)
 
       return (jax.checkpoint(run) if cfg.remat else run)(state, x, ckv, key)
 

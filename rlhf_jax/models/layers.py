@@ -191,13 +191,16 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
                cache_kv: tuple[Array, Array] | None, cache_index: Array | None,
-               queries=None) -> tuple[Array, tuple[Array, Array] | None]:
+               queries=None, fresh_cache: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
     """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each token.
 
     Without a cache, keys are this call's tokens and ``key_valid`` is [B, T].
     With a cache (k, v: [B, KV, S, Dh], heads before slots so that the score and mix products read
     them without a relayout) the new keys are written in place at slot ``cache_index`` and
-    ``key_valid`` is the cache's [B, S] validity *after* this write.
+    ``key_valid`` is the cache's [B, S] validity *after* this write. ``fresh_cache``: the cache held nothing
+    before this call (``cache_index`` is 0), so the queries attend to this call's T keys only (slots
+    [0, T); the rest of the cache is empty) instead of reading all S slots: a prefill into a cache sized
+    for the whole sequence.
     ``queries`` (see ``select_rows``): only those rows are queried; the output is [B, Tq, D]. Every
     token is still a key.
     """
@@ -215,6 +218,7 @@ class Attention(nnx.Module):
     q_slots = select_slots(q_slots, queries)
     b, t, h, hd = q.shape
     kvh = k.shape[2]
+    t_keys = k.shape[1]
     k = k.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
     v = v.transpose(0, 2, 1, 3)
     new_cache = None
@@ -223,7 +227,10 @@ class Attention(nnx.Module):
       ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
       cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
       new_cache = (ck, cv)
-      k, v = ck.astype(dt), cv.astype(dt)
+      if fresh_cache:
+        key_valid = key_valid[:, :t_keys]
+      else:
+        k, v = ck.astype(dt), cv.astype(dt)
     # Queries grouped by their KV head: [B, KV, G * T, Dh] (G = H / KV), one batched product per KV head.
     q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, (h // kvh) * t, hd)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32) / math.sqrt(hd)
@@ -282,10 +289,12 @@ class Block(nnx.Module):
     self.norm_mlp = norm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key, queries=None):
+  def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key, queries=None,
+               fresh_cache: bool = False):
     """Returns (x of the ``queries`` rows [B, Tq, D], updated layer cache or None); see ``Attention``."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index, queries)
+    a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index, queries,
+                             fresh_cache)
     x = select_rows(x, queries) + dropout(a, self.cfg.dropout, k1)
     x = x + dropout(self.mlp(self.norm_mlp(x)), self.cfg.dropout, k2)
     return x, new_cache
