@@ -27,6 +27,7 @@ KEYS = {
     "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup"},
     "reward_step": {"pairs_per_s", "compile_s"},
     "reward_step_kwise": {"per_row_ms_per_step", "shared_ms_per_step", "speedup"},
+    "dpo_step": {"pairs_per_s", "ms_per_step", "compile_s"},
     "rl_iter": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_sampler_lp": {"s_per_iter", "phases", "compile_s"},
@@ -83,7 +84,8 @@ def test_benchmark_record_has_its_keys(results, name):
 def test_benchmarks_drive_library_functions(results):
   _, calls = results
   called = {name for name, _ in calls}
-  assert {"compile_step", "make_lm_step", "make_reward_step", "make_ppo_update", "make_experience_fn"} <= called
+  assert {"compile_step", "make_lm_step", "make_reward_step", "make_dpo_step", "make_ppo_update",
+          "make_experience_fn"} <= called
   assert "make_sampler" in called or "make_rollout_fn" in called
   assert "trim_texts" in called
   varlen = results[0]["sft_step_varlen"]

@@ -170,13 +170,14 @@ def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate", top_
 
 # ----------------------------------------------------------------------------- trainers
 
-def _train(env: Env, step, state, shardings, batch) -> dict[str, float]:
-  """Times a donated ``compile_step`` step: each call feeds the returned state back in."""
-  compiled = state_lib.compile_step(step, shardings, batch_shardings(env, batch), None, env.mesh)
+def _train(env: Env, step, state, shardings, batch, frozen=None, frozen_shardings=None) -> dict[str, float]:
+  """Times a donated ``compile_step`` step: each call feeds the returned state back in (``frozen``: the
+  step's never-donated models, e.g. a reference policy)."""
+  compiled = state_lib.compile_step(step, shardings, batch_shardings(env, batch), frozen_shardings, env.mesh)
   holder = [state]
 
   def once():
-    holder[0], metrics = compiled(holder[0], batch, None)
+    holder[0], metrics = compiled(holder[0], batch, frozen)
     return metrics
 
   return bench(once, env.reps)
@@ -271,6 +272,32 @@ def reward_step_kwise(env: Env) -> Record:
     record[f"{name}_ms_per_step"] = round(1e3 * stats["median_s"], 2)
   record["speedup"] = round(record["per_row_ms_per_step"] / record["shared_ms_per_step"], 3)
   return common("reward_step_kwise", env, **record, prompts=prompts, k=k, prompt_len=p, rows=prompts * k)
+
+
+def dpo_step(env: Env) -> Record:
+  """``make_dpo_step`` + ``compile_step``: one AdamW step (lr 1e-6, clip 1.0: TRL's DPO defaults; beta 0.1,
+  sigmoid loss) on rm_pairs prompts of rm_len / 2 tokens, each with a chosen and a rejected response of
+  rm_len / 2 (the same 2 * rm_pairs rows of rm_len as ``reward_step``): the policy's forward and backward
+  and the frozen reference's forward, each computing a prompt once for its two responses."""
+  s = env.size
+  p = s.rm_len // 2
+  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
+  reference = jax.tree.map(jnp.copy, params)
+  tx = optimizer(1e-6, 1.0)
+  state, state_sh = state_lib.create_train_state({"policy": params}, {"policy": tx}, {"policy": shardings},
+                                                 env.mesh, seed=0)
+  prompt = np.repeat(random_tokens(env, (s.rm_pairs, 1, p), 1), 2, axis=1)
+  tokens = np.concatenate([prompt, random_tokens(env, (s.rm_pairs, 2, s.rm_len - p), 2)], axis=-1)
+  batch = put_batch(env, {"tokens": tokens, "mask": np.ones_like(tokens),
+                          "ranks": np.tile(np.array([[0, 1]], np.int32), (s.rm_pairs, 1)),
+                          "response_mask": np.ones((s.rm_pairs, 2), np.int32)})
+  dpo = library.find("make_dpo_step", "rlhf_jax.algorithms.dpo")
+  settings = library.find("DPOSettings", "rlhf_jax.algorithms.dpo")(beta=0.1)
+  step = dpo(graphdef, tx, settings, p, SamplingConfig(max_new_tokens=s.rm_len - p, temperature=1.0))
+  stats = _train(env, step, state, state_sh, batch, {"reference": reference}, {"reference": shardings})
+  return common("dpo_step", env, pairs_per_s=round(s.rm_pairs / stats["median_s"], 2),
+                ms_per_step=round(1e3 * stats["median_s"], 2), compile_s=round(stats["compile_s"], 2),
+                pairs=s.rm_pairs, prompt_len=p, response_len=s.rm_len - p)
 
 
 # ----------------------------------------------------------------------------- RL iteration
@@ -423,6 +450,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "sft_step_varlen": sft_step_varlen,
     "reward_step": reward_step,
     "reward_step_kwise": reward_step_kwise,
+    "dpo_step": dpo_step,
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),
     "rl_iter_sampler_lp": lambda env: rl_iter(env, "separate", "sampler"),
