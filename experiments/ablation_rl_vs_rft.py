@@ -97,7 +97,7 @@ def dpo_flops_per_step(config: ConfigDict, dpo: ConfigDict, k: int) -> float:
   m, p = model_of(config), config.data.prompt_len
   n = dpo.sampling.max_new_tokens if dpo.online else config.data.response_len
   rows = dpo.batch_size * k
-  flops = dpo_lib.step_counts(m, rows, p + n, p, k).flops
+  flops = dpo_lib.step_counts(m, rows, p + n, p, k, reference=not dpo.precompute_reference).flops
   if dpo.online:
     flops += (compute.rollout_counts(m, rows, p, [n] * rows, n, prompt_group=k).flops
               + compute.sequence_flops(m, rows, p + n, lm_head=False, shared_prefix=(p, k) if k > 1 else None))
@@ -116,8 +116,13 @@ def match_dpo(config: ConfigDict, arm: ConfigDict, match: str) -> None:
     held_out = min(config.reward.eval_comparisons, max(config.label.num_prompts // 5, 1))
     train = config.label.num_prompts - held_out
     arm.batch_size = min(arm.batch_size, train)
-    steps = int(ppo_budget(config, "flops") // dpo_flops_per_step(config, arm, config.label.k))
     epoch = math.ceil(train / arm.batch_size)
+    budget = ppo_budget(config, "flops")
+    if arm.precompute_reference:  # one reference pass over every training comparison, before the steps
+      k, p = config.label.k, config.data.prompt_len
+      budget -= epoch * dpo_lib.reference_counts(model_of(config), arm.batch_size * k, p + config.data.response_len,
+                                                 p, k).flops
+    steps = int(budget // dpo_flops_per_step(config, arm, config.label.k))
     arm.steps = max(min(steps, DPO_MAX_EPOCHS * epoch), 1)
   arm.eval_every = max(arm.steps // 8, 1)
   arm.checkpoint_every = arm.eval_every

@@ -51,6 +51,20 @@ def test_arms_match_ppo_on_flops(base):
   epoch = -(-(c.label.num_prompts - min(c.reward.eval_comparisons, c.label.num_prompts // 5)) // c.dpo.batch_size)
   assert c.dpo.steps <= ablation.DPO_MAX_EPOCHS * epoch
   assert c.dpo.steps * ablation.dpo_flops_per_step(c, c.dpo, c.label.k) <= budget
+  # With the reference's log-probs precomputed a step is cheaper, and the one pass before training is paid
+  # from the same budget.
+  steps = c.dpo.steps
+  c.dpo.precompute_reference = True
+  ablation.match_dpo(c, c.dpo, "flops")
+  k, p, n = c.label.k, c.data.prompt_len, c.data.response_len
+  reference_pass = epoch * ablation.dpo_lib.reference_counts(ablation.model_of(c), c.dpo.batch_size * k, p + n, p,
+                                                             k).flops
+  per_step = ablation.dpo_flops_per_step(c, c.dpo, k)
+  in_step = c.dpo.copy_and_resolve_references()
+  in_step.precompute_reference = False
+  assert per_step == pytest.approx(0.75 * ablation.dpo_flops_per_step(c, in_step, k), rel=0.05)
+  assert c.dpo.steps >= steps and c.dpo.steps <= ablation.DPO_MAX_EPOCHS * epoch
+  assert reference_pass + c.dpo.steps * per_step <= budget
 
 
 def test_arms_are_chosen_and_checked(base):

@@ -205,6 +205,62 @@ def test_dpo_step_starts_at_log_2_and_learns_the_ranking():
   assert float(metrics["train/chosen_reward"]) > float(metrics["train/rejected_reward"])
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_precomputed_reference_log_probs_give_the_same_step(average):
+  """A batch carrying the reference's sequence log-probs (``precompute_reference``) takes the same step as
+  one whose reference pass runs inside the step, and needs no reference params."""
+  graphdef, params = nnx.split(Decoder(MODEL, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(params)
+  reference = nnx.to_pure_dict(nnx.split(Decoder(MODEL, rngs=nnx.Rngs(1)))[1])
+  batch = jax.tree.map(jnp.asarray, comparison_batch())
+  table = dpo.make_reference_fn(graphdef, P, SAMPLING, average)(reference, batch)
+  assert table.shape == (2, 3)
+  # The table is the reference's side of the log-ratio: policy == reference gives h = 0 for every response.
+  h = dpo.log_ratios(graphdef, reference, None, {**batch, dpo.REFERENCE_KEY: table}, P, SAMPLING, average)
+  np.testing.assert_allclose(np.asarray(h), 0.0, atol=1e-5)
+  tx = optax.sgd(0.5)  # Adam would scale rounding in near-zero gradients up to whole steps
+  step = jax.jit(dpo.make_dpo_step(graphdef, tx, dpo.DPOSettings(beta=0.5, average_log_probs=average), P, SAMPLING))
+
+  def run(batch, frozen):
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params={"policy": jax.tree.map(jnp.copy, params)},
+                                 opt_state={"policy": tx.init(params)}, rng=state_lib.seed_key_data(0), scalars={})
+    for _ in range(3):
+      state, metrics = step(state, batch, frozen)
+    return state, metrics
+
+  inside, m_inside = run(batch, {"reference": reference})
+  pre, m_pre = run({**batch, dpo.REFERENCE_KEY: table}, {"reference": None})
+  assert set(m_pre) == set(m_inside)
+  for k in m_inside:
+    np.testing.assert_allclose(float(m_pre[k]), float(m_inside[k]), rtol=2e-5, atol=2e-6, err_msg=k)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(pre.params["policy"]), jax.tree.leaves(params)))
+  assert moved > 1e-3
+  for a, b in zip(jax.tree.leaves(pre.params), jax.tree.leaves(inside.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_precomputed_reference_step_counts_drop_the_reference_pass():
+  full = dpo.step_counts(MODEL, 12, 16, P, 3)
+  policy = dpo.step_counts(MODEL, 12, 16, P, 3, reference=False)
+  reference = dpo.reference_counts(MODEL, 12, 16, P, 3)
+  assert policy.grad_steps == full.grad_steps == 1 and reference.grad_steps == 0
+  assert policy.flops + reference.flops == pytest.approx(full.flops)
+  assert reference.flops == pytest.approx(full.flops / 4, rel=0.05)  # a forward of forward + backward + forward
+
+
+def test_online_dpo_refuses_a_precomputed_reference():
+  from types import SimpleNamespace
+
+  from rlhf_jax.stages import dpo as dpo_stage
+  from rlhf_jax.stages.context import StageError
+
+  section = dpo.dpo_config()
+  section.update(dict(online=True, ranker="labeler", precompute_reference=True))
+  with pytest.raises(StageError, match="dpo_online.precompute_reference applies to offline DPO"):
+    dpo_stage.check(None, SimpleNamespace(name="dpo_online", section=section))
+
+
 def test_online_batch_groups_k_consecutive_rows():
   prompt = np.arange(12).reshape(4, 3)
   response = 100 + np.arange(8).reshape(4, 2)

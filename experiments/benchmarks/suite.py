@@ -278,7 +278,8 @@ def dpo_step(env: Env) -> Record:
   """``make_dpo_step`` + ``compile_step``: one AdamW step (lr 1e-6, clip 1.0: TRL's DPO defaults; beta 0.1,
   sigmoid loss) on rm_pairs prompts of rm_len / 2 tokens, each with a chosen and a rejected response of
   rm_len / 2 (the same 2 * rm_pairs rows of rm_len as ``reward_step``): the policy's forward and backward
-  and the frozen reference's forward, each computing a prompt once for its two responses."""
+  and the frozen reference's forward, each computing a prompt once for its two responses. ``precomputed_*``:
+  the same step on a batch carrying the reference's log-probs (``precompute_reference``), no reference pass."""
   s = env.size
   p = s.rm_len // 2
   graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
@@ -293,10 +294,23 @@ def dpo_step(env: Env) -> Record:
                           "response_mask": np.ones((s.rm_pairs, 2), np.int32)})
   dpo = library.find("make_dpo_step", "rlhf_jax.algorithms.dpo")
   settings = library.find("DPOSettings", "rlhf_jax.algorithms.dpo")(beta=0.1)
-  step = dpo(graphdef, tx, settings, p, SamplingConfig(max_new_tokens=s.rm_len - p, temperature=1.0))
+  sampling = SamplingConfig(max_new_tokens=s.rm_len - p, temperature=1.0)
+  step = dpo(graphdef, tx, settings, p, sampling)
   stats = _train(env, step, state, state_sh, batch, {"reference": reference}, {"reference": shardings})
+  record = {}
+  try:
+    key = library.find("REFERENCE_KEY", "rlhf_jax.algorithms.dpo")
+    table = library.find("make_reference_fn", "rlhf_jax.algorithms.dpo")(graphdef, p, sampling, False)(reference, batch)
+    state, state_sh = state_lib.create_train_state({"policy": jax.tree.map(jnp.copy, reference)}, {"policy": tx},
+                                                   {"policy": shardings}, env.mesh, seed=0)
+    pre = _train(env, step, state, state_sh, {**batch, key: put_batch(env, np.asarray(table))},
+                 {"reference": reference}, {"reference": shardings})
+    record = {"precomputed_pairs_per_s": round(s.rm_pairs / pre["median_s"], 2),
+              "precomputed_ms_per_step": round(1e3 * pre["median_s"], 2)}
+  except ImportError:  # a library from before the precomputed reference
+    pass
   return common("dpo_step", env, pairs_per_s=round(s.rm_pairs / stats["median_s"], 2),
-                ms_per_step=round(1e3 * stats["median_s"], 2), compile_s=round(stats["compile_s"], 2),
+                ms_per_step=round(1e3 * stats["median_s"], 2), compile_s=round(stats["compile_s"], 2), **record,
                 pairs=s.rm_pairs, prompt_len=p, response_len=s.rm_len - p)
 
 

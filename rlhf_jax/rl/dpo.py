@@ -31,24 +31,28 @@ from rlhf_jax.losses import tie_half_correct
 LOSSES = ("dpo", "ipo")
 
 
-def sequence_log_ratio(log_probs: jax.Array, ref_log_probs: jax.Array, mask: jax.Array,
-                       average: bool = False) -> jax.Array:
-  """Per-response log-ratio of policy to reference.
+def sequence_log_prob(log_probs: jax.Array, mask: jax.Array, average: bool = False) -> jax.Array:
+  """Per-response log-prob: the sum (or with ``average``, static, the mean) over real tokens.
 
   Args:
-    log_probs, ref_log_probs: [..., N] per-token log-probs of the response tokens (any float dtype).
+    log_probs: [..., N] per-token log-probs of the response tokens (any float dtype).
     mask: [..., N], 1 on real response tokens.
-    average: static; True divides by the number of real tokens (0 for an empty response).
 
   Returns:
-    [...] float32: sum (or mean) over real tokens of ``log_probs - ref_log_probs``.
+    [...] float32 (0 for an empty response).
   """
   mask = mask.astype(jnp.float32)
-  diff = (log_probs.astype(jnp.float32) - ref_log_probs.astype(jnp.float32)) * mask
-  total = diff.sum(axis=-1)
+  total = (log_probs.astype(jnp.float32) * mask).sum(axis=-1)
   if average:
     return total / jnp.maximum(mask.sum(axis=-1), 1.0)
   return total
+
+
+def sequence_log_ratio(log_probs: jax.Array, ref_log_probs: jax.Array, mask: jax.Array,
+                       average: bool = False) -> jax.Array:
+  """Per-response log-ratio of policy to reference: ``sequence_log_prob`` of ``log_probs - ref_log_probs``
+  (both [..., N], any float dtype) -> [...] float32."""
+  return sequence_log_prob(log_probs.astype(jnp.float32) - ref_log_probs.astype(jnp.float32), mask, average)
 
 
 def pair_weights(ranks: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:

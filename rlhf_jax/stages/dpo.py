@@ -9,7 +9,10 @@ the ``reward`` input; equal scores tie) or the task's simulated labelers
 (``ranker="labeler"``), and takes the DPO step on those rankings. Prompts,
 sampling keys and labeler noise are functions of the step, and the samples
 come from the restored policy, so a resumed run replays the same batches.
-Evaluation is the one every policy stage uses (gold and RM reward, KL to the
+Offline, ``precompute_reference`` computes the reference's log-probs of every
+training comparison once before the first step (again on a resume: they are
+a function of the data and the frozen reference), and the steps skip the
+reference pass. Evaluation is the one every policy stage uses (gold and RM reward, KL to the
 reference, win rate against the reference's gold), plus the implicit reward's
 accuracy on held-out comparisons when there are any.
 """
@@ -45,6 +48,9 @@ def check(ctx: StageContext, instance) -> dpo.DPOSettings:
     if cfg.ranker == "rm" and not cfg.reward:
       raise StageError(f"{instance.name}: online DPO with ranker='rm' needs a reward instance "
                        f"(config.{instance.name}.reward), or ranker='labeler'")
+    if cfg.precompute_reference:
+      raise StageError(f"{instance.name}.precompute_reference applies to offline DPO: online comparisons are "
+                       "new samples every step")
   elif not cfg.comparisons and not ctx.config.data.comparisons_file:
     raise StageError(f"{instance.name}: offline DPO needs comparisons (config.{instance.name}.comparisons names "
                      "label instances, or data.comparisons_file); or set online=True")
@@ -67,11 +73,35 @@ def comparison_chunks(ctx: StageContext, rows: list[dict], size: int, max_k: int
   return chunks
 
 
+def host_comparisons(ctx: StageContext, rows: list[dict], max_k: int) -> tuple[dict, list]:
+  """A training batch of comparison rows, its responses cut to their bucket (the step splits rows at
+  ``data.prompt_len``, so prompts keep their width), and its truncation statistics."""
+  data = ctx.config.data
+  batch, stats = batching.comparison_batch(ctx.tokenizer, [r["prompt"] for r in rows], [r["responses"] for r in rows],
+                                           [r["ranking"] for r in rows], data.prompt_len, data.response_len, max_k)
+  return bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len, left=False), stats
+
+
+def precomputed_reference(ctx: StageContext, train, size: int, max_k: int, reference, reference_fn
+                          ) -> tuple[np.ndarray, compute.Counts]:
+  """The reference's sequence log-prob of every response of ``train`` [N, max_k] (0 on padded slots), computed
+  in batches of ``size`` comparisons built as the training batches are, and the compute it took."""
+  data = ctx.config.data
+  table = np.zeros((len(train), max_k), np.float32)
+  counts = compute.Counts()
+  for start in range(0, len(train), size):
+    rows = [train[i] for i in range(start, min(start + size, len(train)))]
+    real = len(rows)
+    batch, _ = host_comparisons(ctx, rows + [rows[0]] * (size - real), max_k)  # one batch shape per width
+    table[start:start + real] = ctx.host(reference_fn(reference, ctx.put(batch)))[:real]
+    counts += dpo.reference_counts(ctx.model_config, size * max_k, batch["tokens"].shape[-1], data.prompt_len, max_k)
+  return table, counts
+
+
 def run(ctx: StageContext, instance) -> dict[str, float]:
   cfg = instance.section
   settings = check(ctx, instance)
   data = ctx.config.data
-  tok = ctx.tokenizer
   model_cfg = ctx.model_config
   sampling = ctx.sampling(cfg)
   graphdef = ctx.graphdef("lm")
@@ -100,20 +130,25 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     make_batch, example = online_batches(ctx, instance, scorer, sampling)
   else:
     loader = ctx.loader(train, cfg.batch_size)
+    table = None
+    if cfg.precompute_reference:
+      reference_fn = dpo.make_reference_fn(graphdef, data.prompt_len, sampling, settings.average_log_probs)
+      table, precompute_counts = precomputed_reference(ctx, train, cfg.batch_size, max_k, reference, reference_fn)
 
     def host_batch(step):
-      rows = [train[int(i)] for i in loader.indices_for_step(step)]
-      batch, stats = batching.comparison_batch(tok, [r["prompt"] for r in rows], [r["responses"] for r in rows],
-                                               [r["ranking"] for r in rows], data.prompt_len, data.response_len,
-                                               max_k)
-      # Responses only: the step splits rows at data.prompt_len.
-      return bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len, left=False), stats
+      indices = loader.indices_for_step(step)
+      batch, stats = host_comparisons(ctx, [train[int(i)] for i in indices], max_k)
+      if table is not None:
+        batch[dpo.REFERENCE_KEY] = table[np.asarray(indices, np.int64)]
+      return batch, stats
 
     def make_batch(step, state):
       del state
       batch, stats = host_batch(step)
       counts = dpo.step_counts(model_cfg, batch["tokens"].shape[0] * max_k, batch["tokens"].shape[-1],
-                               data.prompt_len, max_k)
+                               data.prompt_len, max_k, reference=table is None)
+      if table is not None and step == 0:  # counted once, as the run's (a resume recomputes it uncounted)
+        counts += precompute_counts
       return ctx.put(batch), {**truncation_metrics(stats), **counts.metrics()}
 
     example = host_batch(0)[0]
