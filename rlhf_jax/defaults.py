@@ -73,6 +73,8 @@ def base_config() -> ConfigDict:
   c.seed = 0
   c.stages = ",".join(DEFAULT_STAGES)
   c.distributed = False  # multi-host: call jax.distributed.initialize() first
+  # JAX's persistent compilation cache (compile_cache.py): "" turns it off; JAX_COMPILATION_CACHE_DIR wins.
+  c.compilation_cache_dir = "~/.cache/rlhf_jax/xla"
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ConfigDict(dict(rules=DEFAULT_RULES))
   c.model = model_config("tiny")

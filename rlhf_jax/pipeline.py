@@ -17,16 +17,16 @@ import time
 from etils import epath
 from ml_collections import ConfigDict
 
-from rlhf_jax import distributed, sharding
+from rlhf_jax import compile_cache, distributed, sharding
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_io import ConfigError, config_to_json
 from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.stages import context as context_lib
 from rlhf_jax.stages import graph
 
-# Keys that may change between runs in one workdir: which stages, and where they run
-# (a checkpoint restores onto any mesh).
-FREE_KEYS = ("stages", "mesh", "sharding", "distributed")
+# Keys that may change between runs in one workdir: which stages, where they run (a checkpoint restores
+# onto any mesh) and where compiled programs are cached.
+FREE_KEYS = ("stages", "mesh", "sharding", "distributed", "compilation_cache_dir")
 
 
 def check_or_write_config(config: ConfigDict, workdir: str) -> None:
@@ -74,6 +74,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
   graph.check_order(chain, workdir)
   # Orbax and TFDS log routine notes (read-only restores, progress bars) at WARNING.
   logging.getLogger("absl").setLevel(logging.ERROR)
+  compile_cache.enable(config.compilation_cache_dir)
   # Before anything touches a device: join the other processes of a multi-host run (if this is one).
   distributed.initialize(config.distributed)
   primary = distributed.is_primary()

@@ -4,8 +4,8 @@ Most of the suite's time is compiling the same tiny programs again: every pipeli
 preset test runs the quickstart's stages in fresh processes. The cache directory is made once by the first
 process that loads this file (pytest's main process, before xdist starts its workers, which inherit the
 environment) and removed when that process ends. A cached executable is the one a fresh compile gives, so
-results do not change. ``RLHF_JAX_TEST_XLA_CACHE=off`` runs without it; a ``JAX_COMPILATION_CACHE_DIR`` set
-by the caller is used as it is.
+results do not change. ``RLHF_JAX_TEST_XLA_CACHE=off`` runs without it (and without the user cache that runs
+turn on by default, ``compilation_cache_dir``); a ``JAX_COMPILATION_CACHE_DIR`` set by the caller is used as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ if os.environ.get(_VAR) != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.envir
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_VAR]
   # Tiny programs compile in well under the default 1 s threshold; cache them all.
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+elif os.environ.get(_VAR) == "off":
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # set and empty: the pipeline's cache stays off
 
 
 def pytest_unconfigure(config) -> None:
