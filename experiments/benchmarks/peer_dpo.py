@@ -87,7 +87,8 @@ def main() -> None:
   seconds = statistics.median(periods.periods[WARMUP - 1:])
   print(json.dumps({"name": "peer_dpo_step", "pairs_per_s": round(PAIRS / seconds, 2),
                     "ms_per_step": round(1e3 * seconds, 2), "timed_steps": len(periods.periods[WARMUP - 1:]),
-                    "pairs": PAIRS, "prompt_len": PROMPT, "response_len": RESPONSE, "torch_threads": torch.get_num_threads(),
+                    "pairs": PAIRS, "prompt_len": PROMPT, "response_len": RESPONSE,
+                    "torch_threads": torch.get_num_threads(),
                     "loss_type": list(args.loss_type), "learning_rate": args.learning_rate,
                     "max_grad_norm": args.max_grad_norm, "precompute_ref_log_probs": args.precompute_ref_log_probs}),
         flush=True)

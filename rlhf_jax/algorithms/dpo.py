@@ -177,7 +177,8 @@ def step_counts(model_cfg: DecoderConfig, rows: int, width: int, prompt_len: int
   return policy + reference_counts(model_cfg, rows, width, prompt_len, k) if reference else policy
 
 
-def reference_counts(model_cfg: DecoderConfig, rows: int, width: int, prompt_len: int = 0, k: int = 1) -> compute.Counts:
+def reference_counts(model_cfg: DecoderConfig, rows: int, width: int, prompt_len: int = 0,
+                     k: int = 1) -> compute.Counts:
   """Compute of the reference's forward over ``rows`` sequences of ``width`` tokens (prompts shared by k)."""
   shared = (prompt_len, k) if k > 1 and prompt_len else None
   return compute.Counts(flops=compute.sequence_flops(model_cfg, rows, width, shared_prefix=shared))
