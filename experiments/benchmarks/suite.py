@@ -114,16 +114,27 @@ def matmul_peak(env: Env) -> Record:
                 n=n, dtype=str(dtype))
 
 
+def read_bandwidth(env: Env, nbytes: int) -> float:
+  """GB/s at which one compiled sum reads a float32 array of ``nbytes``: the best of the reps (a ceiling,
+  as ``matmul_peak``'s max), each timing 10 sums back to back.
+
+  Read-only on purpose: a pass that writes a fresh output of that size times, on a CPU, the first touch of
+  its new pages as much as memory (10 GB/s against 53 GB/s read at 64 MB on the dev machine), and a decode
+  step mostly reads (weights, KV cache)."""
+  x = jnp.ones((max(nbytes // 4, 1024),), jnp.float32)
+  f = jax.jit(lambda x: x.sum())
+  inner = 10
+  stats = bench(lambda: [f(x) for _ in range(inner)], max(env.reps, 5))
+  return inner * x.size * 4 / stats["min_s"] / 1e9
+
+
 def mem_bandwidth(env: Env) -> Record:
-  """GB/s of an elementwise pass over a large float32 array (bytes read + written)."""
+  """GB/s read by a sum over a large float32 array (64 MB on CPU, 1 GiB on an accelerator)."""
   n = (64 << 20) if jax.default_backend() == "cpu" else (1 << 30)
   if env.size.matmul_n < 1024:  # the tiny test size
     n = 4 << 20
-  x = jnp.ones((n // 4,), jnp.float32)
-  f = jax.jit(lambda x: x * 1.5 + 1.0)
-  stats = bench(lambda: f(x), max(env.reps, 5))
-  env.mem_gbps = 2 * n / stats["median_s"] / 1e9
-  return common("mem_bandwidth", env, gbps=round(env.mem_gbps, 1), bytes=2 * n)
+  env.mem_gbps = read_bandwidth(env, n)
+  return common("mem_bandwidth", env, gbps=round(env.mem_gbps, 1), bytes=n, access="read")
 
 
 # ----------------------------------------------------------------------------- generate
@@ -157,14 +168,18 @@ def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate", top_
                batch=s.gen_batch, prompt_len=s.gen_prompt, new_tokens=s.gen_new,
                samples_per_prompt=k, top_p=top_p)
   if env.mem_gbps:
-    # Each decode step must read every weight (in the compute dtype) and the KV cache once.
-    itemsize = jnp.dtype(env.model.dtype).itemsize
+    # Each decode step must read every weight (in the compute dtype) and the filled KV cache once, at the
+    # bandwidth of a read over that many bytes: on a CPU whose last-level cache holds them that is the
+    # cache's bandwidth, not DRAM's (bench-small's 34 MB on a 504 MiB L3).
+    m = env.model
+    itemsize = jnp.dtype(m.dtype).itemsize
     cache_len = s.gen_prompt + s.gen_new - 1
-    cache_bytes = 2 * env.model.num_layers * s.gen_batch * cache_len * env.model.d_model * itemsize
+    cache_bytes = 2 * m.num_layers * s.gen_batch * cache_len * m.kv_heads * m.head_dim * itemsize
     step_bytes = count_params(params) * itemsize + cache_bytes / 2  # the cache is half full on average
-    bound_s = s.gen_new * step_bytes / (env.mem_gbps * 1e9)
-    rec["memory_bound_s"] = round(bound_s, 4)
-    rec["fraction_of_memory_bound"] = round(bound_s / stats["median_s"], 3)
+    gbps = read_bandwidth(env, int(step_bytes))
+    bound_s = s.gen_new * step_bytes / (gbps * 1e9)
+    rec.update(memory_bound_s=round(bound_s, 4), fraction_of_memory_bound=round(bound_s / stats["median_s"], 3),
+               bound_gbps=round(gbps, 1), step_bytes=int(step_bytes))
   return rec
 
 
