@@ -28,6 +28,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from rlhf_jax import host_memory  # noqa: E402
+
+host_memory.reexec_with_hugepages()  # both sides under the malloc the command line runs with
+
 from absl import app, flags  # noqa: E402
 
 BASE = flags.DEFINE_string("base", "HEAD", "git revision to compare the working tree with")

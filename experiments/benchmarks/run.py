@@ -14,6 +14,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
+from rlhf_jax import host_memory  # noqa: E402
+
+host_memory.reexec_with_hugepages()  # time the library as its command line runs it
+
 from absl import app, flags  # noqa: E402
 
 from experiments.benchmarks import sizes, suite  # noqa: E402
