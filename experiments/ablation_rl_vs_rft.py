@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from rlhf_jax import compute, defaults, pipeline
+from rlhf_jax import compute, defaults, host_memory, pipeline
 from rlhf_jax.algorithms import dpo as dpo_lib
 from rlhf_jax.algorithms import ppo as ppo_lib
 from rlhf_jax.algorithms import rft as rft_lib
@@ -360,4 +360,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_hugepages()  # every arm's stages run in this process
   sys.exit(app.run(main))

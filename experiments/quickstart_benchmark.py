@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from rlhf_jax import pipeline
+from rlhf_jax import host_memory, pipeline
 from rlhf_jax.config_io import apply_overrides, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,4 +46,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_hugepages()  # timed as the rlhf-jax command runs
   main(sys.argv[1:])
