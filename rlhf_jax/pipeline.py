@@ -17,7 +17,7 @@ import time
 from etils import epath
 from ml_collections import ConfigDict
 
-from rlhf_jax import compile_cache, distributed, sharding
+from rlhf_jax import compile_cache, defaults, distributed, sharding
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_io import ConfigError, config_to_json
 from rlhf_jax.metrics import MetricsWriter
@@ -35,7 +35,8 @@ def check_or_write_config(config: ConfigDict, workdir: str) -> None:
   Besides ``FREE_KEYS``, the sections of stage instances that have not started
   yet (no ``WORKDIR/NAME``) may differ, and new instances may be added, so one
   SFT and RM can serve several PPO settings or further rounds; anything that
-  shaped finished work must match.
+  shaped finished work must match. A key that an older version did not write
+  is no difference while it holds its default (``_diff``).
   """
   path = os.path.join(workdir, "config.json")
   resolved = json.loads(config_to_json(config))
@@ -47,17 +48,39 @@ def check_or_write_config(config: ConfigDict, workdir: str) -> None:
         raise ConfigError(f"{path} is not valid JSON ({e}); it was not written by rlhf-jax") from e
     names = set(graph.instances(config)) | {k for k, v in previous.items() if isinstance(v, dict) and "kind" in v}
     free = set(FREE_KEYS) | {n for n in names if not epath.Path(workdir, n).exists()}
-    diffs = sorted(d for d in _diff(previous, resolved) if d.split(".", 1)[0].split(" ", 1)[0] not in free)
+    diffs = sorted(d for d in _diff(previous, resolved, _defaults_like(resolved))
+                   if d.split(".", 1)[0].split(" ", 1)[0] not in free)
     if diffs:
       raise ConfigError(f"workdir {workdir} was made by a different config (differs at {', '.join(diffs[:8])}); "
                         "use a new --workdir, or the same config to resume")
   write_atomic(path, json.dumps(resolved, indent=2, sort_keys=True))
 
 
-def _diff(a, b, prefix=""):
+def _defaults_like(resolved: dict) -> dict:
+  """The default value of every key of a resolved config, as JSON: a stage instance's section from its kind's
+  defaults, anything else from ``defaults.base_config()``."""
+  base = json.loads(config_to_json(defaults.base_config()))
+  out = {}
+  for key, value in resolved.items():
+    if isinstance(value, dict) and "kind" in value:
+      try:
+        out[key] = json.loads(config_to_json(defaults.stage(value["kind"])))
+      except ValueError:  # an unknown kind: parse_stages names it
+        pass
+    elif key in base:
+      out[key] = base[key]
+  return out
+
+
+def _diff(a, b, default, prefix=""):
+  """Paths where a recorded config ``a`` and this one ``b`` differ. A key ``a`` lacks (written by an older
+  version) is no difference when ``b`` holds its ``default``: the older code behaved as the default."""
   if isinstance(a, dict) and isinstance(b, dict):
+    default = default if isinstance(default, dict) else {}
     for k in set(a) | set(b):
-      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+      if k not in a and k in default and b.get(k) == default[k]:
+        continue
+      yield from _diff(a.get(k), b.get(k), default.get(k), f"{prefix}{k}.")
   elif a != b:
     yield f"{prefix[:-1]} ({a!r} -> {b!r})"
 

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from rlhf_jax import defaults
+from rlhf_jax import defaults, pipeline
 from rlhf_jax.config_io import ConfigError, apply_overrides, config_to_json, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,3 +42,24 @@ def test_config_is_locked_and_missing_file_named(tmp_path):
     config.new_key = 1
   with pytest.raises(ConfigError, match="config file not found"):
     load_config(str(tmp_path / "nope.py"))
+
+
+def test_a_workdir_from_before_a_new_key_resumes_while_the_key_holds_its_default(tmp_path):
+  """config.json written by an older version lacks keys added since; at their defaults they shaped nothing."""
+  config = defaults.base_config()
+  config.dpo = defaults.stage("dpo")
+  old = json.loads(config_to_json(config))
+  del old["dpo"]["precompute_reference"], old["data"]["min_bucket_len"], old["compilation_cache_dir"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "dpo").mkdir()  # a started instance: its section must match
+  (tmp_path / "sft").mkdir()
+  pipeline.check_or_write_config(config, str(tmp_path))  # new keys at their defaults: the same run
+  assert json.loads((tmp_path / "config.json").read_text())["dpo"]["precompute_reference"] is False
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  config.dpo.precompute_reference = True
+  with pytest.raises(ConfigError, match=r"dpo.precompute_reference \(None -> True\)"):
+    pipeline.check_or_write_config(config, str(tmp_path))
+  config.dpo.precompute_reference = False
+  config.data.min_bucket_len = 0
+  with pytest.raises(ConfigError, match=r"data.min_bucket_len \(None -> 0\)"):
+    pipeline.check_or_write_config(config, str(tmp_path))
