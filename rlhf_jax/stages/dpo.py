@@ -19,6 +19,8 @@ accuracy on held-out comparisons when there are any.
 
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import jax
 import numpy as np
 
@@ -57,44 +59,38 @@ def check(ctx: StageContext, instance) -> dpo.DPOSettings:
   return settings
 
 
-def comparison_chunks(ctx: StageContext, rows: list[dict], size: int, max_k: int) -> list[tuple[dict, int]]:
-  """Held-out comparisons as fixed-size host batches of ``size`` prompts (one compiled shape): the last is
-  filled with copies of its first prompt whose responses are all marked padding (no pairs)."""
-  data = ctx.config.data
-  chunks = []
-  for start in range(0, len(rows), size):
-    part = rows[start:start + size]
-    real = len(part)
-    part = part + [part[0]] * (size - real)
-    batch, _ = batching.comparison_batch(ctx.tokenizer, [r["prompt"] for r in part], [r["responses"] for r in part],
-                                         [r["ranking"] for r in part], data.prompt_len, data.response_len, max_k)
-    batch["response_mask"][real:] = 0
-    chunks.append((batch, real))
-  return chunks
-
-
-def host_comparisons(ctx: StageContext, rows: list[dict], max_k: int) -> tuple[dict, list]:
-  """A training batch of comparison rows, its responses cut to their bucket (the step splits rows at
-  ``data.prompt_len``, so prompts keep their width), and its truncation statistics."""
+def host_comparisons(ctx: StageContext, rows: Sequence[dict], max_k: int, trim: bool = True) -> tuple[dict, list]:
+  """A batch of comparison rows and its truncation statistics; with ``trim`` its responses are cut to their
+  bucket (the step splits rows at ``data.prompt_len``, so prompts keep their width)."""
   data = ctx.config.data
   batch, stats = batching.comparison_batch(ctx.tokenizer, [r["prompt"] for r in rows], [r["responses"] for r in rows],
                                            [r["ranking"] for r in rows], data.prompt_len, data.response_len, max_k)
-  return bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len, left=False), stats
+  return (bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len, left=False) if trim else batch), stats
 
 
-def precomputed_reference(ctx: StageContext, train, size: int, max_k: int, reference, reference_fn
-                          ) -> tuple[np.ndarray, compute.Counts]:
+def comparison_chunks(ctx: StageContext, rows: Sequence[dict], size: int, max_k: int,
+                      trim: bool = False) -> Iterator[tuple[dict, int]]:
+  """``rows`` as host batches of ``size`` prompts and the number of real ones: the last is filled with copies of
+  its first prompt whose responses are all marked padding (no pairs). Untrimmed, every batch has one compiled
+  shape (held-out evaluation); ``trim`` cuts each as the training batches are (``host_comparisons``)."""
+  for start in range(0, len(rows), size):
+    part = [rows[i] for i in range(start, min(start + size, len(rows)))]
+    real = len(part)
+    batch, _ = host_comparisons(ctx, part + [part[0]] * (size - real), max_k, trim)
+    batch["response_mask"][real:] = 0
+    yield batch, real
+
+
+def precomputed_reference(ctx: StageContext, train: Sequence[dict], size: int, max_k: int, reference,
+                          reference_fn) -> tuple[np.ndarray, compute.Counts]:
   """The reference's sequence log-prob of every response of ``train`` [N, max_k] (0 on padded slots), computed
   in batches of ``size`` comparisons built as the training batches are, and the compute it took."""
-  data = ctx.config.data
   table = np.zeros((len(train), max_k), np.float32)
   counts = compute.Counts()
-  for start in range(0, len(train), size):
-    rows = [train[i] for i in range(start, min(start + size, len(train)))]
-    real = len(rows)
-    batch, _ = host_comparisons(ctx, rows + [rows[0]] * (size - real), max_k)  # one batch shape per width
+  for start, (batch, real) in zip(range(0, len(train), size), comparison_chunks(ctx, train, size, max_k, trim=True)):
     table[start:start + real] = ctx.host(reference_fn(reference, ctx.put(batch)))[:real]
-    counts += dpo.reference_counts(ctx.model_config, size * max_k, batch["tokens"].shape[-1], data.prompt_len, max_k)
+    counts += dpo.reference_counts(ctx.model_config, size * max_k, batch["tokens"].shape[-1],
+                                   ctx.config.data.prompt_len, max_k)
   return table, counts
 
 
@@ -159,7 +155,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   # Evaluation: the shared policy evaluation, and the implicit reward on held-out comparisons.
   evaluator = evaluation.PolicyEvaluator(ctx)
   baseline_gold = evaluation.load_gold(ctx, reference_name)
-  chunks = comparison_chunks(ctx, test_rows, cfg.batch_size, max_k) if test_rows else []
+  chunks = list(comparison_chunks(ctx, test_rows, cfg.batch_size, max_k))
   log_ratio_fn = dpo.make_log_ratio_fn(graphdef, data.prompt_len, sampling, settings.average_log_probs)
 
   def held_out(params) -> dict[str, float]:
