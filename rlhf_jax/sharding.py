@@ -170,6 +170,20 @@ def rows_sharding(mesh: Mesh, rules: Iterable[Sequence[Any]], shape: Sequence[in
   return batch_sharding(mesh, rules, len(shape))
 
 
+def constrain_minibatch_rows(tree: Any, mesh: Mesh, rules: Iterable[Sequence[Any]]) -> Any:
+  """Inside jit: each leaf [M, R, ...] (minibatches of R rows) held with its rows split as the ``batch``
+  rule says (``rows_sharding`` of [R, ...]: replicated where the data-parallel size does not divide R).
+
+  A gather by a random permutation (PPO's minibatch split) leaves XLA free to replicate its result, and
+  then every device computes the whole minibatch: on 2 CPU devices PPO's update ran 2x slower than on one.
+  """
+  def one(x):
+    rows = rows_sharding(mesh, rules, x.shape[1:])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, *rows.spec)))
+
+  return jax.tree.map(one, tree)
+
+
 def padded_rows(rows: int, multiple: int) -> int:
   """``rows`` rounded up to a multiple of ``multiple`` (at least one block)."""
   return max(-(-rows // multiple), 1) * multiple

@@ -1,6 +1,8 @@
 """Run by test_sharding.py in a subprocess with 8 fake CPU devices; prints one JSON line.
 
-Trains the same tiny LM for a few steps on a data=2, fsdp=2, tensor=2 mesh and on one device.
+Trains the same tiny LM for a few steps on a data=2, fsdp=2, tensor=2 mesh and on one device, and compares
+the work (XLA's FLOP count of the compiled per-device program) of one PPO update on a data=4 x fsdp=2 mesh
+with one device's.
 """
 
 import json
@@ -13,9 +15,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import optax  # noqa: E402
+
 from rlhf_jax import sharding, state as state_lib  # noqa: E402
-from rlhf_jax.models import Decoder, DecoderConfig  # noqa: E402
+from rlhf_jax.algorithms import ppo  # noqa: E402
 from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
+from rlhf_jax.generate import SamplingConfig  # noqa: E402
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
+from rlhf_jax.rollout import make_rollout_fn  # noqa: E402
+from rlhf_jax.scoring import RewardModelScorer  # noqa: E402
 
 
 def train(mesh, flavour, steps=3):
@@ -47,7 +55,40 @@ def train(mesh, flavour, steps=3):
   return losses, flat, specs
 
 
+def ppo_update_flops(mesh, samples_per_prompt, minibatches, rows=16):
+  """FLOPs of the compiled per-device program of one PPO update (separate value model) on ``mesh``."""
+  rules = sharding.DEFAULT_RULES
+  cfg = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32)
+  k = samples_per_prompt
+  pg, policy = sharding.init_sharded(lambda r: Decoder(cfg, rngs=r), jax.random.key(0), mesh, rules)
+  vg, value = sharding.init_sharded(lambda r: ScalarModel(cfg, 0.1, rngs=r), jax.random.key(1), mesh, rules)
+  policy, value = policy.to_pure_dict(), value.to_pure_dict()
+  pcfg = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=8, eos_id=3), epochs=1, minibatches=minibatches)
+  prompt = np.repeat(np.random.default_rng(0).integers(4, 64, (rows // k, 8)).astype(np.int32), k, axis=0)
+  batch = sharding.put_batch({"tokens": prompt, "mask": np.ones_like(prompt),
+                              "group": np.repeat(np.arange(rows // k, dtype=np.int32), k)}, mesh, rules)
+  rollout = make_rollout_fn(pg, pcfg.sampling, k)(policy, batch["tokens"], batch["mask"], batch["group"],
+                                                   jax.random.key(0))
+  rollout = ppo.share_prompts(rollout, pcfg, k)
+  exp, _ = ppo.make_experience_fn(pg, vg, pcfg)(policy, policy, value, rollout,
+                                                RewardModelScorer(vg, value)(rollout), 0.1)
+  tx = optax.adam(1e-3)
+  st, st_sh = state_lib.create_train_state(
+      {"policy": policy, "value": value}, {"policy": tx, "value": tx},
+      {"policy": jax.tree.map(lambda x: x.sharding, policy), "value": jax.tree.map(lambda x: x.sharding, value)},
+      mesh, seed=0)
+  exp_batch = {"experience": exp, "ptx": None}
+  batch_sh = jax.tree.map(lambda x: sharding.rows_sharding(mesh, rules, x.shape), exp_batch)
+  update = ppo.make_ppo_update(pg, vg, tx, tx, pcfg, "separate", mesh, rules)
+  step = state_lib.compile_step(update, st_sh, batch_sh, None, mesh)
+  return step.lower(st, jax.device_put(exp_batch, batch_sh), None).compile().cost_analysis()["flops"]
+
+
 out = {}
+for k, m in ((1, 2), (2, 2)):
+  one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  dp8 = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  out[f"ppo_update_work_k{k}_m{m}"] = ppo_update_flops(dp8, k, m) / ppo_update_flops(one, k, m)
 for flavour in ("gpt2", "llama"):
   big = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])

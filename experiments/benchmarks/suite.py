@@ -420,18 +420,26 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
 
   rollout_fn, score_fn, experience_fn = _rl_pipeline(env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg,
                                                      value_mode, prompt, prompt_mask)
-  update = library.ppo("make_ppo_update")(lm_gd, value_gd, policy_tx, value_tx, pcfg, value_mode)
+  try:  # minibatch rows split over the mesh's data axes, as the ppo stage builds it
+    update = library.ppo("make_ppo_update")(lm_gd, value_gd, policy_tx, value_tx, pcfg, value_mode, env.mesh,
+                                            env.rules)
+  except TypeError:  # a library from before the minibatch sharding
+    update = library.ppo("make_ppo_update")(lm_gd, value_gd, policy_tx, value_tx, pcfg, value_mode)
   rollout0 = rollout_fn(policy, jax.random.key(0))
   exp0 = experience_fn(policy, value, rollout0, score_fn(rollout0))
-  step = state_lib.compile_step(update, state_sh, batch_shardings(env, {"experience": exp0, "ptx": None}),
-                                None, env.mesh)
+  exp_sh = batch_shardings(env, {"experience": exp0, "ptx": None})
+  step = state_lib.compile_step(update, state_sh, exp_sh, None, env.mesh)
   holder = {"state": state, "i": 0}
+
+  def as_step_expects(exp):
+    # As the ppo stage does: on a mesh with data parallelism XLA may leave a row array replicated.
+    return jax.device_put(exp, exp_sh["experience"])
 
   def iteration():
     st = holder["state"]
     holder["i"] += 1
     rollout = rollout_fn(st.params["policy"], jax.random.key(holder["i"]))
-    exp = experience_fn(st.params["policy"], st.params["value"], rollout, score_fn(rollout))
+    exp = as_step_expects(experience_fn(st.params["policy"], st.params["value"], rollout, score_fn(rollout)))
     holder["state"], metrics = step(st, {"experience": exp, "ptx": None}, None)
     return metrics
 
@@ -442,7 +450,7 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
 
   rollout = rollout_fn(params("policy"), jax.random.key(0))
   score = score_fn(rollout)
-  exp = experience_fn(params("policy"), params("value"), rollout, score)
+  exp = as_step_expects(experience_fn(params("policy"), params("value"), rollout, score))
   tokens, mask = _full_sequence(rollout, prompt, prompt_mask)
   phases = {
       "generate": bench(lambda: rollout_fn(params("policy"), jax.random.key(0)), env.reps)["median_s"],

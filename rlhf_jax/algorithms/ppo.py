@@ -44,7 +44,7 @@ import optax
 from flax import nnx, struct
 from ml_collections import ConfigDict
 
-from rlhf_jax import compute, losses
+from rlhf_jax import compute, losses, sharding
 from rlhf_jax.config_groups import checkpoint_config, optimizer_config, sampling_config
 from rlhf_jax.generate import SamplingConfig, sampling_log_probs
 from rlhf_jax.models import DecoderConfig
@@ -457,7 +457,8 @@ def share_prompts(rollout: Rollout, cfg: PPOConfig, samples_per_prompt: int) -> 
 
 def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None,
                     policy_tx: optax.GradientTransformation, value_tx: optax.GradientTransformation,
-                    cfg: PPOConfig, value_mode: ValueMode = "separate") -> Callable:
+                    cfg: PPOConfig, value_mode: ValueMode = "separate", mesh: jax.sharding.Mesh | None = None,
+                    rules: Any = sharding.DEFAULT_RULES) -> Callable:
   """Builds ``update(state, batch, frozen=None) -> (state, metrics)`` for ``state.compile_step``.
 
   batch: {"experience": Experience [B rows], "ptx": None or {tokens, mask, loss_mask} [B_ptx, T]}.
@@ -465,7 +466,9 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
   ``step_key(state)``) split into ``cfg.minibatches`` minibatches (an inner ``lax.scan``); the ptx rows
   are split the same way. Each minibatch takes one step of ``policy_tx`` on ``state.params["policy"]``
   and of ``value_tx`` on ``state.params["value"]``. ``state.step`` grows by 1 per call. Metrics
-  ``train/*`` are means over all minibatches.
+  ``train/*`` are means over all minibatches. ``mesh`` (and its ``rules``): the mesh the step is compiled
+  for; each minibatch's rows are then split over its data axes as the batch's are (without it XLA may
+  replicate the permuted minibatches, and every device computes all of them).
   """
   _check_value_mode(value_mode)
   objective = jax.value_and_grad(
@@ -505,6 +508,8 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
       if ptx is not None:
         ptx_idx = _split_rows(jax.random.fold_in(key, 1), ptx["tokens"].shape[0], m, "ptx batch")
         mb_ptx = jax.tree.map(lambda x: x[ptx_idx], ptx)
+      if mesh is not None:
+        mb_exp, mb_ptx = sharding.constrain_minibatch_rows((mb_exp, mb_ptx), mesh, rules)
       return jax.lax.scan(lambda c, xs: minibatch_step(c, xs, beta), carry, (mb_exp, mb_ptx))
 
     keys = jax.random.split(step_key(state), cfg.epochs)

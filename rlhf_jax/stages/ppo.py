@@ -143,7 +143,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   _, exp_shape, metrics_shape, _ = jax.eval_shape(collect, state.params, example, rollout_key, state.scalars["kl_coef"])
   batch_shape = {"experience": exp_shape, "kl": metrics_shape["rollout/kl"],
                  "ptx": {**host_ptx(0)[0], "valid": np.zeros(1, np.int32)} if cfg.ptx_coef else None}
-  update = ppo.make_ppo_update(lm_graphdef, value_graphdef, policy_tx, value_tx, pcfg, value_mode)
+  update = ppo.make_ppo_update(lm_graphdef, value_graphdef, policy_tx, value_tx, pcfg, value_mode, ctx.mesh,
+                               ctx.rules)
   ppo_step = ppo.make_ppo_step(update, cfg, rows)
 
   def step_fn(state, batch, frozen):
