@@ -75,6 +75,9 @@ def base_config() -> ConfigDict:
   c.distributed = False  # multi-host: call jax.distributed.initialize() first
   # JAX's persistent compilation cache (compile_cache.py): "" turns it off; JAX_COMPILATION_CACHE_DIR wins.
   c.compilation_cache_dir = "~/.cache/rlhf_jax/xla"
+  # Devices of JAX's CPU backend (cpu_devices.py): 0 one per core (at most 8), n: n. Read before JAX starts;
+  # JAX_NUM_CPU_DEVICES, XLA_FLAGS' device count and RLHF_JAX_CPU_DEVICES win.
+  c.cpu_devices = 0
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ConfigDict(dict(rules=DEFAULT_RULES))
   c.model = model_config("tiny")

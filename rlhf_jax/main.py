@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from rlhf_jax import compile_cache, distributed, pipeline, sharding
+from rlhf_jax import compile_cache, cpu_devices, distributed, pipeline, sharding
 from rlhf_jax.config_io import (ConfigError, check_override_key, fix_tuple_overrides, flat_items, load_config,
                                 read_workdir_config)
 from rlhf_jax.data import batching, bucketing
@@ -289,6 +289,7 @@ def sample_policy(workdir: str, policy: str, prompts: list[str], *, num_samples:
   """
   config = read_workdir_config(workdir)
   compile_cache.enable(config.get("compilation_cache_dir", ""))  # "": a workdir from before the key
+  cpu_devices.configure(config.get("cpu_devices", 0))
   ctx = StageContext(config=config, workdir=workdir, mesh=sharding.make_mesh(config.mesh.to_dict()), metrics=None)
   params = _load_policy(ctx, policy)
   tok = ctx.tokenizer

@@ -17,7 +17,7 @@ import time
 from etils import epath
 from ml_collections import ConfigDict
 
-from rlhf_jax import compile_cache, defaults, distributed, sharding
+from rlhf_jax import compile_cache, cpu_devices, defaults, distributed, sharding
 from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_io import ConfigError, config_to_json
 from rlhf_jax.metrics import MetricsWriter
@@ -26,7 +26,7 @@ from rlhf_jax.stages import graph
 
 # Keys that may change between runs in one workdir: which stages, where they run (a checkpoint restores
 # onto any mesh) and where compiled programs are cached.
-FREE_KEYS = ("stages", "mesh", "sharding", "distributed", "compilation_cache_dir")
+FREE_KEYS = ("stages", "mesh", "sharding", "distributed", "compilation_cache_dir", "cpu_devices")
 
 
 def check_or_write_config(config: ConfigDict, workdir: str) -> None:
@@ -98,12 +98,15 @@ def run(config: ConfigDict, workdir: str) -> dict:
   # Orbax and TFDS log routine notes (read-only restores, progress bars) at WARNING.
   logging.getLogger("absl").setLevel(logging.ERROR)
   compile_cache.enable(config.compilation_cache_dir)
+  cpu_devices.configure(config.get("cpu_devices", 0))
   # Before anything touches a device: join the other processes of a multi-host run (if this is one).
   distributed.initialize(config.distributed)
   primary = distributed.is_primary()
   if primary:
     check_or_write_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
+  say(f"[rlhf-jax] mesh {' '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.devices.size} "
+      f"{mesh.devices.flat[0].platform} device(s)")
   with MetricsWriter(workdir, is_primary=primary) as metrics, distributed.peer_loss_explained():
     ctx = context_lib.StageContext(config=config, workdir=workdir, mesh=mesh, metrics=metrics)
     for instance in chain:

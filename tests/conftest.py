@@ -28,6 +28,11 @@ elif os.environ.get(_VAR) == "off":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # set and empty: the pipeline's cache stays off
 
 
+# Runs (in-process and the command-line subprocesses) use one CPU device, as the tests' expectations were
+# set on, unless a test asks otherwise; the default of one device per core (cpu_devices.py) has its own tests.
+os.environ.setdefault("RLHF_JAX_CPU_DEVICES", "1")
+
+
 def pytest_unconfigure(config) -> None:
   if _OWNER:
     shutil.rmtree(os.environ[_VAR], ignore_errors=True)

@@ -28,7 +28,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from rlhf_jax import host_memory  # noqa: E402
+from rlhf_jax import cpu_devices, host_memory  # noqa: E402
 
 host_memory.reexec_with_hugepages()  # both sides under the malloc the command line runs with
 
@@ -76,6 +76,7 @@ def capture(suite, env, name):
 def main(argv):
   del argv
   import jax  # noqa: F401  (after flags: the env var XLA_FLAGS is read once)
+  cpu_devices.configure(0)  # both sides on the devices a run of the command line has (RLHF_JAX_CPU_DEVICES)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="ab_"))
   try:
     export_base(BASE.value, tmp)
