@@ -67,3 +67,16 @@ def test_an_explicit_count_and_the_callers_flags():
   assert probe(0, RLHF_JAX_CPU_DEVICES="1")["devices"] == 1
   got = probe(3, XLA_FLAGS="--xla_force_host_platform_device_count=5")
   assert got["asked"] is None and got["devices"] == 5
+
+
+@pytest.mark.parametrize("setting", [None, 1])
+def test_the_command_line_runs_on_one_device_per_core_by_default(tmp_path, setting):
+  environ = {k: v for k, v in os.environ.items() if k not in PINS}
+  environ["JAX_PLATFORMS"] = "cpu"
+  args = [sys.executable, "-m", "rlhf_jax", "--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
+          "--config.stages=tokenizer"]
+  if setting is not None:
+    args.append(f"--config.cpu_devices={setting}")
+  out = subprocess.run(args, capture_output=True, text=True, check=True, env=environ, cwd=ROOT, timeout=300).stdout
+  n = setting or min(cpu_devices.usable_cores(), cpu_devices.AUTO_MAX)
+  assert f"[rlhf-jax] mesh data={n} fsdp=1 tensor=1 over {n} cpu device(s)" in out
