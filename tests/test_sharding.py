@@ -52,11 +52,10 @@ def test_parameters_sharded_as_rules_say(sharded_run):
   assert llama["['policy']['lm_head']"] == str(PartitionSpec("fsdp", "tensor"))
 
 
-@pytest.mark.parametrize("case", ["k1_m2", "k2_m2"])
-def test_ppo_update_splits_its_work_over_the_data_axes(sharded_run, case):
+def test_ppo_update_splits_its_work_over_the_data_axes(sharded_run):
   """Each of 8 devices (data 4 x fsdp 2) computes 1/8 of a PPO update, plus the optimizer and the collectives:
   the minibatches cut from the rows by a random permutation stay split (replicated, each device did ~0.57)."""
-  ratio = sharded_run[f"ppo_update_work_{case}"]
+  ratio = sharded_run["ppo_update_work"]
   assert 0.1 < ratio < 0.2, ratio
 
 
