@@ -53,10 +53,10 @@ def requested_count(setting: int, environ: Mapping[str, str], cores: int) -> int
   return setting if setting > 0 else min(cores, AUTO_MAX)
 
 
-def configure(setting: int = 0, environ: Mapping[str, str] | None = None) -> int | None:
+def configure(setting: int = 0) -> int | None:
   """Asks JAX for ``requested_count`` CPU devices before its backend starts; returns the count asked for,
   or None when the environment fixed it or the backend had started already (then nothing changes)."""
-  count = requested_count(setting, os.environ if environ is None else environ, usable_cores())
+  count = requested_count(setting, os.environ, usable_cores())
   if count is None:
     return None
   try:
