@@ -96,10 +96,14 @@ def test_benchmarks_drive_library_functions(results):
 
 
 def test_command_line_prints_json_lines():
+  """--matmul_dtype=bfloat16 runs the model with bf16 weight products and times the peak the same way."""
   out = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/run.py"), "--size=tiny", "--reps=1",
-                        "--only=generate"], capture_output=True, text=True, check=True, timeout=600).stdout
-  names = [json.loads(line)["name"] for line in out.splitlines() if line.startswith("{")]
-  assert names == ["matmul_peak", "mem_bandwidth", "generate"]
+                        "--only=generate", "--matmul_dtype=bfloat16"], capture_output=True, text=True, check=True,
+                       timeout=600).stdout
+  records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["name"] for r in records] == ["matmul_peak", "mem_bandwidth", "generate"]
+  assert {r["model_matmul_dtype"] for r in records} == {"bfloat16"}
+  assert records[0]["dtype"] == "bfloat16"
 
 
 def test_ab_compares_the_working_tree_with_a_revision():

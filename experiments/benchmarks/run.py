@@ -1,7 +1,7 @@
 """Speed benchmarks of rlhf_jax's own code paths; one JSON object per line on stdout.
 
   python experiments/benchmarks/run.py [--only=generate,sft_step] [--size=bench-small|tiny|gpu-350m] [--reps=5]
-                                      [--cpu_devices=0]
+                                      [--cpu_devices=0] [--matmul_dtype=bfloat16]
 
 Names: matmul_peak, mem_bandwidth, generate, sft_step, reward_step, rl_iter, rl_iter_shared. The ceilings
 (matmul_peak, mem_bandwidth) are always measured first: MFU and the generation bound are relative to them.
@@ -19,6 +19,7 @@ from rlhf_jax import cpu_devices, host_memory  # noqa: E402
 
 host_memory.reexec_with_hugepages()  # time the library as its command line runs it
 
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.benchmarks import sizes, suite  # noqa: E402
@@ -26,6 +27,9 @@ from experiments.benchmarks import sizes, suite  # noqa: E402
 FLAGS = flags.DEFINE_string("only", "", "comma-separated benchmark names (default: all)")
 SIZE = flags.DEFINE_enum("size", "bench-small", list(sizes.SIZES), "benchmark size")
 REPS = flags.DEFINE_integer("reps", 5, "timed repetitions per benchmark (the median is reported)")
+MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "", ["", "float32", "bfloat16"],
+                                 "model.matmul_dtype for every benchmark ('': the size's own); bfloat16 also "
+                                 "times matmul_peak as a bf16 x bf16 -> f32 product")
 CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "JAX CPU devices, as the config key cpu_devices: 0 one "
                                    "per core (the command line's default), n: n")
 
@@ -44,10 +48,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cpu_devices.configure(CPU_DEVICES.value)  # the devices a run of the command line would have
-  env = suite.make_env(sizes.SIZES[SIZE.value], REPS.value)
+  size = sizes.with_matmul_dtype(sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
+  env = suite.make_env(size, REPS.value)
+  matmul_dtype = jnp.dtype(size.model.matmul_dtype or size.model.dtype).name
   for name in selected(FLAGS.value):
     record = suite.BENCHMARKS[name](env)
-    print(json.dumps({**record, "size": SIZE.value}), flush=True)
+    print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype}), flush=True)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,11 @@ SIZES: dict[str, Size] = {
         gen_batch=64, gen_prompt=128, gen_new=128, sft_batch=8, sft_len=1024, rm_pairs=8, rm_len=1024,
         rl_prompts=16, rl_samples=2, rl_prompt=128, rl_new=128, matmul_n=8192, matmul_dtype="bfloat16"),
 }
+
+
+def with_matmul_dtype(size: Size, matmul_dtype: str) -> Size:
+  """``size`` with ``model.matmul_dtype`` set ('' keeps it); its matmul peak is then timed in that dtype."""
+  if not matmul_dtype:
+    return size
+  return dataclasses.replace(size, model=dataclasses.replace(size.model, matmul_dtype=matmul_dtype),
+                             matmul_dtype=matmul_dtype)

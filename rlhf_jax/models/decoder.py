@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rlhf_jax.models import layers
+from rlhf_jax.models.mixed_matmul import mixed_matmul
 
 Array = jax.Array
 
@@ -40,6 +41,9 @@ class DecoderConfig:
   dropout: float = 0.0
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
+  # Operand dtype of the weight products (projections, MLP, LM head), accumulated in float32; None or "":
+  # the compute dtype. "bfloat16" under float32 compute is TPU-style default precision (layers.mixed_matmul).
+  matmul_dtype: Any = None
   remat: bool = False
   scan_layers: bool = False
   rope_theta: float = 10000.0
@@ -70,11 +74,14 @@ class DecoderConfig:
                        f"beta_slow, attention_factor, truncate), got {scaling!r}")
     if scaling and scaling[0] == "yarn":
       object.__setattr__(self, "rope_scaling", _yarn_scaling(scaling))
-    for name in ("param_dtype", "dtype"):
+    if self.matmul_dtype == "":
+      object.__setattr__(self, "matmul_dtype", None)
+    for name in ("param_dtype", "dtype", "matmul_dtype"):
       value = getattr(self, name)
       if isinstance(value, str):
         if value not in _DTYPES:
-          raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {value!r}")
+          also = "'' (the compute dtype) or " if name == "matmul_dtype" else ""
+          raise ValueError(f"model.{name} must be {also}one of {sorted(_DTYPES)}, got {value!r}")
         object.__setattr__(self, name, _DTYPES[value])
     if self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
@@ -350,10 +357,14 @@ class Decoder(nnx.Module):
     """hidden [..., D] -> logits [..., V], computed in float32 whatever the compute dtype.
 
     The head runs in float32 because bf16 logits lose ~2 digits of every log-prob (PPO ratios,
-    KL and the sampler's log-probs all read them).
+    KL and the sampler's log-probs all read them). With ``matmul_dtype`` set its operands are rounded to
+    that dtype like every weight product's, and it still accumulates and returns float32.
     """
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1]).astype(jnp.float32)
+    if self.cfg.matmul_dtype is not None:
+      table, axis = (self.trunk.embed[...], 1) if self.cfg.tie_embeddings else (self.lm_head[...], 0)
+      return mixed_matmul(h, table, self.cfg.matmul_dtype, jnp.float32, w_contracting=axis).reshape(*lead, -1)
     if self.cfg.tie_embeddings:
       # Contract on the embedding's D axis directly: no transposed [D, V] copy of the table.
       out = jax.lax.dot_general(h, self.trunk.embed[...].astype(jnp.float32), (((1,), (1,)), ((), ())))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models.mixed_matmul import mixed_matmul
+
 Array = jax.Array
 
 
@@ -156,14 +158,20 @@ def select_slots(q_slots: Array, queries) -> Array:
   return q_slots[queries][:, None]
 
 
-def dense(x: Array, w: Array, dtype) -> Array:
-  """x [..., Din] @ w [Din, ...] -> [..., *w.shape[1:]] as one 2-D matmul in ``dtype``.
+def dense(x: Array, w: Array, dtype, matmul_dtype=None) -> Array:
+  """x [..., Din] @ w [Din, ...] -> [..., *w.shape[1:]] as one 2-D matmul, returned in ``dtype``.
 
+  ``matmul_dtype`` None: the product runs in ``dtype``. Else its operands are rounded to ``matmul_dtype``
+  and it accumulates in float32 (``mixed_matmul``), forward and backward.
   Flattening leading and trailing dims to a plain [N, Din] @ [Din, Dout] product matters on CPU:
   XLA's backward of the batched 3-D/4-D einsum form was about 2x slower than the 2-D one.
   """
   lead, din, tail = x.shape[:-1], x.shape[-1], w.shape[1:]
-  y = x.reshape(-1, din).astype(dtype) @ w.reshape(din, -1).astype(dtype)
+  x2, w2 = x.reshape(-1, din), w.reshape(din, -1)
+  if matmul_dtype is None:
+    y = x2.astype(dtype) @ w2.astype(dtype)
+  else:
+    y = mixed_matmul(x2, w2, matmul_dtype, dtype)
   return y.reshape(*lead, *tail)
 
 
@@ -207,9 +215,9 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = cfg.dtype
     xq = select_rows(x, queries)
-    q = dense(xq, self.wq[...], dt)  # [B, Tq, H, Dh]
-    k = dense(x, self.wk[...], dt)  # [B, T, KV, Dh]
-    v = dense(x, self.wv[...], dt)
+    q = dense(xq, self.wq[...], dt, cfg.matmul_dtype)  # [B, Tq, H, Dh]
+    k = dense(x, self.wk[...], dt, cfg.matmul_dtype)  # [B, T, KV, Dh]
+    v = dense(x, self.wv[...], dt, cfg.matmul_dtype)
     if cfg.use_bias or cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.flavour == "llama":
@@ -241,7 +249,7 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, (h // kvh) * t, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, KV, G * T, Dh]
     out = out.reshape(b, kvh, h // kvh, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-    y = dense(out, self.wo[...].reshape(h * hd, -1), dt)
+    y = dense(out, self.wo[...].reshape(h * hd, -1), dt, cfg.matmul_dtype)
     if cfg.use_bias:
       y = y + self.bo[...].astype(dt)
     return y, new_cache
@@ -265,14 +273,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     dt = self.cfg.dtype
-    h = dense(x, self.w_in[...], dt)
+    h = dense(x, self.w_in[...], dt, self.cfg.matmul_dtype)
     if self.cfg.use_bias:
       h = h + self.b_in[...].astype(dt)
     if self.cfg.flavour == "llama":
-      h = jax.nn.silu(dense(x, self.w_gate[...], dt)) * h
+      h = jax.nn.silu(dense(x, self.w_gate[...], dt, self.cfg.matmul_dtype)) * h
     else:
       h = jax.nn.gelu(h, approximate=True)
-    y = dense(h, self.w_out[...], dt)
+    y = dense(h, self.w_out[...], dt, self.cfg.matmul_dtype)
     if self.cfg.use_bias:
       y = y + self.b_out[...].astype(dt)
     return y
