@@ -37,7 +37,7 @@ from rlhf_jax.models.decoder import Decoder, DecoderConfig, ScalarModel
 HF_PREFIX = "hf:"
 # model_type -> our flavour.
 FLAVOURS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-# Keys of ``config.model`` that a checkpoint fixes (the rest: dtype, dropout, remat, scan_layers are the run's).
+# Keys of ``config.model`` that a checkpoint fixes (the rest: dtypes, dropout, remat, scan_layers are the run's).
 SHAPE_KEYS = ("flavour", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff", "max_len", "rope_theta",
               "rope_scaling", "norm_eps", "tie_embeddings", "qkv_bias")
 # config.json key where an exported reward model keeps the head bias Llama's score layer has no room for.
@@ -136,8 +136,8 @@ def _positive(key: str, value: Any) -> None:
 def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:
   """Our ``DecoderConfig`` for a checkpoint's ``config.json`` dict.
 
-  ``runtime``: keys the checkpoint does not fix (``param_dtype``, ``dtype``, ``dropout``, ``remat``,
-  ``scan_layers``). Settings our decoder cannot express raise ``HFError`` naming them.
+  ``runtime``: keys the checkpoint does not fix (``param_dtype``, ``dtype``, ``matmul_dtype``, ``dropout``,
+  ``remat``, ``scan_layers``). Settings our decoder cannot express raise ``HFError`` naming them.
   """
   model_type = hf.get("model_type")
   if model_type not in FLAVOURS:
