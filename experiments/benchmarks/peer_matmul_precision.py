@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import pathlib
 import runpy
 import sys
+import tempfile
 
 import torch
 
@@ -37,6 +39,7 @@ def main(argv: list[str]) -> None:
   if not PEER.exists():
     raise SystemExit(f"the peer benchmark is not at {PEER}")
   torch.set_float32_matmul_precision(precision)
+  os.chdir(tempfile.mkdtemp())  # the peer writes results.jsonl where it runs, as run.sh has it
   out = io.StringIO()
   sys.argv = [str(PEER), *rest]
   status = 0
