@@ -1,6 +1,7 @@
 """In-process A/B timing of the working tree against a git revision, for a loaded machine.
 
   python experiments/benchmarks/ab.py [--base=HEAD] [--only=sft_step,reward_step] [--pairs=7] [--size=bench-small]
+                                     [--matmul_dtype=bfloat16]
 
 The base revision's ``rlhf_jax`` and ``experiments/benchmarks`` are exported (``git archive``) to a temporary
 directory and imported under other names, so both libraries live in one process. Each benchmark of both
@@ -13,6 +14,7 @@ time) and the load average, which a shared machine moves from one pair to the ne
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -39,6 +41,16 @@ ONLY = flags.DEFINE_string("only", "sft_step,reward_step",
                            "comma-separated benchmark names; NEW=BASE compares two benchmarks")
 PAIRS = flags.DEFINE_integer("pairs", 7, "timed A/B pairs per benchmark")
 SIZE = flags.DEFINE_string("size", "bench-small", "benchmark size")
+MATMUL_DTYPE = flags.DEFINE_string("matmul_dtype", "", "model.matmul_dtype on both sides ('': the size's own)")
+
+
+def sized(sizes_module):
+  """The benchmark size of ``sizes_module`` (either side's) with ``--matmul_dtype`` applied."""
+  size = sizes_module.SIZES[SIZE.value]
+  if not MATMUL_DTYPE.value:
+    return size
+  model = dataclasses.replace(size.model, matmul_dtype=MATMUL_DTYPE.value)
+  return dataclasses.replace(size, model=model, matmul_dtype=MATMUL_DTYPE.value)
 
 
 def export_base(rev: str, into: pathlib.Path) -> None:
@@ -94,8 +106,8 @@ def run_pairs():
   for spec in [n for n in ONLY.value.split(",") if n]:
     # "NEW=BASE" times benchmark NEW of the working tree against BASE of the base revision.
     name, _, base_name = spec.partition("=")
-    base = capture(base_suite, base_suite.make_env(base_sizes.SIZES[SIZE.value], 1), base_name or name)
-    new = capture(new_suite, new_suite.make_env(new_sizes.SIZES[SIZE.value], 1), name)
+    base = capture(base_suite, base_suite.make_env(sized(base_sizes), 1), base_name or name)
+    new = capture(new_suite, new_suite.make_env(sized(new_sizes), 1), name)
     for fn in (base, new, base, new):
       timed(fn)
     times = {"base": [], "new": []}
