@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax import defaults, pipeline
 
 # Keys a run reads only under another setting (key -> when); tiny_config switches on the others
-# (ptx in sft and ppo, adaptive KL, dropout).
+# (ptx in sft and ppo, adaptive KL, dropout) and runs every stage kind on bf16 weight products.
 READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_mse (scored data)",
                   "rft.top_fraction": "rft.selection = top_fraction",
                   "rft.kl_beta": "rft.selection = kl_aware",
@@ -48,6 +48,7 @@ def tiny_config():
   c.ppo.update(dict(iterations=2, prompts_per_iteration=4, log_every=1, eval_every=1, checkpoint_every=1,
                     ptx_coef=0.1, ptx_batch_size=4, kl_adaptive=True))
   c.model.dropout = 0.1
+  c.model.matmul_dtype = "bfloat16"  # every stage kind through the bf16 weight products (mixed_matmul)
   # The kinds outside the default chain, with the settings that switch their other keys on.
   c.rft = defaults.stage("rft", selection="threshold", rounds=2, prompts_per_round=4, samples_per_prompt=2,
                          improve_passes=2, improve_steps=1, batch_size=4, log_every=1, checkpoint_every=2)
