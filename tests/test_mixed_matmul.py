@@ -94,7 +94,9 @@ def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
   return [(types[a], types[b]) for a, b in dots]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's product selection")
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="checks which products XLA:CPU keeps in bf16; GPU/TPU read transposed operands natively "
+                           "and take no transposed copy")
 @pytest.mark.parametrize("w_contracting", [0, 1])
 def test_every_product_of_the_backward_stays_bf16_on_cpu(w_contracting):
   """XLA:CPU widens a bf16 product that contracts a transposed operand back to float32 (4-6x slower on

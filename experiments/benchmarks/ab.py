@@ -14,7 +14,6 @@ time) and the load average, which a shared machine moves from one pair to the ne
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -42,15 +41,6 @@ ONLY = flags.DEFINE_string("only", "sft_step,reward_step",
 PAIRS = flags.DEFINE_integer("pairs", 7, "timed A/B pairs per benchmark")
 SIZE = flags.DEFINE_string("size", "bench-small", "benchmark size")
 MATMUL_DTYPE = flags.DEFINE_string("matmul_dtype", "", "model.matmul_dtype on both sides ('': the size's own)")
-
-
-def sized(sizes_module):
-  """The benchmark size of ``sizes_module`` (either side's) with ``--matmul_dtype`` applied."""
-  size = sizes_module.SIZES[SIZE.value]
-  if not MATMUL_DTYPE.value:
-    return size
-  model = dataclasses.replace(size.model, matmul_dtype=MATMUL_DTYPE.value)
-  return dataclasses.replace(size, model=model, matmul_dtype=MATMUL_DTYPE.value)
 
 
 def export_base(rev: str, into: pathlib.Path) -> None:
@@ -106,8 +96,11 @@ def run_pairs():
   for spec in [n for n in ONLY.value.split(",") if n]:
     # "NEW=BASE" times benchmark NEW of the working tree against BASE of the base revision.
     name, _, base_name = spec.partition("=")
-    base = capture(base_suite, base_suite.make_env(sized(base_sizes), 1), base_name or name)
-    new = capture(new_suite, new_suite.make_env(sized(new_sizes), 1), name)
+    # The working tree's with_matmul_dtype sets either side's size (a base revision may not have it).
+    base_size = new_sizes.with_matmul_dtype(base_sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
+    base = capture(base_suite, base_suite.make_env(base_size, 1), base_name or name)
+    new_size = new_sizes.with_matmul_dtype(new_sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
+    new = capture(new_suite, new_suite.make_env(new_size, 1), name)
     for fn in (base, new, base, new):
       timed(fn)
     times = {"base": [], "new": []}

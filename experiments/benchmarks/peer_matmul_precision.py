@@ -11,6 +11,7 @@ other arguments go to the peer unchanged; its JSON lines gain ``"matmul_precisio
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -27,15 +28,10 @@ PRECISIONS = ("highest", "high", "medium")
 
 
 def main(argv: list[str]) -> None:
-  precision = "highest"
-  rest = []
-  for arg in argv:
-    if arg.startswith("--precision="):
-      precision = arg.split("=", 1)[1]
-    else:
-      rest.append(arg)
-  if precision not in PRECISIONS:
-    raise SystemExit(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+  parser = argparse.ArgumentParser(description="the peer under torch's float32 matmul precision")
+  parser.add_argument("--precision", choices=PRECISIONS, default="highest")
+  args, rest = parser.parse_known_args(argv)  # the rest goes to the peer
+  precision = args.precision
   if not PEER.exists():
     raise SystemExit(f"the peer benchmark is not at {PEER}")
   torch.set_float32_matmul_precision(precision)

@@ -23,18 +23,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _product(a: Array, b: Array, a_axis: int, b_axis: int) -> Array:
-  """a [M, K] (a_axis 1) x b contracted on b_axis -> [M, N] float32.
+def _product(a: Array, b: Array, b_axis: int) -> Array:
+  """a [M, K] x b contracted on ``b_axis`` -> [M, N] float32.
 
   On CPU the result passes through an optimization barrier. XLA:CPU decides whether a low-precision
   product keeps its dtype before it assigns layouts; a consumer that then gives the result a transposed
   layout leaves a bf16 x bf16 -> f32 product that its runtime cannot execute ("Unsupported element type for
   DotThunk"). The barrier keeps the result's layout plain.
   """
-  dims = (((a_axis,), (b_axis,)), ((), ()))
-  if jax.default_backend() != "cpu":
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-  return jax.lax.optimization_barrier(jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
+  out = jax.lax.dot_general(a, b, (((1,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
 
 
 def _transposed(a: Array) -> Array:
@@ -61,28 +59,25 @@ def _weight_gradient(rows: Array, go: Array, w_axis: int) -> Array:
   din, dout = rows.shape[1], go.shape[1]
   left, right = (rows, go) if w_axis == 0 else (go, rows)
   if left.size <= right.size + din * dout:
-    return _product(_transposed(left), right, 1, 0)
-  return _product(_transposed(right), left, 1, 0).T
+    return _product(_transposed(left), right, 0)
+  return _product(_transposed(right), left, 0).T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _mixed(x: Array, w: Array, w_axis: int, operand_dtype, out_dtype) -> Array:
-  return _product(x.astype(operand_dtype), w.astype(operand_dtype), 1, w_axis).astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _mixed(x: Array, w: Array, w_axis: int, operand_dtype, out_dtype, x_dtype, w_dtype) -> Array:
+  return _mixed_fwd(x, w, w_axis, operand_dtype, out_dtype, x_dtype, w_dtype)[0]
 
 
-def _mixed_fwd(x, w, w_axis, operand_dtype, out_dtype):
+def _mixed_fwd(x, w, w_axis, operand_dtype, out_dtype, x_dtype, w_dtype):
   xo, wo = x.astype(operand_dtype), w.astype(operand_dtype)
-  # Zero-size arrays carry the input dtypes into the backward (residuals must be arrays).
-  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-  return _product(xo, wo, 1, w_axis).astype(out_dtype), (xo, wo, dtypes)
+  return _product(xo, wo, w_axis).astype(out_dtype), (xo, wo)
 
 
-def _mixed_bwd(w_axis, operand_dtype, out_dtype, residuals, g):
-  xo, wo, (x_like, w_like) = residuals
+def _mixed_bwd(w_axis, operand_dtype, out_dtype, x_dtype, w_dtype, residuals, g):
+  xo, wo = residuals
   go = g.astype(operand_dtype)
-  dx = _product(go, wo, 1, 1 - w_axis)  # [N, Din]
-  dw = _weight_gradient(xo, go, w_axis)
-  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+  dx = _product(go, wo, 1 - w_axis)  # [N, Din]
+  return dx.astype(x_dtype), _weight_gradient(xo, go, w_axis).astype(w_dtype)
 
 
 _mixed.defvjp(_mixed_fwd, _mixed_bwd)
@@ -99,4 +94,4 @@ def mixed_matmul(x: Array, w: Array, operand_dtype, out_dtype, w_contracting: in
                      f"w {w.shape}, w_contracting={w_contracting}")
   if x.shape[1] != w.shape[w_contracting]:
     raise ValueError(f"mixed_matmul: x {x.shape} and w {w.shape} do not contract (axis {w_contracting} of w)")
-  return _mixed(x, w, w_contracting, jnp.dtype(operand_dtype), jnp.dtype(out_dtype))
+  return _mixed(x, w, w_contracting, jnp.dtype(operand_dtype), jnp.dtype(out_dtype), x.dtype, w.dtype)
