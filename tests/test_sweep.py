@@ -1,9 +1,11 @@
 """Sweeps: grid expansion, which stages are shared, and a crash mid-sweep with parallel workers on SQLite."""
 
+import contextlib
 import json
 import os
 import pathlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -62,6 +64,19 @@ def test_bad_sweeps_are_named(tmp_path):
     sweep.load_sweep(f"{ROOT}/configs/quickstart.py")
 
 
+def _any_completed(workdir) -> bool:
+  """Reads the sweep's SQLite file read-only: opening it through Optuna while the coordinator is still
+  creating the schema races it on the version row (IntegrityError)."""
+  db = workdir / "study.db"
+  if not db.exists():
+    return False
+  try:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+      return conn.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0] > 0
+  except sqlite3.OperationalError:  # the schema is not written yet
+    return False
+
+
 def _completed(workdir):
   study = optuna.load_study(study_name=sweep.STUDY_NAME, storage=f"sqlite:///{workdir}/study.db")
   return [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
@@ -77,7 +92,7 @@ def test_crash_mid_sweep_then_resume_with_parallel_workers(tmp_path):
                           start_new_session=True)
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
-    if (workdir / "study.db").exists() and _completed(workdir):
+    if _any_completed(workdir):
       break
     time.sleep(1)
   assert proc.poll() is None, "the sweep finished before it could be killed"
