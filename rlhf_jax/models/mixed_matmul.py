@@ -39,13 +39,16 @@ def _transposed(a: Array) -> Array:
   """a.T [K, M] laid out row-major, so that it can be the canonical left operand of a product on CPU.
 
   A plain transpose becomes a change of layout that XLA:CPU's bf16 product does not accept (it would widen
-  the product to float32); two halves transposed and joined are written out as a new row-major array.
-  Elsewhere (GPU, TPU) the product reads transposed operands natively and the plain transpose is best.
+  the product to float32); two halves transposed and joined are written out as a new row-major array. The
+  halves are cut along K, the feature axis: the M rows are the batch, which a data-parallel mesh shards, and
+  halves cut along a sharded axis make the partitioner move them between devices (a collective-permute and
+  all-to-alls per product). Elsewhere (GPU, TPU) the product reads transposed operands natively and the plain
+  transpose is best.
   """
-  if jax.default_backend() != "cpu" or a.shape[0] < 2:
+  if jax.default_backend() != "cpu" or a.shape[1] < 2:
     return a.T
-  half = a.shape[0] // 2
-  return jnp.concatenate([a[:half].T, a[half:].T], axis=1)
+  half = a.shape[1] // 2
+  return jnp.concatenate([a[:, :half].T, a[:, half:].T], axis=0)
 
 
 def _weight_gradient(rows: Array, go: Array, w_axis: int) -> Array:
