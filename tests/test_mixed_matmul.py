@@ -1,7 +1,11 @@
 """model.matmul_dtype: weight products with bf16 operands and float32 accumulation, forward and backward."""
 
 import itertools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +114,36 @@ def test_every_product_of_the_backward_stays_bf16_on_cpu(w_contracting):
   dots = _dot_operand_dtypes(hlo)
   assert len(dots) == 3, hlo  # forward, input gradient, weight gradient
   assert set(dots) == {("bf16", "bf16")}, dots
+
+
+DATA_PARALLEL_PROBE = """
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from rlhf_jax.models.mixed_matmul import mixed_matmul
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+out = {}
+for w_contracting in (0, 1):
+  x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("data", None)))
+  w = jax.device_put(jnp.ones((32, 128) if w_contracting == 0 else (128, 32)), NamedSharding(mesh, P()))
+  grad = jax.jit(jax.grad(lambda x, w: jnp.square(mixed_matmul(x, w, jnp.bfloat16, jnp.float32,
+                                                                w_contracting)).sum(), argnums=(0, 1)))
+  hlo = grad.lower(x, w).compile().as_text()
+  out[w_contracting] = re.findall(r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\\(", hlo)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the transposed copy is taken on CPU only")
+def test_a_data_parallel_backward_moves_only_the_weight_gradient():
+  """With the rows split over a data axis, the weight gradient's transposed copy stays on each device: the
+  one collective is the all-reduce of the [Din, Dout] partial sums (halves cut along the sharded rows made
+  the partitioner add a collective-permute and all-to-alls to every product)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_PROBE], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"0": ["all-reduce"], "1": ["all-reduce"]}
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
