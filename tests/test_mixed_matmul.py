@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax.models import Decoder, DecoderConfig
-from rlhf_jax.models.mixed_matmul import mixed_matmul
+from rlhf_jax.models.mixed_matmul import mixed_batched_matmul, mixed_matmul
 from test_models import decode_incrementally, left_padded_batch, tiny
 
 BF16 = jnp.bfloat16
@@ -92,10 +92,14 @@ def test_runs_whatever_layout_its_neighbours_want(x_transposed, w_contracting, o
 
 
 def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
-  """(lhs, rhs) element types of every dot in an optimized HLO module's text."""
-  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
-  dots = re.findall(r"= \w+\[[^\]]*\]\{?[^ ]*\s+dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
-  return [(types[a], types[b]) for a, b in dots]
+  """(lhs, rhs) element types of every dot in an optimized HLO module's text (names are looked up within
+  their own computation: fused computations reuse parameter names)."""
+  out = []
+  for computation in re.split(r"\n(?=\S)", hlo):
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+    dots = re.findall(r"= \w+\[[^\]]*\]\{?[^ ]*\s+dot\(%([\w.\-]+), %([\w.\-]+)\)", computation)
+    out += [(types[a], types[b]) for a, b in dots]
+  return out
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -116,11 +120,51 @@ def test_every_product_of_the_backward_stays_bf16_on_cpu(w_contracting):
   assert set(dots) == {("bf16", "bf16")}, dots
 
 
+@pytest.mark.parametrize("b_contracting", [-1, -2])
+def test_batched_product_and_gradients_are_products_of_rounded_operands(b_contracting):
+  """Attention's products: q [B, H, T, Dh] against k [B, H, S, Dh] (-1), probs [B, H, T, S] against v (-2)."""
+  rng = np.random.default_rng(11)
+  a = normal(rng, (2, 3, 5, 8))
+  b = normal(rng, (2, 3, 7, 8) if b_contracting == -1 else (2, 3, 8, 7))
+  c = normal(rng, (2, 3, 5, 7))
+  loss = lambda a, b: jnp.vdot(c, mixed_batched_matmul(jnp.tanh(a), b, BF16, jnp.float32, b_contracting))
+  value, (da, db) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(a, b)
+  ta = np.tanh(np.asarray(a, np.float64))
+  b_kn = rounded(b) if b_contracting == -2 else np.swapaxes(rounded(b), -1, -2)
+  g = np.asarray(c, np.float64)
+  np.testing.assert_allclose(value, np.sum(g * (rounded(ta) @ b_kn)), rtol=1e-5)
+  np.testing.assert_allclose(da, (rounded(g) @ np.swapaxes(b_kn, -1, -2)) * (1 - ta ** 2), rtol=1e-4, atol=1e-5)
+  db_kn = np.swapaxes(rounded(ta), -1, -2) @ rounded(g)
+  np.testing.assert_allclose(db, db_kn if b_contracting == -2 else np.swapaxes(db_kn, -1, -2), rtol=1e-4, atol=1e-5)
+  assert np.abs(np.swapaxes(ta, -1, -2) @ g - db_kn).max() > 1e-3  # a float32 product would differ
+  with pytest.raises(ValueError, match="do not pair up"):
+    mixed_batched_matmul(a, jnp.ones((2, 4, 7, 8)), BF16, jnp.float32, -1)
+  with pytest.raises(ValueError, match="contracted on axis -2 or -1"):
+    mixed_batched_matmul(a, b, BF16, jnp.float32, 0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="checks which products XLA:CPU keeps in bf16; GPU/TPU read transposed operands natively")
+def test_every_product_of_a_decoder_training_step_is_bf16_on_cpu():
+  """With model.matmul_dtype=bfloat16, the attention's score and mix products join the weight products:
+  no product of a decoder's loss and gradient is left in float32."""
+  cfg = tiny("gpt2", matmul_dtype="bfloat16")
+  graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  tokens, mask, _ = left_padded_batch()
+
+  def loss(p):
+    out, _ = nnx.merge(graphdef, p)(tokens, mask)
+    return jnp.mean(jax.nn.log_softmax(out)[..., 5] * mask)
+
+  dots = _dot_operand_dtypes(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  assert len(dots) >= 3 * 6 * cfg.num_layers and set(dots) == {("bf16", "bf16")}, dots
+
+
 DATA_PARALLEL_PROBE = """
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from rlhf_jax.models.mixed_matmul import mixed_matmul
+from rlhf_jax.models.mixed_matmul import mixed_batched_matmul, mixed_matmul
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 out = {}
 for w_contracting in (0, 1):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax.models.mixed_matmul import mixed_matmul
+from rlhf_jax.models.mixed_matmul import heads_major, mixed_batched_matmul, mixed_matmul
 
 Array = jax.Array
 
@@ -158,6 +158,11 @@ def select_slots(q_slots: Array, queries) -> Array:
   return q_slots[queries][:, None]
 
 
+def rounded(x: Array, dtype) -> Array:
+  """x rounded to ``dtype`` and kept in its own dtype (x itself for ``dtype`` None)."""
+  return x if dtype is None else x.astype(dtype).astype(x.dtype)
+
+
 def dense(x: Array, w: Array, dtype, matmul_dtype=None) -> Array:
   """x [..., Din] @ w [Din, ...] -> [..., *w.shape[1:]] as one 2-D matmul, returned in ``dtype``.
 
@@ -227,27 +232,40 @@ class Attention(nnx.Module):
     b, t, h, hd = q.shape
     kvh = k.shape[2]
     t_keys = k.shape[1]
-    k = k.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
-    v = v.transpose(0, 2, 1, 3)
+    mm = cfg.matmul_dtype
+    # With matmul_dtype the score and mix products round their operands too: as bf16 products with float32
+    # sums where there are several queries per row, else in the compute dtype on rounded operands (the
+    # same sums; at one query per row, a decode step, XLA:CPU widens bf16 products and they run slower).
+    mixed = mm if mm is not None and t > 1 else None
+    k, v = (heads_major(k), heads_major(v)) if mixed else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     new_cache = None
     if cache_kv is not None:
       ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
-      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
+      # The cache holds keys and values rounded as the products read them.
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, rounded(k, mm).astype(ck.dtype), cache_index, axis=2)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, rounded(v, mm).astype(cv.dtype), cache_index, axis=2)
       new_cache = (ck, cv)
       if fresh_cache:
         key_valid = key_valid[:, :t_keys]
       else:
         k, v = ck.astype(dt), cv.astype(dt)
+    if mixed is None and (cache_kv is None or fresh_cache):
+      k, v = rounded(k, mm), rounded(v, mm)
     # Queries grouped by their KV head: [B, KV, G * T, Dh] (G = H / KV), one batched product per KV head.
     q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, (h // kvh) * t, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32) / math.sqrt(hd)
-    scores = scores.reshape(b, kvh, h // kvh, t, -1)
+    if mixed is None:
+      scores = jnp.einsum("bkqd,bksd->bkqs", rounded(q, mm), k).astype(jnp.float32)
+    else:
+      scores = mixed_batched_matmul(q, k, mixed, jnp.float32, b_contracting=-1)
+    scores = (scores / math.sqrt(hd)).reshape(b, kvh, h // kvh, t, -1)
     mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid)
     # A finite fill keeps fully-masked rows (pad queries) NaN-free.
     scores = jnp.where(mask, scores, -1e9)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, (h // kvh) * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, KV, G * T, Dh]
+    if mixed is None:
+      out = jnp.einsum("bkqs,bksd->bkqd", rounded(probs, mm), v)  # [B, KV, G * T, Dh]
+    else:
+      out = mixed_batched_matmul(probs, v, mixed, dt)
     out = out.reshape(b, kvh, h // kvh, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
     y = dense(out, self.wo[...].reshape(h * hd, -1), dt, cfg.matmul_dtype)
     if cfg.use_bias:

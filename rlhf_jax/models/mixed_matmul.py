@@ -24,31 +24,35 @@ Array = jax.Array
 
 
 def _product(a: Array, b: Array, b_axis: int) -> Array:
-  """a [M, K] x b contracted on ``b_axis`` -> [M, N] float32.
+  """a [..., M, K] x b contracted on ``b_axis`` (-2: b [..., K, N]; -1: b [..., N, K]) -> [..., M, N] float32;
+  the leading axes are batch axes of both.
 
   On CPU the result passes through an optimization barrier. XLA:CPU decides whether a low-precision
   product keeps its dtype before it assigns layouts; a consumer that then gives the result a transposed
   layout leaves a bf16 x bf16 -> f32 product that its runtime cannot execute ("Unsupported element type for
   DotThunk"). The barrier keeps the result's layout plain.
   """
-  out = jax.lax.dot_general(a, b, (((1,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
+  batch = tuple(range(a.ndim - 2))
+  dims = (((a.ndim - 1,), (b.ndim + b_axis,)), (batch, batch))
+  out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
   return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
 
 
 def _transposed(a: Array) -> Array:
-  """a.T [K, M] laid out row-major, so that it can be the canonical left operand of a product on CPU.
+  """a with its last two axes swapped ([..., K, M] from [..., M, K]), laid out row-major so that it can be
+  the canonical left operand of a product on CPU.
 
   A plain transpose becomes a change of layout that XLA:CPU's bf16 product does not accept (it would widen
   the product to float32); two halves transposed and joined are written out as a new row-major array. The
-  halves are cut along K, the feature axis: the M rows are the batch, which a data-parallel mesh shards, and
-  halves cut along a sharded axis make the partitioner move them between devices (a collective-permute and
-  all-to-alls per product). Elsewhere (GPU, TPU) the product reads transposed operands natively and the plain
-  transpose is best.
+  halves are cut along K, the last axis: the M rows of a weight product are the batch, which a
+  data-parallel mesh shards, and halves cut along a sharded axis make the partitioner move them between
+  devices (a collective-permute and all-to-alls per product). Elsewhere (GPU, TPU) the product reads
+  transposed operands natively and the plain transpose is best.
   """
-  if jax.default_backend() != "cpu" or a.shape[1] < 2:
-    return a.T
-  half = a.shape[1] // 2
-  return jnp.concatenate([a[:, :half].T, a[:, half:].T], axis=0)
+  if jax.default_backend() != "cpu" or a.shape[-1] < 2:
+    return jnp.swapaxes(a, -1, -2)
+  half = a.shape[-1] // 2
+  return jnp.concatenate([jnp.swapaxes(a[..., :half], -1, -2), jnp.swapaxes(a[..., half:], -1, -2)], axis=-2)
 
 
 def _weight_gradient(rows: Array, go: Array, w_axis: int) -> Array:
@@ -62,8 +66,8 @@ def _weight_gradient(rows: Array, go: Array, w_axis: int) -> Array:
   din, dout = rows.shape[1], go.shape[1]
   left, right = (rows, go) if w_axis == 0 else (go, rows)
   if left.size <= right.size + din * dout:
-    return _product(_transposed(left), right, 0)
-  return _product(_transposed(right), left, 0).T
+    return _product(_transposed(left), right, -2)
+  return _product(_transposed(right), left, -2).T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
@@ -73,13 +77,13 @@ def _mixed(x: Array, w: Array, w_axis: int, operand_dtype, out_dtype, x_dtype, w
 
 def _mixed_fwd(x, w, w_axis, operand_dtype, out_dtype, x_dtype, w_dtype):
   xo, wo = x.astype(operand_dtype), w.astype(operand_dtype)
-  return _product(xo, wo, w_axis).astype(out_dtype), (xo, wo)
+  return _product(xo, wo, w_axis - 2).astype(out_dtype), (xo, wo)
 
 
 def _mixed_bwd(w_axis, operand_dtype, out_dtype, x_dtype, w_dtype, residuals, g):
   xo, wo = residuals
   go = g.astype(operand_dtype)
-  dx = _product(go, wo, 1 - w_axis)  # [N, Din]
+  dx = _product(go, wo, -1 - w_axis)  # [N, Din]
   return dx.astype(x_dtype), _weight_gradient(xo, go, w_axis).astype(w_dtype)
 
 
@@ -98,3 +102,54 @@ def mixed_matmul(x: Array, w: Array, operand_dtype, out_dtype, w_contracting: in
   if x.shape[1] != w.shape[w_contracting]:
     raise ValueError(f"mixed_matmul: x {x.shape} and w {w.shape} do not contract (axis {w_contracting} of w)")
   return _mixed(x, w, w_contracting, jnp.dtype(operand_dtype), jnp.dtype(out_dtype), x.dtype, w.dtype)
+
+
+def heads_major(x: Array) -> Array:
+  """x [B, T, H, Dh] -> [B, H, T, Dh], on CPU written out row-major (halves cut along Dh, transposed and
+  joined), so that it can be the right operand of a bf16 product: XLA:CPU widens a product whose operand is
+  a plain transpose (a layout change) to float32. Elsewhere a plain transpose."""
+  if jax.default_backend() != "cpu" or x.shape[-1] < 2:
+    return x.transpose(0, 2, 1, 3)
+  half = x.shape[-1] // 2
+  return jnp.concatenate([x[..., :half].transpose(0, 2, 1, 3), x[..., half:].transpose(0, 2, 1, 3)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _mixed_batched(a: Array, b: Array, b_axis: int, operand_dtype, out_dtype, a_dtype, b_dtype) -> Array:
+  return _mixed_batched_fwd(a, b, b_axis, operand_dtype, out_dtype, a_dtype, b_dtype)[0]
+
+
+def _mixed_batched_fwd(a, b, b_axis, operand_dtype, out_dtype, a_dtype, b_dtype):
+  ao, bo = a.astype(operand_dtype), b.astype(operand_dtype)
+  return _product(ao, _transposed(bo) if b_axis == -1 else bo, -2).astype(out_dtype), (ao, bo)
+
+
+def _mixed_batched_bwd(b_axis, operand_dtype, out_dtype, a_dtype, b_dtype, residuals, g):
+  ao, bo = residuals
+  go = g.astype(operand_dtype)
+  if b_axis == -1:  # b [..., N, K]
+    da, db = _product(go, bo, -2), _product(_transposed(go), ao, -2)
+  else:  # b [..., K, N]
+    da, db = _product(go, _transposed(bo), -2), _product(_transposed(ao), go, -2)
+  return da.astype(a_dtype), db.astype(b_dtype)
+
+
+_mixed_batched.defvjp(_mixed_batched_fwd, _mixed_batched_bwd)
+
+
+def mixed_batched_matmul(a: Array, b: Array, operand_dtype, out_dtype, b_contracting: int = -2) -> Array:
+  """Batched a [..., M, K] times b ([..., K, N] with ``b_contracting`` -2, [..., N, K] with -1) -> [..., M, N]
+  in ``out_dtype``, the operands rounded to ``operand_dtype`` and the sums accumulated in float32; the
+  leading axes (e.g. batch and heads) pair up. For attention: scores are q [B, H, T, Dh] against k
+  [B, H, S, Dh] (-1), the mix is probs [B, H, T, S] against v [B, H, S, Dh] (-2).
+
+  Every product of the forward and the backward is in the canonical form XLA:CPU keeps in bf16, against
+  row-major transposed copies where needed (see ``_transposed``).
+  """
+  if a.ndim < 2 or b.ndim != a.ndim or b_contracting not in (-2, -1):
+    raise ValueError(f"mixed_batched_matmul takes a [..., M, K] and b of the same rank contracted on axis -2 or "
+                     f"-1; got a {a.shape}, b {b.shape}, b_contracting={b_contracting}")
+  if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[b_contracting]:
+    raise ValueError(f"mixed_batched_matmul: a {a.shape} and b {b.shape} do not pair up (batch axes, then K "
+                     f"against axis {b_contracting} of b)")
+  return _mixed_batched(a, b, b_contracting, jnp.dtype(operand_dtype), jnp.dtype(out_dtype), a.dtype, b.dtype)
