@@ -1,7 +1,8 @@
-"""Weight products with low-precision operands and float32 accumulation, forward and backward.
+"""Products with low-precision operands and float32 accumulation, forward and backward.
 
-``mixed_matmul(x, w, operand_dtype, out_dtype)`` rounds both operands to ``operand_dtype`` (bf16), accumulates
-in float32 and returns ``out_dtype``; its gradients are the same kind of product (the incoming gradient rounded
+``mixed_matmul(x, w, operand_dtype, out_dtype)`` (weight products) and ``mixed_batched_matmul`` (the attention's
+score and mix products) round both operands to ``operand_dtype`` (bf16), accumulate in float32 and return
+``out_dtype``; their gradients are the same kind of product (the incoming gradient rounded
 to ``operand_dtype``, float32 accumulation), cast back to the dtypes of ``x`` and ``w``. This is what a TPU's
 default matmul precision and PyTorch's ``torch.set_float32_matmul_precision("medium")`` do to a float32 model:
 the residual stream, norms, softmax, losses and optimizer stay in float32; only the products' inputs are
@@ -10,7 +11,8 @@ rounded. The rounded operands are what the backward keeps, which halves those sa
 On CPUs with bf16 matrix units (AMX, AVX512-BF16) XLA runs a bf16 x bf16 -> f32 product 4-6x faster than the
 float32 one, but only in its canonical form (the left operand contracted on its last axis, neither operand
 in a transposed layout); any other form is silently widened back to float32. The weight gradient contracts
-both operands over their rows, so on CPU it is written against a physically transposed copy of one of them.
+both operands over their rows, so on CPU it is written against a physically transposed copy of one of them;
+so are the attention products that contract an operand on its last axis.
 """
 
 from __future__ import annotations
