@@ -42,7 +42,8 @@ class DecoderConfig:
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
   # Operand dtype of the model's products (projections, attention scores and mix, MLP, LM head), accumulated
-  # in float32; None or "": the compute dtype. "bfloat16" under float32 compute is TPU-style default precision (models/mixed_matmul.py).
+  # in float32; None or "": the compute dtype. "bfloat16" under float32 compute is TPU-style default
+  # precision (models/mixed_matmul.py).
   matmul_dtype: Any = None
   remat: bool = False
   scan_layers: bool = False
