@@ -1,6 +1,7 @@
 """Run by test_sharding.py in a subprocess with 8 fake CPU devices; prints one JSON line.
 
-Trains the same tiny LM for a few steps on a data=2, fsdp=2, tensor=2 mesh and on one device, and compares
+Trains the same tiny LM for a few steps on a data=2, fsdp=2, tensor=2 mesh and on one device (both flavours,
+and llama with bf16 products), and compares
 the work (XLA's FLOP count of the compiled per-device program) of one PPO update on a data=4 x fsdp=2 mesh
 with one device's.
 """
@@ -26,11 +27,11 @@ from rlhf_jax.rollout import make_rollout_fn  # noqa: E402
 from rlhf_jax.scoring import RewardModelScorer  # noqa: E402
 
 
-def train(mesh, flavour, steps=3):
+def train(mesh, flavour, steps=3, matmul_dtype=""):
   rules = sharding.DEFAULT_RULES
   cfg = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32,
                       flavour=flavour, num_kv_heads=2 if flavour == "llama" else 0,
-                      scan_layers=flavour == "llama")
+                      scan_layers=flavour == "llama", matmul_dtype=matmul_dtype)
   graphdef, params = sharding.init_sharded(lambda r: Decoder(cfg, rngs=r), jax.random.key(0), mesh, rules)
   abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1]
   p_sh = state_lib.param_shardings(abstract, mesh, rules)
@@ -89,12 +90,14 @@ out = {}
 one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 dp8 = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
 out["ppo_update_work"] = ppo_update_flops(dp8, 2, 2) / ppo_update_flops(one, 2, 2)
-for flavour in ("gpt2", "llama"):
+# llama_bf16: model.matmul_dtype=bfloat16 (weight and attention products on bf16 operands, their transposed
+# copies cut along unsharded axes) with heads, ff and vocab split over the tensor axis.
+for name, flavour, matmul_dtype in (("gpt2", "gpt2", ""), ("llama", "llama", ""), ("llama_bf16", "llama", "bfloat16")):
   big = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  l8, p8, specs = train(big, flavour)
-  l1, p1, _ = train(one, flavour)
-  out[flavour] = {"losses_8": l8, "losses_1": l1,
+  l8, p8, specs = train(big, flavour, matmul_dtype=matmul_dtype)
+  l1, p1, _ = train(one, flavour, matmul_dtype=matmul_dtype)
+  out[name] = {"losses_8": l8, "losses_1": l1,
                   "max_param_diff": max(float(np.abs(p8[k] - p1[k]).max()) for k in p1),
                   "specs": specs}
 json.dump(out, sys.stdout)

@@ -26,16 +26,22 @@ def sharded_run():
   return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("flavour", ["gpt2", "llama", "llama_bf16"])
 def test_mesh_training_matches_single_device(sharded_run, flavour):
   run = sharded_run[flavour]
   assert len(run["losses_8"]) == 3
+  # With bf16 operands a float32 sum that lands on the other side of a bf16 rounding boundary (the shards
+  # add in another order) moves an operand by up to 2^-9 of itself; after two steps at lr 1e-2 the loss is
+  # ~1e-4 off (measured), well under bf16's unit roundoff (2^-8).
+  loss_tol, param_tol = (1e-3, 1e-3) if flavour.endswith("bf16") else (1e-5, 1e-4)
   for a, b in zip(run["losses_8"], run["losses_1"]):
-    assert abs(a - b) < 1e-5
+    assert abs(a - b) < loss_tol
   assert run["losses_8"][-1] < run["losses_8"][0]
   # Looser than the losses: Adam scales float noise in near-zero gradients (attention key biases, whose
   # exact gradient is 0) up to learning-rate-sized steps, differently for each reduction order.
-  assert run["max_param_diff"] < 1e-4
+  assert run["max_param_diff"] < param_tol
+  if flavour.endswith("bf16"):  # the bf16 products did run: training moved away from the float32 run
+    assert abs(run["losses_1"][-1] - sharded_run["llama"]["losses_1"][-1]) > 1e-3
 
 
 def test_parameters_sharded_as_rules_say(sharded_run):
