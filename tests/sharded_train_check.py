@@ -92,12 +92,13 @@ dp8 = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
 out["ppo_update_work"] = ppo_update_flops(dp8, 2, 2) / ppo_update_flops(one, 2, 2)
 # llama_bf16: model.matmul_dtype=bfloat16 (weight and attention products on bf16 operands, their transposed
 # copies cut along unsharded axes) with heads, ff and vocab split over the tensor axis.
-for name, flavour, matmul_dtype in (("gpt2", "gpt2", ""), ("llama", "llama", ""), ("llama_bf16", "llama", "bfloat16")):
+RUNS = (("gpt2", "gpt2", ""), ("llama", "llama", ""), ("llama_bf16", "llama", "bfloat16"))
+for name, flavour, matmul_dtype in RUNS:
   big = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   l8, p8, specs = train(big, flavour, matmul_dtype=matmul_dtype)
   l1, p1, _ = train(one, flavour, matmul_dtype=matmul_dtype)
   out[name] = {"losses_8": l8, "losses_1": l1,
-                  "max_param_diff": max(float(np.abs(p8[k] - p1[k]).max()) for k in p1),
-                  "specs": specs}
+               "max_param_diff": max(float(np.abs(p8[k] - p1[k]).max()) for k in p1),
+               "specs": specs}
 json.dump(out, sys.stdout)

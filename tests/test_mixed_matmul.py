@@ -18,6 +18,10 @@ from rlhf_jax.models.mixed_matmul import mixed_batched_matmul, mixed_matmul
 from test_models import decode_incrementally, left_padded_batch, tiny
 
 BF16 = jnp.bfloat16
+# The transposed copies are taken only when tracing for XLA:CPU (GPU and TPU read transposed operands
+# natively), so which products stay bf16 in a compiled program can be checked on the CPU backend only.
+CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu",
+                              reason="checks XLA:CPU's compiled products; other backends take no transposed copy")
 
 
 def rounded(a) -> np.ndarray:
@@ -102,9 +106,7 @@ def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
   return out
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu",
-                    reason="checks which products XLA:CPU keeps in bf16; GPU/TPU read transposed operands natively "
-                           "and take no transposed copy")
+@CPU_ONLY
 @pytest.mark.parametrize("w_contracting", [0, 1])
 def test_every_product_of_the_backward_stays_bf16_on_cpu(w_contracting):
   """XLA:CPU widens a bf16 product that contracts a transposed operand back to float32 (4-6x slower on
@@ -143,8 +145,7 @@ def test_batched_product_and_gradients_are_products_of_rounded_operands(b_contra
     mixed_batched_matmul(a, b, BF16, jnp.float32, 0)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu",
-                    reason="checks which products XLA:CPU keeps in bf16; GPU/TPU read transposed operands natively")
+@CPU_ONLY
 def test_every_product_of_a_decoder_training_step_is_bf16_on_cpu():
   """With model.matmul_dtype=bfloat16, the attention's score and mix products join the weight products:
   no product of a decoder's loss and gradient is left in float32."""
@@ -178,7 +179,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the transposed copy is taken on CPU only")
 def test_a_data_parallel_backward_moves_only_the_weight_gradient():
   """With the rows split over a data axis, the weight gradient's transposed copy stays on each device: the
   one collective is the all-reduce of the [Din, Dout] partial sums (halves cut along the sharded rows made

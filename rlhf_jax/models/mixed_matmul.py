@@ -40,21 +40,28 @@ def _product(a: Array, b: Array, b_axis: int) -> Array:
   return jax.lax.optimization_barrier(out) if jax.default_backend() == "cpu" else out
 
 
-def _transposed(a: Array) -> Array:
-  """a with its last two axes swapped ([..., K, M] from [..., M, K]), laid out row-major so that it can be
-  the canonical left operand of a product on CPU.
+def _permuted_copy(a: Array, perm: tuple[int, ...]) -> Array:
+  """``a.transpose(perm)``, on CPU written out as a new row-major array so that it can be an operand of a
+  bf16 product there.
 
   A plain transpose becomes a change of layout that XLA:CPU's bf16 product does not accept (it would widen
-  the product to float32); two halves transposed and joined are written out as a new row-major array. The
-  halves are cut along K, the last axis: the M rows of a weight product are the batch, which a
+  the product to float32); two halves transposed and joined are written out as a new array. The halves are
+  cut along the last axis, a feature axis here: the rows of a weight product are the batch, which a
   data-parallel mesh shards, and halves cut along a sharded axis make the partitioner move them between
   devices (a collective-permute and all-to-alls per product). Elsewhere (GPU, TPU) the product reads
   transposed operands natively and the plain transpose is best.
   """
   if jax.default_backend() != "cpu" or a.shape[-1] < 2:
-    return jnp.swapaxes(a, -1, -2)
+    return a.transpose(perm)
   half = a.shape[-1] // 2
-  return jnp.concatenate([jnp.swapaxes(a[..., :half], -1, -2), jnp.swapaxes(a[..., half:], -1, -2)], axis=-2)
+  return jnp.concatenate([a[..., :half].transpose(perm), a[..., half:].transpose(perm)],
+                         axis=perm.index(a.ndim - 1))
+
+
+def _transposed(a: Array) -> Array:
+  """a with its last two axes swapped ([..., K, M] from [..., M, K]), row-major on CPU: the canonical left
+  operand of a product that contracts a's rows."""
+  return _permuted_copy(a, (*range(a.ndim - 2), a.ndim - 1, a.ndim - 2))
 
 
 def _weight_gradient(rows: Array, go: Array, w_axis: int) -> Array:
@@ -107,13 +114,9 @@ def mixed_matmul(x: Array, w: Array, operand_dtype, out_dtype, w_contracting: in
 
 
 def heads_major(x: Array) -> Array:
-  """x [B, T, H, Dh] -> [B, H, T, Dh], on CPU written out row-major (halves cut along Dh, transposed and
-  joined), so that it can be the right operand of a bf16 product: XLA:CPU widens a product whose operand is
-  a plain transpose (a layout change) to float32. Elsewhere a plain transpose."""
-  if jax.default_backend() != "cpu" or x.shape[-1] < 2:
-    return x.transpose(0, 2, 1, 3)
-  half = x.shape[-1] // 2
-  return jnp.concatenate([x[..., :half].transpose(0, 2, 1, 3), x[..., half:].transpose(0, 2, 1, 3)], axis=-1)
+  """x [B, T, H, Dh] -> [B, H, T, Dh], row-major on CPU, so that it can be the right operand of a bf16
+  product there (see ``_permuted_copy``)."""
+  return _permuted_copy(x, (0, 2, 1, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
