@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from rlhf_jax import compute
+from rlhf_jax import compute, data_parallel, sharding
 from rlhf_jax.config_groups import loop_config, sampling_config
 from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.models import DecoderConfig
@@ -98,14 +99,18 @@ def comparison_rollout(tokens: jax.Array, mask: jax.Array, prompt_len: int) -> R
 
 
 def log_ratios(graphdef: nnx.GraphDef, params, ref_params, batch: Mapping[str, jax.Array], prompt_len: int,
-               sampling: SamplingConfig, average: bool) -> jax.Array:
+               sampling: SamplingConfig, average: bool, mesh: Mesh | None = None,
+               rules: Any = sharding.DEFAULT_RULES) -> jax.Array:
   """Log-ratio [B, K] of every response of a comparison batch (reference log-probs carry no gradient).
 
   A batch holding ``REFERENCE_KEY`` [B, K] (``reference_log_probs`` of the same rows) takes the reference's
-  side from it and runs no reference pass (``ref_params`` unused)."""
+  side from it and runs no reference pass (``ref_params`` unused). ``mesh``: the mesh the step is compiled
+  for; the policy pass is then a ``data_parallel.rows_call``."""
   b, k, _ = batch["tokens"].shape
   rollout = comparison_rollout(batch["tokens"], batch["mask"], prompt_len)
-  lp = response_log_probs(graphdef, params, rollout, sampling)[0]
+  policy_log_probs = data_parallel.rows_call(lambda p, r, _: response_log_probs(graphdef, p, r, sampling)[0], mesh,
+                                             rules, row_group=rollout.prompt_group)
+  lp = policy_log_probs(params, rollout, None)
   if REFERENCE_KEY in batch:
     own = dpo_math.sequence_log_prob(lp, rollout.response_mask, average).reshape(b, k)
     return own - jax.lax.stop_gradient(batch[REFERENCE_KEY].astype(jnp.float32))
@@ -128,11 +133,14 @@ def make_reference_fn(graphdef: nnx.GraphDef, prompt_len: int, sampling: Samplin
   return jax.jit(lambda r, b: reference_log_probs(graphdef, r, b, prompt_len, sampling, average))
 
 
-def dpo_objective(graphdef: nnx.GraphDef, settings: DPOSettings, prompt_len: int, sampling: SamplingConfig) -> Callable:
-  """``objective(params, ref_params, batch) -> (loss, metrics)`` with ``train/*`` metrics."""
+def dpo_objective(graphdef: nnx.GraphDef, settings: DPOSettings, prompt_len: int, sampling: SamplingConfig,
+                  mesh: Mesh | None = None, rules: Any = sharding.DEFAULT_RULES) -> Callable:
+  """``objective(params, ref_params, batch) -> (loss, metrics)`` with ``train/*`` metrics (``mesh``: see
+  ``log_ratios``)."""
 
   def objective(params, ref_params, batch):
-    h = log_ratios(graphdef, params, ref_params, batch, prompt_len, sampling, settings.average_log_probs)
+    h = log_ratios(graphdef, params, ref_params, batch, prompt_len, sampling, settings.average_log_probs, mesh,
+                   rules)
     loss, aux = dpo_math.preference_loss(h, batch["ranks"], batch["response_mask"], settings.beta, settings.loss,
                                          settings.label_smoothing)
     valid = batch["response_mask"].astype(jnp.float32)
@@ -144,10 +152,12 @@ def dpo_objective(graphdef: nnx.GraphDef, settings: DPOSettings, prompt_len: int
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, settings: DPOSettings,
-                  prompt_len: int, sampling: SamplingConfig) -> Callable:
+                  prompt_len: int, sampling: SamplingConfig, mesh: Mesh | None = None,
+                  rules: Any = sharding.DEFAULT_RULES) -> Callable:
   """``step(state, batch, frozen) -> (state, metrics)``: one optimizer step of ``state.params["policy"]`` on
-  a comparison batch; ``frozen["reference"]`` holds the reference policy's params."""
-  objective = dpo_objective(graphdef, settings, prompt_len, sampling)
+  a comparison batch; ``frozen["reference"]`` holds the reference policy's params; ``mesh``: the mesh it is
+  compiled for (see ``log_ratios``)."""
+  objective = dpo_objective(graphdef, settings, prompt_len, sampling, mesh, rules)
 
   def step(state: TrainState, batch, frozen):
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params["policy"], frozen["reference"],

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from rlhf_jax import losses, state as state_lib
+from rlhf_jax import data_parallel, losses, sharding, state as state_lib
 from rlhf_jax.config_groups import loop_config
 from rlhf_jax.state import TrainState, step_key
 
@@ -37,21 +37,31 @@ def sft_config() -> ConfigDict:
   return c
 
 
-def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array],
-            dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """Mean next-token loss of a decoder on ``batch`` -> (loss, number of target tokens)."""
-  model = nnx.merge(graphdef, params)
-  logits, _ = model(batch["tokens"], batch["mask"], dropout_key=dropout_key)
+def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None,
+            mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token loss of a decoder on ``batch`` -> (loss, number of target tokens).
+
+  ``mesh``: the mesh the step is compiled for; without dropout the logits are then a
+  ``data_parallel.rows_call`` (the weight gradient crosses the data axes as one sum)."""
+
+  def logits_of(p, rows, key):
+    return nnx.merge(graphdef, p)(*rows, dropout_key=key)[0]
+
+  if dropout_key is None:
+    logits_of = data_parallel.rows_call(logits_of, mesh, rules)
+  logits = logits_of(params, (batch["tokens"], batch["mask"]), dropout_key)
   return losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
 def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, model: str = "policy",
-                 ptx_coef: float = 0.0, use_dropout: bool = False) -> Callable:
+                 ptx_coef: float = 0.0, use_dropout: bool = False, mesh: Mesh | None = None,
+                 rules=sharding.DEFAULT_RULES) -> Callable:
   """Builds ``step(state, batch, frozen) -> (state, metrics)`` for next-token training of ``state.params[model]``.
 
   With ``ptx_coef > 0`` the batch also holds ``ptx_tokens``/``ptx_mask``/``ptx_loss_mask`` and the
   objective is ``loss + ptx_coef * ptx_loss``. With ``use_dropout`` the model's dropout is applied with
-  a key derived from the state's step.
+  a key derived from the state's step. ``mesh`` (and its ``rules``): the mesh the step is compiled for
+  (see ``lm_loss``).
   """
 
   def step(state: TrainState, batch: dict, frozen: dict):
@@ -59,11 +69,12 @@ def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
     key = step_key(state) if use_dropout else None
 
     def objective(params):
-      loss, n = lm_loss(graphdef, params, batch, key)
+      loss, n = lm_loss(graphdef, params, batch, key, mesh, rules)
       total, aux = loss, {"train/loss": loss, "train/target_tokens": n}
       if ptx_coef:
         ptx = {k[4:]: v for k, v in batch.items() if k.startswith("ptx_")}
-        ptx_loss, _ = lm_loss(graphdef, params, ptx, None if key is None else jax.random.fold_in(key, 1))
+        ptx_loss, _ = lm_loss(graphdef, params, ptx, None if key is None else jax.random.fold_in(key, 1), mesh,
+                              rules)
         total = total + ptx_coef * ptx_loss
         aux["train/ptx_loss"] = ptx_loss
       return total, aux

@@ -44,7 +44,7 @@ import optax
 from flax import nnx, struct
 from ml_collections import ConfigDict
 
-from rlhf_jax import compute, losses, sharding
+from rlhf_jax import compute, data_parallel, losses, sharding
 from rlhf_jax.config_groups import checkpoint_config, optimizer_config, sampling_config
 from rlhf_jax.generate import SamplingConfig, sampling_log_probs
 from rlhf_jax.models import DecoderConfig
@@ -383,16 +383,21 @@ def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphD
 
 def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                value_mode: ValueMode, params: dict[str, PyTree], exp: Experience,
-               ptx: dict[str, Array] | None, beta: Array | float = 0.0) -> tuple[Array, dict[str, Array]]:
+               ptx: dict[str, Array] | None, beta: Array | float = 0.0, mesh: jax.sharding.Mesh | None = None,
+               rules: Any = sharding.DEFAULT_RULES) -> tuple[Array, dict[str, Array]]:
   """The PPO objective on one minibatch -> (total loss, metrics).
 
   params: {"policy": ..., "value": ...}; ptx: optional {tokens, mask, loss_mask} [b, T] pretraining rows;
   beta: the KL coefficient (used by grpo's loss term only).
   total = policy_loss - entropy_coef * entropy + value_coef * value_loss (+ ptx_coef * ptx_loss)
-  (+ beta * mean k3(policy, reference) for grpo). Token means are over ``exp.loss_mask``.
+  (+ beta * mean k3(policy, reference) for grpo). Token means are over ``exp.loss_mask``. ``mesh``: the
+  mesh the update is compiled for; the policy and value passes are then a ``data_parallel.rows_call``.
   """
-  log_probs, all_lp, values = _policy_and_values(policy_graphdef, params["policy"], value_graphdef,
-                                                 params["value"], exp.rollout, cfg, value_mode)
+  def outputs(p, rollout, _):
+    return _policy_and_values(policy_graphdef, p["policy"], value_graphdef, p["value"], rollout, cfg, value_mode)
+
+  outputs = data_parallel.rows_call(outputs, mesh, rules, row_group=exp.rollout.prompt_group)
+  log_probs, all_lp, values = outputs(params, exp.rollout, None)
   mask = exp.loss_mask
   policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, mask, cfg.clip_eps)
   entropy = masked_mean(_entropy(all_lp), mask)
@@ -420,7 +425,8 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
   if cfg.ptx_coef:
     if ptx is None:
       raise ValueError("ppo.ptx_coef > 0 needs a pretraining batch ('ptx')")
-    ptx_logits, _ = nnx.merge(policy_graphdef, params["policy"])(ptx["tokens"], ptx["mask"])
+    ptx_logits = data_parallel.rows_call(lambda p, rows, _: nnx.merge(policy_graphdef, p)(*rows)[0], mesh, rules)(
+        params["policy"], (ptx["tokens"], ptx["mask"]), None)
     ptx_loss, _ = losses.next_token_loss(ptx_logits, ptx["tokens"], ptx["loss_mask"])
     total = total + cfg.ptx_coef * ptx_loss
     metrics["train/ptx_loss"] = ptx_loss
@@ -473,7 +479,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
   _check_value_mode(value_mode)
   objective = jax.value_and_grad(
       lambda params, exp, ptx, beta: ppo_losses(policy_graphdef, value_graphdef, cfg, value_mode, params, exp,
-                                                ptx, beta),
+                                                ptx, beta, mesh, rules),
       has_aux=True)
 
   def minibatch_step(carry, xs, beta):

@@ -8,14 +8,15 @@ so that the reference policy's responses score mean 0 and std 1.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from rlhf_jax import losses
+from rlhf_jax import data_parallel, losses, sharding
 from rlhf_jax.config_groups import loop_config
 from rlhf_jax.data.batching import comparison_shared_prefix
 from rlhf_jax.scoring import reward_scores
@@ -50,17 +51,28 @@ def comparison_rewards(graphdef: nnx.GraphDef, params, batch, dropout_key=None) 
                        dropout_key, shared_prefix=comparison_shared_prefix(batch)).reshape(b, k)
 
 
-def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float) -> Callable:
-  """``objective(params, batch, key) -> (loss, metrics)`` of the chosen loss (see ``LOSSES``)."""
+def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float, mesh: Mesh | None = None,
+                     rules: Any = sharding.DEFAULT_RULES) -> Callable:
+  """``objective(params, batch, key) -> (loss, metrics)`` of the chosen loss (see ``LOSSES``).
+
+  ``mesh``: the mesh the step is compiled for; without dropout the RM pass is then a
+  ``data_parallel.rows_call`` (its weight gradient crosses the data axes as one sum)."""
   if loss_kind not in LOSSES:
     raise ValueError(f"reward.loss must be one of {LOSSES}, got {loss_kind!r}")
 
-  def objective(params, batch, key):
+  def scores(params, rows, key):  # one example per row: [B, K, T] comparisons or [B, T] scored responses
     if loss_kind == "ranking":
-      rewards = comparison_rewards(graphdef, params, batch, key)
+      return comparison_rewards(graphdef, params, rows, key)
+    return reward_scores(graphdef, params, rows["tokens"], rows["mask"], key)
+
+  split_scores = data_parallel.rows_call(scores, mesh, rules)
+
+  def objective(params, batch, key):
+    rows = {name: batch[name] for name in ("tokens", "mask", "prompt_mask") if name in batch}
+    rewards = (scores if key is not None else split_scores)(params, rows, key)
+    if loss_kind == "ranking":
       loss, aux = losses.ranking_loss(rewards, batch["ranks"], batch["response_mask"], margin)
       return loss, {"train/loss": loss, "train/accuracy": aux["accuracy"], "train/reward_gap": aux["reward_gap"]}
-    rewards = reward_scores(graphdef, params, batch["tokens"], batch["mask"], key)
     kind = "sigmoid_mse" if loss_kind == "direct_sigmoid" else "mse"
     loss = losses.direct_score_loss(rewards, batch["score"], kind)
     return loss, {"train/loss": loss}
@@ -69,9 +81,11 @@ def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float) -> C
 
 
 def make_reward_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_kind: str,
-                     margin: float, use_dropout: bool = False) -> Callable:
-  """``step(state, batch, frozen) -> (state, metrics)`` for ``state.params["reward"]``."""
-  objective = reward_objective(graphdef, loss_kind, margin)
+                     margin: float, use_dropout: bool = False, mesh: Mesh | None = None,
+                     rules: Any = sharding.DEFAULT_RULES) -> Callable:
+  """``step(state, batch, frozen) -> (state, metrics)`` for ``state.params["reward"]``; ``mesh``: the mesh
+  it is compiled for (see ``reward_objective``)."""
+  objective = reward_objective(graphdef, loss_kind, margin, mesh, rules)
 
   def step(state: TrainState, batch, frozen):
     del frozen

@@ -149,7 +149,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
 
     example = host_batch(0)[0]
 
-  step_fn = dpo.make_dpo_step(graphdef, tx, settings, data.prompt_len, sampling)
+  step_fn = dpo.make_dpo_step(graphdef, tx, settings, data.prompt_len, sampling, ctx.mesh, ctx.rules)
   step = state_lib.compile_step(step_fn, shardings, ctx.batch_shardings(example), frozen_shardings, ctx.mesh)
 
   # Evaluation: the shared policy evaluation, and the implicit reward on held-out comparisons.

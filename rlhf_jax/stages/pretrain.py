@@ -35,7 +35,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     batch, stats = host_batch(step)
     return ctx.put(batch), {**truncation_metrics(stats), **step_counts(ctx.model_config, batch).metrics()}
 
-  step = state_lib.compile_step(make_lm_step(graphdef, tx, use_dropout=ctx.config.model.dropout > 0),
+  step = state_lib.compile_step(make_lm_step(graphdef, tx, use_dropout=ctx.config.model.dropout > 0,
+                                             mesh=ctx.mesh, rules=ctx.rules),
                                 state_shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   evaluator = PolicyEvaluator(ctx)
 

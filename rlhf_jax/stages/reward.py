@@ -87,7 +87,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     return ctx.put(batch), {**truncation_metrics(stats),
                             **step_counts(ctx.model_config, batch, lm_head=False).metrics()}
 
-  step_fn = make_reward_step(graphdef, tx, cfg.loss, cfg.margin, use_dropout=ctx.config.model.dropout > 0)
+  step_fn = make_reward_step(graphdef, tx, cfg.loss, cfg.margin, use_dropout=ctx.config.model.dropout > 0,
+                             mesh=ctx.mesh, rules=ctx.rules)
   step = state_lib.compile_step(step_fn, shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   score_test = make_test_scorer(ctx, graphdef, test, to_batch, kind)
   state, last_eval = run_loop(ctx, instance.name, state, shardings, step, make_batch, cfg.steps, cfg,

@@ -138,7 +138,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                            for n in (ctx.config.data.prompt_len, ctx.config.data.prompt_len,
                                      sampling.max_new_tokens, sampling.max_new_tokens)))
   example["active"] = np.asarray(1, np.int32)
-  step_fn = make_guarded_step(make_lm_step(graphdef, tx))
+  step_fn = make_guarded_step(make_lm_step(graphdef, tx, mesh=ctx.mesh, rules=ctx.rules))
   step = state_lib.compile_step(step_fn, shardings, ctx.batch_shardings(example), None, ctx.mesh)
   evaluator = evaluation.PolicyEvaluator(ctx)
   baseline_gold = evaluation.load_gold(ctx, cfg.reference)

@@ -49,7 +49,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     batch, stats = host_batch(step)
     return ctx.put(batch), {**truncation_metrics(stats), **step_counts(ctx.model_config, batch).metrics()}
 
-  step_fn = make_lm_step(graphdef, tx, ptx_coef=cfg.ptx_coef, use_dropout=ctx.config.model.dropout > 0)
+  step_fn = make_lm_step(graphdef, tx, ptx_coef=cfg.ptx_coef, use_dropout=ctx.config.model.dropout > 0,
+                         mesh=ctx.mesh, rules=ctx.rules)
   step = state_lib.compile_step(step_fn, state_shardings, ctx.batch_shardings(host_batch(0)[0]), None, ctx.mesh)
   evaluator = evaluation.PolicyEvaluator(ctx)
   reference = ctx.load_params(cfg.init_from, "lm")[0] if cfg.init_from else None

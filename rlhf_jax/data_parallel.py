@@ -1,0 +1,94 @@
+"""A model call whose parameter gradient crosses the data axes as one flat sum.
+
+Under jit a weight gradient of a data-parallel step is a product over rows split across devices, so XLA
+sums it over the devices (an all-reduce) where it is made: one per weight and per use of that weight.
+XLA's combiner then merges them into a few multi-tensor all-reduces, but XLA:CPU's in-process all-reduce
+still meets once per tensor (a rendezvous of the device threads for each of the ~140 tensors of a small
+model), and its pipeline has no pass that adds two all-reduced partial gradients before the sum: with
+``shared_prefix`` (the prompt computed once, then the responses against it) every weight gradient of a
+PPO update crossed the devices twice.
+
+``rows_call(fn, mesh, rules)`` computes ``fn(params, rows, shared)`` on each device's rows
+(``jax.shard_map`` over the data axes), keeps the backward pass's residuals where they were made, and in
+the backward pass sums the per-device parameter gradient over the data axes as one flat vector (one
+``psum``). The values are those of ``fn`` on the whole batch; the gradient is the same sum in another
+order (float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, PartitionSpec
+
+from rlhf_jax import sharding
+
+PyTree = Any
+
+
+def applies(mesh: Mesh | None, rules: Any) -> bool:
+  """Whether ``rows_call`` splits anything on ``mesh``: the ``batch`` rule splits rows over more than one
+  device, and no parameter is split (every mesh axis a parameter rule names has size 1)."""
+  if mesh is None or not sharding.batch_axes(mesh, rules):
+    return False
+  param_axes = set()
+  for name, axes in rules:
+    if name != sharding.BATCH and axes is not None:
+      param_axes.update((axes,) if isinstance(axes, str) else axes)
+  return all(mesh.shape[a] == 1 for a in param_axes)
+
+
+def rows_call(fn: Callable[[PyTree, PyTree, PyTree], PyTree], mesh: Mesh | None,
+              rules: Any = sharding.DEFAULT_RULES, row_group: int = 1) -> Callable[[PyTree, PyTree, PyTree], PyTree]:
+  """``fn(params, rows, shared) -> out`` with its parameter gradient summed over the data axes in one psum.
+
+  rows: arrays whose axis 0 is the batch rows (split over the data axes, as the batch is); shared:
+  anything else every device needs whole (keys, scalars). Every leaf of ``out`` leads with the rows.
+  ``fn`` must treat rows independently (a per-row model call, no batch statistics), or groups of
+  ``row_group`` consecutive rows (``shared_prefix``). Where ``applies`` is False (one device, or parameters
+  sharded over a model axis), or where a call's rows do not split into whole groups per device, ``fn``
+  runs as it is.
+  """
+  if not applies(mesh, rules):
+    return fn
+  data = sharding.batch_axes(mesh, rules)
+  ways = sharding.data_parallel_size(mesh, rules)
+  split, whole = PartitionSpec(data), PartitionSpec()
+
+  def local_forward(params, rows, shared):
+    out, backward = jax.vjp(lambda p: fn(p, rows, shared), params)
+    # ``backward`` is a pytree (its residuals); each device's leaves leave as its own block of a stacked
+    # array, so no data moves and the backward pass finds them where they were made.
+    return out, jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], backward)
+
+  def local_backward(backward, cotangent):
+    (grads,) = jax.tree.map(lambda leaf: leaf[0], backward)(cotangent)
+    flat, unflatten = ravel_pytree(grads)
+    return unflatten(jax.lax.psum(flat, data))
+
+  @jax.custom_vjp
+  def call(params, rows, shared):
+    return jax.shard_map(fn, mesh=mesh, in_specs=(whole, split, whole), out_specs=split,
+                         check_vma=False)(params, rows, shared)
+
+  def call_fwd(params, rows, shared):
+    return jax.shard_map(local_forward, mesh=mesh, in_specs=(whole, split, whole), out_specs=(split, split),
+                         check_vma=False)(params, rows, shared)
+
+  def call_bwd(backward, cotangent):
+    grads = jax.shard_map(local_backward, mesh=mesh, in_specs=(split, split), out_specs=whole,
+                          check_vma=False)(backward, cotangent)
+    return grads, None, None  # rows and shared: no gradient (tokens, masks, keys)
+
+  call.defvjp(call_fwd, call_bwd)
+
+  def dispatch(params, rows, shared):
+    count = jax.tree.leaves(rows)[0].shape[0]
+    if count % (ways * row_group):
+      return fn(params, rows, shared)
+    return call(params, rows, shared)
+
+  return dispatch

@@ -1,0 +1,149 @@
+"""Run by test_data_parallel.py in a subprocess with 2 fake CPU devices; prints one JSON line.
+
+On a data=2 mesh, each training step (next-token, reward ranking with a shared prompt, DPO, a PPO update
+with shared prompts and a separate value model) is compiled twice: with its mesh (the model passes are
+``data_parallel.rows_call``s) and without (plain autodiff, XLA's own gradient all-reduces). For each it
+reports the largest parameter difference after one SGD step (and the largest step) and the floats and tensors each version's
+compiled program all-reduces.
+"""
+
+import json
+import os
+import re
+import sys
+
+assert "xla_force_host_platform_device_count=2" in os.environ.get("XLA_FLAGS", "")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from rlhf_jax import data_parallel, sharding, state as state_lib  # noqa: E402
+from rlhf_jax.algorithms import dpo, ppo  # noqa: E402
+from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
+from rlhf_jax.algorithms.reward import make_reward_step  # noqa: E402
+from rlhf_jax.generate import SamplingConfig  # noqa: E402
+from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
+from rlhf_jax.rollout import make_rollout_fn  # noqa: E402
+from rlhf_jax.scoring import RewardModelScorer  # noqa: E402
+
+RULES = sharding.DEFAULT_RULES
+MESH = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1})
+CFG = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32)
+RNG = np.random.default_rng(0)
+
+
+def all_reduced(hlo: str) -> dict:
+  """Floats and tensors (scalars left out) that the compiled program's all-reduces carry."""
+  floats = tensors = 0
+  for line in hlo.splitlines():
+    match = re.search(r"= (.*) all-reduce(?:-start)?\(", line)
+    for dims in re.findall(r"f32\[([0-9,]+)\]", match.group(1) if match else ""):
+      floats += int(np.prod([int(d) for d in dims.split(",")]))
+      tensors += 1
+  return {"floats": floats, "tensors": tensors}
+
+
+def init(make, seed):
+  graphdef, params = sharding.init_sharded(make, jax.random.key(seed), MESH, RULES)
+  return graphdef, params.to_pure_dict()
+
+
+def run_both(make_step, params: dict, batch: dict, frozen=None) -> dict:
+  """One step of ``make_step(mesh)`` and of ``make_step(None)`` from the same state -> the comparison.
+
+  Plain SGD, so the step is the gradient (Adam would blow float noise in zero gradients up to a full step:
+  an attention key bias's gradient is exactly 0 in exact arithmetic)."""
+  tx = optax.sgd(0.1)
+  shardings = {name: jax.tree.map(lambda x: x.sharding, p) for name, p in params.items()}
+  batch_sh = jax.tree.map(lambda x: sharding.rows_sharding(MESH, RULES, x.shape), batch)
+  batch = jax.device_put(batch, batch_sh)
+  frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+  out, after = {}, {}
+  for name, mesh in (("rows_call", MESH), ("plain", None)):
+    state, state_sh = state_lib.create_train_state(jax.tree.map(jnp.copy, params), {k: tx for k in params},
+                                                   shardings, MESH, seed=0)
+    step = state_lib.compile_step(make_step(tx, mesh), state_sh, batch_sh, frozen_sh, MESH)
+    out[name] = all_reduced(step.lower(state, batch, frozen).compile().as_text())
+    state, _ = step(state, batch, frozen)
+    after[name] = state.params
+  diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), after["rows_call"], after["plain"])
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), after["plain"], params)
+  out["max_param_diff"] = max(jax.tree.leaves(diffs))
+  out["max_param_step"] = max(jax.tree.leaves(moved))
+  out["params"] = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  return out
+
+
+def lm_run():
+  graphdef, params = init(lambda r: Decoder(CFG, rngs=r), 0)
+  tokens = RNG.integers(4, 64, (8, 16)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[:3, :5] = 0  # left padding
+  batch = {"tokens": tokens, "mask": mask, "loss_mask": mask.astype(np.float32)}
+  return run_both(lambda tx, mesh: make_lm_step(graphdef, tx, mesh=mesh), {"policy": params}, batch)
+
+
+def comparison_batch(pairs=4, k=2, prompt_len=6, width=14):
+  prompt = np.repeat(RNG.integers(4, 64, (pairs, 1, prompt_len)), k, axis=1)
+  tokens = np.concatenate([prompt, RNG.integers(4, 64, (pairs, k, width - prompt_len))], -1).astype(np.int32)
+  return {"tokens": tokens, "mask": np.ones_like(tokens), "prompt_mask": np.ones((pairs, prompt_len), np.int32),
+          "ranks": np.tile(np.arange(k, dtype=np.int32), (pairs, 1)), "response_mask": np.ones((pairs, k), np.int32)}
+
+
+def reward_run():
+  graphdef, params = init(lambda r: ScalarModel(CFG, 0.1, rngs=r), 1)
+  return run_both(lambda tx, mesh: make_reward_step(graphdef, tx, "ranking", 0.0, mesh=mesh), {"reward": params},
+                  comparison_batch())
+
+
+def dpo_run():
+  graphdef, params = init(lambda r: Decoder(CFG, rngs=r), 2)
+  reference = jax.tree.map(lambda x: x * 1.01, params)
+  batch = comparison_batch()
+  del batch["prompt_mask"]
+  settings, sampling = dpo.DPOSettings(beta=0.1), SamplingConfig(max_new_tokens=8, temperature=1.0)
+  return run_both(lambda tx, mesh: dpo.make_dpo_step(graphdef, tx, settings, 6, sampling, mesh, RULES),
+                  {"policy": params}, batch, {"reference": reference})
+
+
+def ppo_run(k=2, rows=8):
+  pg, policy = init(lambda r: Decoder(CFG, rngs=r), 3)
+  vg, value = init(lambda r: ScalarModel(CFG, 0.1, rngs=r), 4)
+  pcfg = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=8, eos_id=3), epochs=2, minibatches=2)
+  prompt = np.repeat(RNG.integers(4, 64, (rows // k, 8)).astype(np.int32), k, axis=0)
+  batch = sharding.put_batch({"tokens": prompt, "mask": np.ones_like(prompt),
+                              "group": np.repeat(np.arange(rows // k, dtype=np.int32), k)}, MESH, RULES)
+  rollout = make_rollout_fn(pg, pcfg.sampling, k)(policy, batch["tokens"], batch["mask"], batch["group"],
+                                                   jax.random.key(0))
+  rollout = ppo.share_prompts(rollout, pcfg, k)
+  exp, _ = ppo.make_experience_fn(pg, vg, pcfg)(policy, policy, value, rollout,
+                                                RewardModelScorer(vg, value)(rollout), 0.1)
+  return run_both(lambda tx, mesh: ppo.make_ppo_update(pg, vg, tx, tx, pcfg, "separate", mesh, RULES),
+                  {"policy": policy, "value": value}, {"experience": exp, "ptx": None})
+
+
+def fallback_run():
+  """Rows that do not split into whole groups per device: the plain call, same values."""
+  graphdef, params = init(lambda r: Decoder(CFG, rngs=r), 5)
+
+  def logits(p, rows, _):
+    return nnx.merge(graphdef, p)(*rows)[0]
+
+  split = data_parallel.rows_call(logits, MESH, RULES, row_group=2)
+  tokens = RNG.integers(4, 64, (6, 8)).astype(np.int32)  # 3 rows a device: not whole groups of 2
+  rows = (tokens, np.ones_like(tokens))
+  loss = lambda f: lambda p: f(p, rows, None).mean()  # noqa: E731
+  grads = [jax.jit(jax.grad(loss(f)))(params) for f in (split, logits)]
+  return max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), *grads)))
+
+
+applies = {name: data_parallel.applies(sharding.make_mesh(axes), RULES) for name, axes in (
+    ("data2", {"data": 2, "fsdp": 1, "tensor": 1}), ("fsdp2", {"data": 1, "fsdp": 2, "tensor": 1}),
+    ("tensor2", {"data": 1, "fsdp": 1, "tensor": 2}))}
+applies["one_device"] = data_parallel.applies(
+    sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]), RULES)
+json.dump({"lm": lm_run(), "reward": reward_run(), "dpo": dpo_run(), "ppo": ppo_run(),
+           "fallback_grad_diff": fallback_run(), "applies": applies}, sys.stdout)
