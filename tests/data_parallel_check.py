@@ -1,10 +1,10 @@
 """Run by test_data_parallel.py in a subprocess with 2 fake CPU devices; prints one JSON line.
 
 On a data=2 mesh, each training step (next-token, reward ranking with a shared prompt, DPO, a PPO update
-with shared prompts and a separate value model) is compiled twice: with its mesh (the model passes are
-``data_parallel.rows_call``s) and without (plain autodiff, XLA's own gradient all-reduces). For each it
-reports the largest parameter difference after one SGD step (and the largest step) and the floats and tensors each version's
-compiled program all-reduces.
+with shared prompts, a separate value model and pretraining rows) is compiled twice: with its mesh (the
+model passes are ``data_parallel.rows_call``s) and without (plain autodiff, XLA's own gradient
+all-reduces). For each it reports the largest parameter difference after one SGD step (and the largest
+step), and the floats and tensors each version's compiled program all-reduces.
 """
 
 import json
@@ -51,9 +51,10 @@ def init(make, seed):
   return graphdef, params.to_pure_dict()
 
 
-def run_both(make_step, params: dict, batch: dict, frozen=None) -> dict:
+def run_both(make_step, params: dict, batch: dict, frozen=None, extra_passes=()) -> dict:
   """One step of ``make_step(mesh)`` and of ``make_step(None)`` from the same state -> the comparison.
 
+  ``extra_passes``: names of models that a second rows_call runs on other rows (PPO's pretraining rows).
   Plain SGD, so the step is the gradient (Adam would blow float noise in zero gradients up to a full step:
   an attention key bias's gradient is exactly 0 in exact arithmetic)."""
   tx = optax.sgd(0.1)
@@ -74,6 +75,8 @@ def run_both(make_step, params: dict, batch: dict, frozen=None) -> dict:
   out["max_param_diff"] = max(jax.tree.leaves(diffs))
   out["max_param_step"] = max(jax.tree.leaves(moved))
   out["params"] = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  passes = [params, *(params[m] for m in extra_passes)]
+  out["expected"] = {"floats": sum(int(np.size(x)) for x in jax.tree.leaves(passes)), "tensors": len(passes)}
   return out
 
 
@@ -112,7 +115,7 @@ def dpo_run():
 def ppo_run(k=2, rows=8):
   pg, policy = init(lambda r: Decoder(CFG, rngs=r), 3)
   vg, value = init(lambda r: ScalarModel(CFG, 0.1, rngs=r), 4)
-  pcfg = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=8, eos_id=3), epochs=2, minibatches=2)
+  pcfg = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=8, eos_id=3), epochs=2, minibatches=2, ptx_coef=0.5)
   prompt = np.repeat(RNG.integers(4, 64, (rows // k, 8)).astype(np.int32), k, axis=0)
   batch = sharding.put_batch({"tokens": prompt, "mask": np.ones_like(prompt),
                               "group": np.repeat(np.arange(rows // k, dtype=np.int32), k)}, MESH, RULES)
@@ -121,8 +124,10 @@ def ppo_run(k=2, rows=8):
   rollout = ppo.share_prompts(rollout, pcfg, k)
   exp, _ = ppo.make_experience_fn(pg, vg, pcfg)(policy, policy, value, rollout,
                                                 RewardModelScorer(vg, value)(rollout), 0.1)
+  ptx = RNG.integers(4, 64, (4, 12)).astype(np.int32)
+  ptx = {"tokens": ptx, "mask": np.ones_like(ptx), "loss_mask": np.ones(ptx.shape, np.float32)}
   return run_both(lambda tx, mesh: ppo.make_ppo_update(pg, vg, tx, tx, pcfg, "separate", mesh, RULES),
-                  {"policy": policy, "value": value}, {"experience": exp, "ptx": None})
+                  {"policy": policy, "value": value}, {"experience": exp, "ptx": ptx}, extra_passes=("policy",))
 
 
 def fallback_run():
