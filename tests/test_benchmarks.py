@@ -114,3 +114,14 @@ def test_ab_compares_the_working_tree_with_a_revision():
   records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   assert [r["name"] for r in records] == ["reward_step"]
   assert records[0]["base_s"] > 0 and records[0]["new_s"] > 0 and records[0]["speedup"] > 0
+
+
+def test_gradient_sum_times_both_versions_across_processes():
+  """experiments/benchmarks/gradient_sum.py: 2 local processes joined by gloo, one JSON line per step (the
+  reward step only: the sft step is the same code with another step maker)."""
+  out = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/gradient_sum.py"), "--size=tiny",
+                        "--reps=1", "--steps=reward_step"], capture_output=True, text=True, check=True, timeout=600,
+                       cwd=ROOT).stdout
+  records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["name"] for r in records] == ["reward_step"]
+  assert all(r["processes"] == 2 and r["rows_call_ms"] > 0 and r["plain_ms"] > 0 for r in records)
