@@ -26,8 +26,7 @@ from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
 from rlhf_jax.algorithms.reward import make_reward_step  # noqa: E402
 from rlhf_jax.generate import SamplingConfig  # noqa: E402
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
-from rlhf_jax.rollout import make_rollout_fn  # noqa: E402
-from rlhf_jax.scoring import RewardModelScorer  # noqa: E402
+from ppo_probe import shared_prompt_experience  # noqa: E402
 
 RULES = sharding.DEFAULT_RULES
 MESH = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1})
@@ -116,14 +115,7 @@ def ppo_run(k=2, rows=8):
   pg, policy = init(lambda r: Decoder(CFG, rngs=r), 3)
   vg, value = init(lambda r: ScalarModel(CFG, 0.1, rngs=r), 4)
   pcfg = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=8, eos_id=3), epochs=2, minibatches=2, ptx_coef=0.5)
-  prompt = np.repeat(RNG.integers(4, 64, (rows // k, 8)).astype(np.int32), k, axis=0)
-  batch = sharding.put_batch({"tokens": prompt, "mask": np.ones_like(prompt),
-                              "group": np.repeat(np.arange(rows // k, dtype=np.int32), k)}, MESH, RULES)
-  rollout = make_rollout_fn(pg, pcfg.sampling, k)(policy, batch["tokens"], batch["mask"], batch["group"],
-                                                   jax.random.key(0))
-  rollout = ppo.share_prompts(rollout, pcfg, k)
-  exp, _ = ppo.make_experience_fn(pg, vg, pcfg)(policy, policy, value, rollout,
-                                                RewardModelScorer(vg, value)(rollout), 0.1)
+  exp = shared_prompt_experience(pg, policy, vg, value, pcfg, MESH, rows, k)
   ptx = RNG.integers(4, 64, (4, 12)).astype(np.int32)
   ptx = {"tokens": ptx, "mask": np.ones_like(ptx), "loss_mask": np.ones(ptx.shape, np.float32)}
   return run_both(lambda tx, mesh: ppo.make_ppo_update(pg, vg, tx, tx, pcfg, "separate", mesh, RULES),

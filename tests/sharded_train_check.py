@@ -23,8 +23,7 @@ from rlhf_jax.algorithms import ppo  # noqa: E402
 from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
 from rlhf_jax.generate import SamplingConfig  # noqa: E402
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
-from rlhf_jax.rollout import make_rollout_fn  # noqa: E402
-from rlhf_jax.scoring import RewardModelScorer  # noqa: E402
+from ppo_probe import shared_prompt_experience  # noqa: E402
 
 
 def train(mesh, flavour, steps=3, matmul_dtype=""):
@@ -65,14 +64,7 @@ def ppo_update_flops(mesh, samples_per_prompt, minibatches, rows=16):
   vg, value = sharding.init_sharded(lambda r: ScalarModel(cfg, 0.1, rngs=r), jax.random.key(1), mesh, rules)
   policy, value = policy.to_pure_dict(), value.to_pure_dict()
   pcfg = ppo.PPOConfig(sampling=SamplingConfig(max_new_tokens=8, eos_id=3), epochs=1, minibatches=minibatches)
-  prompt = np.repeat(np.random.default_rng(0).integers(4, 64, (rows // k, 8)).astype(np.int32), k, axis=0)
-  batch = sharding.put_batch({"tokens": prompt, "mask": np.ones_like(prompt),
-                              "group": np.repeat(np.arange(rows // k, dtype=np.int32), k)}, mesh, rules)
-  rollout = make_rollout_fn(pg, pcfg.sampling, k)(policy, batch["tokens"], batch["mask"], batch["group"],
-                                                   jax.random.key(0))
-  rollout = ppo.share_prompts(rollout, pcfg, k)
-  exp, _ = ppo.make_experience_fn(pg, vg, pcfg)(policy, policy, value, rollout,
-                                                RewardModelScorer(vg, value)(rollout), 0.1)
+  exp = shared_prompt_experience(pg, policy, vg, value, pcfg, mesh, rows, k)
   tx = optax.adam(1e-3)
   st, st_sh = state_lib.create_train_state(
       {"policy": policy, "value": value}, {"policy": tx, "value": tx},
