@@ -8,7 +8,7 @@ model), and its pipeline has no pass that adds two all-reduced partial gradients
 ``shared_prefix`` (the prompt computed once, then the responses against it) every weight gradient of a
 PPO update crossed the devices twice.
 
-``rows_call(fn, mesh, rules)`` computes ``fn(params, rows, shared)`` on each device's rows
+``rows_call(fn, mesh, rules)`` computes ``fn(params, rows)`` on each device's rows
 (``jax.shard_map`` over the data axes), keeps the backward pass's residuals where they were made, and in
 the backward pass sums the per-device parameter gradient over the data axes as one flat vector (one
 ``psum``). The values are those of ``fn`` on the whole batch; the gradient is the same sum in another
@@ -41,13 +41,13 @@ def applies(mesh: Mesh | None, rules: Any) -> bool:
   return all(mesh.shape[a] == 1 for a in param_axes)
 
 
-def rows_call(fn: Callable[[PyTree, PyTree, PyTree], PyTree], mesh: Mesh | None,
-              rules: Any = sharding.DEFAULT_RULES, row_group: int = 1) -> Callable[[PyTree, PyTree, PyTree], PyTree]:
-  """``fn(params, rows, shared) -> out`` with its parameter gradient summed over the data axes in one psum.
+def rows_call(fn: Callable[[PyTree, PyTree], PyTree], mesh: Mesh | None, rules: Any = sharding.DEFAULT_RULES,
+              row_group: int = 1) -> Callable[[PyTree, PyTree], PyTree]:
+  """``fn(params, rows) -> out`` with its parameter gradient summed over the data axes in one psum.
 
-  rows: arrays whose axis 0 is the batch rows (split over the data axes, as the batch is); shared:
-  anything else every device needs whole (keys, scalars). Every leaf of ``out`` leads with the rows.
-  ``fn`` must treat rows independently (a per-row model call, no batch statistics), or groups of
+  rows: arrays whose axis 0 is the batch rows (split over the data axes, as the batch is). Every leaf of
+  ``out`` leads with the rows. ``fn`` must treat rows independently (a per-row model call, no batch
+  statistics, no dropout: each device would draw the same mask for its rows), or groups of
   ``row_group`` consecutive rows (``shared_prefix``). Where ``applies`` is False (one device, or parameters
   sharded over a model axis), or where a call's rows do not split into whole groups per device, ``fn``
   runs as it is.
@@ -58,8 +58,8 @@ def rows_call(fn: Callable[[PyTree, PyTree, PyTree], PyTree], mesh: Mesh | None,
   ways = sharding.data_parallel_size(mesh, rules)
   split, whole = PartitionSpec(data), PartitionSpec()
 
-  def local_forward(params, rows, shared):
-    out, backward = jax.vjp(lambda p: fn(p, rows, shared), params)
+  def local_forward(params, rows):
+    out, backward = jax.vjp(lambda p: fn(p, rows), params)
     # ``backward`` is a pytree (its residuals); each device's leaves leave as its own block of a stacked
     # array, so no data moves and the backward pass finds them where they were made.
     return out, jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], backward)
@@ -70,25 +70,24 @@ def rows_call(fn: Callable[[PyTree, PyTree, PyTree], PyTree], mesh: Mesh | None,
     return unflatten(jax.lax.psum(flat, data))
 
   @jax.custom_vjp
-  def call(params, rows, shared):
-    return jax.shard_map(fn, mesh=mesh, in_specs=(whole, split, whole), out_specs=split,
-                         check_vma=False)(params, rows, shared)
+  def call(params, rows):
+    return jax.shard_map(fn, mesh=mesh, in_specs=(whole, split), out_specs=split, check_vma=False)(params, rows)
 
-  def call_fwd(params, rows, shared):
-    return jax.shard_map(local_forward, mesh=mesh, in_specs=(whole, split, whole), out_specs=(split, split),
-                         check_vma=False)(params, rows, shared)
+  def call_fwd(params, rows):
+    return jax.shard_map(local_forward, mesh=mesh, in_specs=(whole, split), out_specs=(split, split),
+                         check_vma=False)(params, rows)
 
   def call_bwd(backward, cotangent):
     grads = jax.shard_map(local_backward, mesh=mesh, in_specs=(split, split), out_specs=whole,
                           check_vma=False)(backward, cotangent)
-    return grads, None, None  # rows and shared: no gradient (tokens, masks, keys)
+    return grads, None  # rows: no gradient (tokens, masks)
 
   call.defvjp(call_fwd, call_bwd)
 
-  def dispatch(params, rows, shared):
+  def dispatch(params, rows):
     count = jax.tree.leaves(rows)[0].shape[0]
     if count % (ways * row_group):
-      return fn(params, rows, shared)
-    return call(params, rows, shared)
+      return fn(params, rows)
+    return call(params, rows)
 
   return dispatch

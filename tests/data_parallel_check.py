@@ -26,7 +26,7 @@ from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
 from rlhf_jax.algorithms.reward import make_reward_step  # noqa: E402
 from rlhf_jax.generate import SamplingConfig  # noqa: E402
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
-from ppo_probe import shared_prompt_experience  # noqa: E402
+from probes import shared_prompt_experience  # noqa: E402
 
 RULES = sharding.DEFAULT_RULES
 MESH = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1})
@@ -126,13 +126,13 @@ def fallback_run():
   """Rows that do not split into whole groups per device: the plain call, same values."""
   graphdef, params = init(lambda r: Decoder(CFG, rngs=r), 5)
 
-  def logits(p, rows, _):
+  def logits(p, rows):
     return nnx.merge(graphdef, p)(*rows)[0]
 
   split = data_parallel.rows_call(logits, MESH, RULES, row_group=2)
   tokens = RNG.integers(4, 64, (6, 8)).astype(np.int32)  # 3 rows a device: not whole groups of 2
   rows = (tokens, np.ones_like(tokens))
-  loss = lambda f: lambda p: f(p, rows, None).mean()  # noqa: E731
+  loss = lambda f: lambda p: f(p, rows).mean()  # noqa: E731
   grads = [jax.jit(jax.grad(loss(f)))(params) for f in (split, logits)]
   return max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), *grads)))
 

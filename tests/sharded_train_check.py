@@ -23,7 +23,7 @@ from rlhf_jax.algorithms import ppo  # noqa: E402
 from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
 from rlhf_jax.generate import SamplingConfig  # noqa: E402
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
-from ppo_probe import shared_prompt_experience  # noqa: E402
+from probes import shared_prompt_experience  # noqa: E402
 
 
 def train(mesh, flavour, steps=3, matmul_dtype=""):

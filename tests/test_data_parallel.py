@@ -1,24 +1,15 @@
 """data_parallel.rows_call: each training step's gradient crosses a data-parallel mesh as one flat sum."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-HERE = pathlib.Path(__file__).parent
+from probes import run_probe
+
 STEPS = ("lm", "reward", "dpo", "ppo")
 
 
 @pytest.fixture(scope="module")
 def data_parallel_run():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(HERE / "data_parallel_check.py")], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout)
+  return run_probe("data_parallel_check.py", 2)
 
 
 @pytest.mark.parametrize("step", STEPS)

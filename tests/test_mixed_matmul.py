@@ -165,7 +165,7 @@ DATA_PARALLEL_PROBE = """
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from rlhf_jax.models.mixed_matmul import mixed_batched_matmul, mixed_matmul
+from rlhf_jax.models.mixed_matmul import mixed_matmul
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 out = {}
 for w_contracting in (0, 1):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from probes import run_probe
 from rlhf_jax import sharding
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -19,11 +20,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def sharded_run():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(HERE / "sharded_train_check.py")], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout)
+  return run_probe("sharded_train_check.py", 8)
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama", "llama_bf16"])

@@ -217,8 +217,8 @@ def sft_step(env: Env) -> Record:
   batch = put_batch(env, {"tokens": random_tokens(env, (s.sft_batch, s.sft_len), 1),
                           "mask": np.ones((s.sft_batch, s.sft_len), np.int32), "loss_mask": loss_mask})
   n_params = count_params(params)
-  stats = _train(env, library.make_lm_step()(graphdef, tx, **_mesh_kwargs(library.make_lm_step(), env)), state,
-                 state_sh, batch)
+  make_step = library.make_lm_step()
+  stats = _train(env, make_step(graphdef, tx, **_mesh_kwargs(make_step, env)), state, state_sh, batch)
   tokens_per_s = s.sft_batch * s.sft_len / stats["median_s"]
   # The peer's formula (6 N per token), and the same plus attention's score/mix products (12 L D T per token).
   flops = {"mfu": 6 * n_params, "mfu_attn": 6 * n_params + 12 * env.model.num_layers * env.model.d_model * s.sft_len}
@@ -246,7 +246,8 @@ def sft_step_varlen(env: Env) -> Record:
     batch = library.find("trim_texts", "rlhf_jax.data.bucketing")(full, smallest) if smallest else full
     state, state_sh = state_lib.create_train_state({"policy": jax.tree.map(jnp.copy, params)}, {"policy": tx},
                                                    {"policy": shardings}, env.mesh, seed=0)
-    step = library.make_lm_step()(graphdef, tx, **_mesh_kwargs(library.make_lm_step(), env))
+    make_step = library.make_lm_step()
+    step = make_step(graphdef, tx, **_mesh_kwargs(make_step, env))
     stats = _train(env, step, state, state_sh, put_batch(env, batch))
     record[f"{name}_width"] = int(batch["tokens"].shape[1])
     record[f"{name}_real_tokens_per_s"] = round(real / stats["median_s"], 1)
@@ -267,7 +268,8 @@ def reward_step(env: Env) -> Record:
                           "mask": np.ones((s.rm_pairs, 2, s.rm_len), np.int32),
                           "ranks": np.tile(np.array([[0, 1]], np.int32), (s.rm_pairs, 1)),
                           "response_mask": np.ones((s.rm_pairs, 2), np.int32)})
-  step = library.make_reward_step()(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(library.make_reward_step(), env))
+  make_step = library.make_reward_step()
+  step = make_step(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(make_step, env))
   stats = _train(env, step, state, state_sh, batch)
   return common("reward_step", env, pairs_per_s=round(s.rm_pairs / stats["median_s"], 2),
                 ms_per_step=round(1e3 * stats["median_s"], 2), compile_s=round(stats["compile_s"], 2))
@@ -291,7 +293,8 @@ def reward_step_kwise(env: Env) -> Record:
   for name, extra in (("per_row", {}), ("shared", {"prompt_mask": np.ones((prompts, p), np.int32)})):
     state, state_sh = state_lib.create_train_state({"reward": jax.tree.map(jnp.copy, params)}, {"reward": tx},
                                                    {"reward": shardings}, env.mesh, seed=0)
-    step = library.make_reward_step()(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(library.make_reward_step(), env))
+    make_step = library.make_reward_step()
+    step = make_step(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(make_step, env))
     stats = _train(env, step, state, state_sh, put_batch(env, {**batch, **extra}))
     record[f"{name}_ms_per_step"] = round(1e3 * stats["median_s"], 2)
   record["speedup"] = round(record["per_row_ms_per_step"] / record["shared_ms_per_step"], 3)

@@ -108,9 +108,9 @@ def log_ratios(graphdef: nnx.GraphDef, params, ref_params, batch: Mapping[str, j
   for; the policy pass is then a ``data_parallel.rows_call``."""
   b, k, _ = batch["tokens"].shape
   rollout = comparison_rollout(batch["tokens"], batch["mask"], prompt_len)
-  policy_log_probs = data_parallel.rows_call(lambda p, r, _: response_log_probs(graphdef, p, r, sampling)[0], mesh,
+  policy_log_probs = data_parallel.rows_call(lambda p, r: response_log_probs(graphdef, p, r, sampling)[0], mesh,
                                              rules, row_group=rollout.prompt_group)
-  lp = policy_log_probs(params, rollout, None)
+  lp = policy_log_probs(params, rollout)
   if REFERENCE_KEY in batch:
     own = dpo_math.sequence_log_prob(lp, rollout.response_mask, average).reshape(b, k)
     return own - jax.lax.stop_gradient(batch[REFERENCE_KEY].astype(jnp.float32))

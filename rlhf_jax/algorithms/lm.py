@@ -44,12 +44,12 @@ def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array], drop
   ``mesh``: the mesh the step is compiled for; without dropout the logits are then a
   ``data_parallel.rows_call`` (the weight gradient crosses the data axes as one sum)."""
 
-  def logits_of(p, rows, key):
-    return nnx.merge(graphdef, p)(*rows, dropout_key=key)[0]
+  def logits_of(p, rows):
+    return nnx.merge(graphdef, p)(*rows, dropout_key=dropout_key)[0]
 
   if dropout_key is None:
     logits_of = data_parallel.rows_call(logits_of, mesh, rules)
-  logits = logits_of(params, (batch["tokens"], batch["mask"]), dropout_key)
+  logits = logits_of(params, (batch["tokens"], batch["mask"]))
   return losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 

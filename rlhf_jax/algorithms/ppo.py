@@ -393,11 +393,11 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
   (+ beta * mean k3(policy, reference) for grpo). Token means are over ``exp.loss_mask``. ``mesh``: the
   mesh the update is compiled for; the policy and value passes are then a ``data_parallel.rows_call``.
   """
-  def outputs(p, rollout, _):
+  def outputs(p, rollout):
     return _policy_and_values(policy_graphdef, p["policy"], value_graphdef, p["value"], rollout, cfg, value_mode)
 
   outputs = data_parallel.rows_call(outputs, mesh, rules, row_group=exp.rollout.prompt_group)
-  log_probs, all_lp, values = outputs(params, exp.rollout, None)
+  log_probs, all_lp, values = outputs(params, exp.rollout)
   mask = exp.loss_mask
   policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, mask, cfg.clip_eps)
   entropy = masked_mean(_entropy(all_lp), mask)
@@ -425,8 +425,8 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
   if cfg.ptx_coef:
     if ptx is None:
       raise ValueError("ppo.ptx_coef > 0 needs a pretraining batch ('ptx')")
-    ptx_logits = data_parallel.rows_call(lambda p, rows, _: nnx.merge(policy_graphdef, p)(*rows)[0], mesh, rules)(
-        params["policy"], (ptx["tokens"], ptx["mask"]), None)
+    ptx_logits = data_parallel.rows_call(lambda p, rows: nnx.merge(policy_graphdef, p)(*rows)[0], mesh, rules)(
+        params["policy"], (ptx["tokens"], ptx["mask"]))
     ptx_loss, _ = losses.next_token_loss(ptx_logits, ptx["tokens"], ptx["loss_mask"])
     total = total + cfg.ptx_coef * ptx_loss
     metrics["train/ptx_loss"] = ptx_loss

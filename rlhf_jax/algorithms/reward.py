@@ -60,16 +60,15 @@ def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float, mesh
   if loss_kind not in LOSSES:
     raise ValueError(f"reward.loss must be one of {LOSSES}, got {loss_kind!r}")
 
-  def scores(params, rows, key):  # one example per row: [B, K, T] comparisons or [B, T] scored responses
-    if loss_kind == "ranking":
-      return comparison_rewards(graphdef, params, rows, key)
-    return reward_scores(graphdef, params, rows["tokens"], rows["mask"], key)
-
-  split_scores = data_parallel.rows_call(scores, mesh, rules)
-
   def objective(params, batch, key):
-    rows = {name: batch[name] for name in ("tokens", "mask", "prompt_mask") if name in batch}
-    rewards = (scores if key is not None else split_scores)(params, rows, key)
+    def scores(p, rows):  # one example per row: [B, K, T] comparisons or [B, T] scored responses
+      if loss_kind == "ranking":
+        return comparison_rewards(graphdef, p, rows, key)
+      return reward_scores(graphdef, p, rows["tokens"], rows["mask"], key)
+
+    if key is None:
+      scores = data_parallel.rows_call(scores, mesh, rules)
+    rewards = scores(params, {name: batch[name] for name in ("tokens", "mask", "prompt_mask") if name in batch})
     if loss_kind == "ranking":
       loss, aux = losses.ranking_loss(rewards, batch["ranks"], batch["response_mask"], margin)
       return loss, {"train/loss": loss, "train/accuracy": aux["accuracy"], "train/reward_gap": aux["reward_gap"]}

@@ -1,4 +1,11 @@
-"""PPO experience for the multi-device probe scripts (sharded_train_check.py, data_parallel_check.py)."""
+"""The multi-device probe scripts (sharded_train_check.py, data_parallel_check.py): how a test runs one, and
+the PPO experience both build."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -7,6 +14,15 @@ from rlhf_jax import sharding
 from rlhf_jax.algorithms import ppo
 from rlhf_jax.rollout import make_rollout_fn
 from rlhf_jax.scoring import RewardModelScorer
+
+
+def run_probe(script: str, devices: int) -> dict:
+  """Runs ``tests/<script>`` on ``devices`` fake CPU devices in a subprocess -> the JSON it prints."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / script)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout)
 
 
 def shared_prompt_experience(policy_graphdef, policy, value_graphdef, value, pcfg: ppo.PPOConfig, mesh,
