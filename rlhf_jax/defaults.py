@@ -79,7 +79,9 @@ def base_config() -> ConfigDict:
   # JAX_NUM_CPU_DEVICES, XLA_FLAGS' device count and RLHF_JAX_CPU_DEVICES win.
   c.cpu_devices = 0
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.sharding = ConfigDict(dict(rules=DEFAULT_RULES))
+  # decode: where samplers keep the weights while decoding (decode_layout.py): "auto" ("tensor" on CPU),
+  # "tensor" (the mesh's devices of each process re-viewed tensor-parallel), "as_trained".
+  c.sharding = ConfigDict(dict(rules=DEFAULT_RULES, decode="auto"))
   c.model = model_config("tiny")
 
   # Where the data comes from: a built-in task (default) or user JSONL files.

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rlhf_jax.decode_layout import DecodeLayout
 from rlhf_jax.models import Decoder, init_cache
 
 Array = jax.Array
@@ -238,14 +239,25 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
   return Sample(tokens=tokens, log_probs=log_probs, mask=mask)
 
 
-def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig,
-                 prompt_group: int = 1) -> Callable[[nnx.State, Array, Array, Array], Sample]:
+def layout_generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg: SamplingConfig,
+                    prompt_group: int = 1, layout: DecodeLayout | None = None) -> Sample:
+  """``generate`` with the decoder's weights and rows in ``layout``'s decode view for the loop, the sample
+  handed back in the training mesh's batch layout; plain ``generate`` for ``layout`` None."""
+  if layout is None:
+    return generate(model, prompt, prompt_mask, key, cfg, prompt_group)
+  view, model, (prompt, prompt_mask) = layout.place(model, prompt, prompt_mask)
+  return layout.back(view, generate(model, prompt, prompt_mask, key, cfg, prompt_group))
+
+
+def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig, prompt_group: int = 1,
+                 layout: DecodeLayout | None = None) -> Callable[[nnx.State, Array, Array, Array], Sample]:
   """A jitted ``sample(params, prompt, prompt_mask, key) -> Sample`` for a decoder's graphdef
-  (``prompt_group``: see ``generate``; where it does not divide a call's rows, that call prefills per row)."""
+  (``prompt_group``: see ``generate``; where it does not divide a call's rows, that call prefills per row).
+  ``layout``: where the weights sit while decoding (``decode_layout``); None: as they are passed."""
 
   @jax.jit
   def sample(params, prompt, prompt_mask, key):
-    return generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, cfg,
-                    fitting_group(prompt_group, prompt.shape[0]))
+    return layout_generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, cfg,
+                           fitting_group(prompt_group, prompt.shape[0]), layout)
 
   return sample

@@ -308,8 +308,8 @@ def sample_policy(workdir: str, policy: str, prompts: list[str], *, num_samples:
     print(f"{PROG}: note: prompts longer than data.prompt_len={config.data.prompt_len} tokens keep their "
           "newest tokens", file=sys.stderr)
   batch = ctx.put(batch)
-  sample = make_sampler(ctx.graphdef("lm"), cfg, num_samples)(params, batch["tokens"], batch["mask"],
-                                                               jax.random.key(seed))
+  sampler = make_sampler(ctx.graphdef("lm"), cfg, num_samples, ctx.decode_layout)
+  sample = sampler(params, batch["tokens"], batch["mask"], jax.random.key(seed))
   tokens, mask = np.asarray(sample.tokens)[:len(rows)], np.asarray(sample.mask)[:len(rows)]
   texts = [tok.decode(int(t) for t in row[m > 0]) for row, m in zip(tokens, mask)]
   return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

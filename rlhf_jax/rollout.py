@@ -31,7 +31,8 @@ from flax import nnx, struct
 
 from rlhf_jax import distributed
 from rlhf_jax.data.bucketing import bucket_width
-from rlhf_jax.generate import Sample, SamplingConfig, fitting_group, generate
+from rlhf_jax.decode_layout import DecodeLayout
+from rlhf_jax.generate import Sample, SamplingConfig, fitting_group, layout_generate
 
 Array = jax.Array
 
@@ -119,19 +120,21 @@ def rollout_from_sample(prompt: Array, prompt_mask: Array, sample: Sample, group
                  log_probs=sample.log_probs, group=group)
 
 
-def make_rollout_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig, prompt_group: int = 1) -> Callable[..., Rollout]:
+def make_rollout_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig, prompt_group: int = 1,
+                    layout: DecodeLayout | None = None) -> Callable[..., Rollout]:
   """Jitted ``rollout(params, prompt, prompt_mask, group, key) -> Rollout`` sampling a decoder.
 
   ``prompt_group`` g > 1: rows come as runs of g samples of one prompt (``repeat_prompts``, or a run length
   dividing its k: see ``shared_run``), so the sampler prefills each prompt once (``generate``) and the
   rollout comes marked ``Rollout.prompt_group`` g, so every later pass over it shares the prompt too. A
   call whose rows g does not divide (padded to fit a mesh) prefills per row and comes unmarked.
+  ``layout``: where the weights sit while decoding (``decode_layout``; the stages pass ``ctx.decode_layout``).
   """
 
   @jax.jit
   def rollout(params, prompt: Array, prompt_mask: Array, group: Array, key: Array) -> Rollout:
     g = fitting_group(prompt_group, prompt.shape[0])
-    sample = generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, sampling, g)
+    sample = layout_generate(nnx.merge(graphdef, params), prompt, prompt_mask, key, sampling, g, layout)
     return rollout_from_sample(prompt, prompt_mask, sample, group).replace(prompt_group=g)
 
   return rollout

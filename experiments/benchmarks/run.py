@@ -1,7 +1,7 @@
 """Speed benchmarks of rlhf_jax's own code paths; one JSON object per line on stdout.
 
   python experiments/benchmarks/run.py [--only=generate,sft_step] [--size=bench-small|tiny|gpu-350m] [--reps=5]
-                                      [--cpu_devices=0] [--matmul_dtype=bfloat16]
+                                      [--cpu_devices=0] [--matmul_dtype=bfloat16] [--decode=auto]
 
 Names: matmul_peak, mem_bandwidth, generate, sft_step, reward_step, rl_iter, rl_iter_shared. The ceilings
 (matmul_peak, mem_bandwidth) are always measured first: MFU and the generation bound are relative to them.
@@ -30,6 +30,8 @@ REPS = flags.DEFINE_integer("reps", 5, "timed repetitions per benchmark (the med
 MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "", ["", "float32", "bfloat16"],
                                  "model.matmul_dtype for every benchmark ('': the size's own); bfloat16 also "
                                  "times matmul_peak as a bf16 x bf16 -> f32 product")
+DECODE = flags.DEFINE_enum("decode", "auto", ["auto", "tensor", "as_trained"],
+                           "config.sharding.decode for the samplers: where the weights sit while decoding")
 CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "JAX CPU devices, as the config key cpu_devices: 0 one "
                                    "per core (the command line's default), n: n")
 
@@ -50,10 +52,12 @@ def main(argv: list[str]) -> None:
   cpu_devices.configure(CPU_DEVICES.value)  # the devices a run of the command line would have
   size = sizes.with_matmul_dtype(sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
   env = suite.make_env(size, REPS.value)
+  env.decode = DECODE.value
   matmul_dtype = jnp.dtype(size.model.matmul_dtype or size.model.dtype).name
   for name in selected(FLAGS.value):
     record = suite.BENCHMARKS[name](env)
-    print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype}), flush=True)
+    print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype, "decode": DECODE.value}),
+          flush=True)
 
 
 if __name__ == "__main__":

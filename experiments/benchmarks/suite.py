@@ -35,6 +35,7 @@ class Env:
   reps: int
   mesh: jax.sharding.Mesh
   rules: tuple
+  decode: str = "auto"  # config.sharding.decode: where samplers keep the weights while decoding
   peak_gflops: float | None = None
   mem_gbps: float | None = None
   inits: dict = dataclasses.field(default_factory=dict)
@@ -158,7 +159,7 @@ def generate(env: Env, samples_per_prompt: int = 1, name: str = "generate", top_
   mask = put_batch(env, np.ones((s.gen_batch, s.gen_prompt), np.int32))
   sampling = SamplingConfig(max_new_tokens=s.gen_new, temperature=1.0, top_p=top_p, stop_at_eos=False)
   try:
-    sampler = generate_lib.make_sampler(graphdef, sampling, k)
+    sampler = generate_lib.make_sampler(graphdef, sampling, k, **_layout_kwargs(generate_lib.make_sampler, env))
   except TypeError:  # a library from before the shared prefill
     sampler = generate_lib.make_sampler(graphdef, sampling)
   key = jax.random.key(2)
@@ -203,6 +204,15 @@ def _train(env: Env, step, state, shardings, batch, frozen=None, frozen_sharding
 def _mesh_kwargs(make_step: Callable, env: Env) -> dict:
   """``mesh=env.mesh`` for a step maker that takes the mesh it is compiled for (older revisions do not)."""
   return {"mesh": env.mesh} if "mesh" in inspect.signature(make_step).parameters else {}
+
+
+def _layout_kwargs(make_sampler: Callable, env: Env) -> dict:
+  """``layout=`` the command line's default decode layout for a sampler maker that takes one (older revisions
+  do not)."""
+  if "layout" not in inspect.signature(make_sampler).parameters:
+    return {}
+  from rlhf_jax.decode_layout import DecodeLayout
+  return {"layout": DecodeLayout(env.mesh, env.rules, env.decode)}
 
 
 def sft_step(env: Env) -> Record:
@@ -361,7 +371,8 @@ def _rl_pipeline(env: Env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg, 
     from rlhf_jax import rollout as rollout_lib, scoring
     try:  # the sampler prefills each prompt once for its k samples, as the ppo stage asks (``ppo.share_prompt``)
       rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling,
-                                               env.size.rl_samples if getattr(pcfg, "share_prompt", False) else 1)
+                                               env.size.rl_samples if getattr(pcfg, "share_prompt", False) else 1,
+                                               **_layout_kwargs(rollout_lib.make_rollout_fn, env))
     except TypeError:  # a library from before the shared prefill
       rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling)
     group = jnp.repeat(jnp.arange(env.size.rl_prompts, dtype=jnp.int32), env.size.rl_samples)

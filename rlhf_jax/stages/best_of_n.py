@@ -44,7 +44,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   gold_scorer = GoldScorer(ctx.task)
   prompts = [r["prompt"] for r in ctx.records("prompts", "test")][: cfg.num_prompts]
   texts, group = repeat_prompts(prompts, m)
-  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, shared_run(m, ROLLOUT_ROWS))
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, shared_run(m, ROLLOUT_ROWS), ctx.decode_layout)
   key = ctx.key("bon/samples", instance.name)
   rm, gold, counts = [], [], compute.Counts()
   for b, start in enumerate(range(0, len(texts), ROLLOUT_ROWS)):

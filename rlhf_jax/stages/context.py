@@ -30,6 +30,7 @@ from rlhf_jax import distributed, rng, sharding, state as state_lib, tasks
 from rlhf_jax.atomic_file import is_remote
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config_groups import sampling_from_config
+from rlhf_jax.decode_layout import DecodeLayout
 from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.data import formats, hf_tokenizer, tfds_datasets
 from rlhf_jax.data.loader import BatchLoader
@@ -64,6 +65,11 @@ class StageContext:
   @property
   def rules(self) -> tuple:
     return tuple(tuple(r) for r in self.config.sharding.rules)
+
+  @property
+  def decode_layout(self) -> DecodeLayout:
+    """Where samplers keep the weights while decoding (``config.sharding.decode``; see ``decode_layout``)."""
+    return DecodeLayout(self.mesh, self.rules, self.config.sharding.get("decode", "auto"))
 
   @property
   def is_primary(self) -> bool:

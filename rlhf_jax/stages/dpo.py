@@ -187,7 +187,7 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
   k = cfg.samples_per_prompt
   prompts = ctx.records("prompts", "train")
   loader = ctx.loader(prompts, cfg.batch_size)
-  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, k)
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, k, ctx.decode_layout)
   key = ctx.key("dpo/samples", instance.name)
   gold = GoldScorer(ctx.task)
   columns = ("prompt", "prompt_mask", "response", "response_mask")

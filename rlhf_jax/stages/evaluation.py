@@ -50,7 +50,7 @@ class PolicyEvaluator:
     self.valid = ctx.host(self.prompt["valid"]).astype(bool)
     self.sampling = ctx.sampling(cfg)
     graphdef = ctx.graphdef("lm")
-    self.rollout_fn = make_rollout_fn(graphdef, self.sampling)
+    self.rollout_fn = make_rollout_fn(graphdef, self.sampling, layout=ctx.decode_layout)
     sampling = self.sampling
     self.kl_fn = jax.jit(lambda p, ref, r: (response_log_probs(graphdef, p, r, sampling)[0]
                                             - response_log_probs(graphdef, ref, r, sampling)[0]).sum(axis=1))

@@ -46,7 +46,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   prompts = [prompts[int(i)] for i in order[: cfg.num_prompts]]
   rank_seed = int(rng.numpy_rng(seed, "label/rank", instance.name).integers(2 ** 31))
   params, _ = ctx.load_params(cfg.policy, "lm")
-  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), ctx.sampling(cfg), cfg.k)
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), ctx.sampling(cfg), cfg.k, ctx.decode_layout)
   scorer = evaluation.reward_scorer(ctx, cfg.reward) if cfg.reward else None
   key = ctx.key("label/samples", instance.name)
   records, gold, rm, counts = [], [], [], compute.Counts()

@@ -78,7 +78,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   if cfg.ptx_coef:
     text = ctx.records("pretraining", "train")
     text_loader = ctx.loader(text, cfg.ptx_batch_size)
-  rollout_fn = make_rollout_fn(lm_graphdef, pcfg.sampling, cfg.samples_per_prompt if pcfg.share_prompt else 1)
+  rollout_fn = make_rollout_fn(lm_graphdef, pcfg.sampling, cfg.samples_per_prompt if pcfg.share_prompt else 1,
+                             ctx.decode_layout)
   truncate = jax.jit(lambda r: ppo.truncate_rollout(r, pcfg))
   experience_fn = ppo.make_experience_fn(lm_graphdef, value_graphdef, pcfg, value_mode)
   gold = GoldScorer(ctx.task)

@@ -144,8 +144,8 @@ def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float,
   # The reference policy's samples as the label stage draws them.
   labels = [ctx.config[n] for n in (cfg.comparisons or ()) if n in ctx.config and "sampling" in ctx.config[n]]
   sampling = ctx.sampling(labels[0]) if labels else ctx.sampling(ctx.config.evaluation)
-  rollout = make_rollout_fn(ctx.graphdef("lm"), sampling)(reference, batch["tokens"], batch["mask"], batch["group"],
-                                                           ctx.key("reward/normalize", instance.name))
+  rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, layout=ctx.decode_layout)
+  rollout = rollout_fn(reference, batch["tokens"], batch["mask"], batch["group"], ctx.key("reward/normalize", instance.name))
   rewards = ctx.real_rows(RewardModelScorer(graphdef, params)(rollout), batch["valid"])
   gain, bias = losses.reward_normalisation(jnp.asarray(rewards), bias_only=cfg.normalize == "bias")
   real = ctx.host(batch["valid"]).astype(bool)

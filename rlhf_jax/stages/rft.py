@@ -58,7 +58,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   state, shardings = state_lib.create_train_state({"policy": policy}, {"policy": tx},
                                                   {"policy": ctx.param_shardings("lm")}, ctx.mesh,
                                                   seed=ctx.config.seed)
-  rollout_fn = make_rollout_fn(graphdef, sampling, rft.sampler_group(cfg.samples_per_prompt))
+  rollout_fn = make_rollout_fn(graphdef, sampling, rft.sampler_group(cfg.samples_per_prompt), ctx.decode_layout)
   log_ratio_fn = jax.jit(lambda p, r: (response_log_probs(graphdef, p, r, sampling)[0]
                                        - response_log_probs(graphdef, reference, r, sampling)[0]).sum(axis=1))
   gold = GoldScorer(ctx.task)

@@ -1,0 +1,61 @@
+"""Probe for tests/test_decode_layout.py: run on 4 fake CPU devices, prints one JSON object.
+
+A GQA decoder sampled greedily on a data-parallel mesh, with and without the tensor-parallel decode view:
+the view chosen, tokens and log-probs of both, the output shardings, and the collectives each compiles to.
+"""
+
+import json
+import re
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import sharding
+from rlhf_jax.decode_layout import DecodeLayout, decode_mesh
+from rlhf_jax.generate import SamplingConfig, make_sampler
+from rlhf_jax.models import Decoder, DecoderConfig
+from rlhf_jax.rollout import make_rollout_fn
+
+cfg = DecoderConfig(vocab_size=96, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64,
+                    max_len=64, flavour="llama")
+rules = sharding.DEFAULT_RULES
+data = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 1})
+graphdef, state = sharding.init_sharded(lambda r: Decoder(cfg, rngs=r), jax.random.key(0), data, rules)
+params = state.to_pure_dict()
+rows, k = 8, 2
+prompt = np.repeat(np.random.default_rng(0).integers(4, 96, (rows // k, 6)).astype(np.int32), k, axis=0)
+mask = np.ones_like(prompt)
+mask[0, :2] = 0  # a left-padded row
+batch = sharding.put_batch({"tokens": prompt, "mask": mask, "group": np.repeat(np.arange(rows // k), k)},
+                           data, rules)
+greedy = SamplingConfig(max_new_tokens=5, greedy=True, stop_at_eos=False)
+out = {"views": {}}
+for name, axes in {"data4": {"data": 4}, "fsdp4": {"fsdp": 4, "data": 1}, "data2_tensor2": {"data": 2, "tensor": 2}}.items():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes})
+  view = decode_mesh(mesh, cfg, "tensor")
+  out["views"][name] = None if view is None else dict(view.shape)
+out["auto_view"] = dict(decode_mesh(data, cfg, "auto").shape)
+out["auto_small_step"] = decode_mesh(data, cfg, "auto", step_flops=1e6)
+out["auto_fsdp"] = decode_mesh(sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}), cfg, "auto")
+out["as_trained"] = decode_mesh(data, cfg, "as_trained")
+
+
+def collectives(fn, *args) -> dict:
+  text = fn.lower(*args).compile().as_text()
+  return {op: len(re.findall(rf"= \S+ {op}\(", text)) for op in ("all-reduce", "all-gather")}
+
+
+key = jax.random.key(1)
+layouts = {"plain": None, "tensor": DecodeLayout(data, rules, "tensor"), "auto": DecodeLayout(data, rules, "auto")}
+for name, layout in layouts.items():
+  sampler = make_sampler(graphdef, greedy, k, layout)
+  sample = sampler(params, batch["tokens"], batch["mask"], key)
+  rollout_fn = make_rollout_fn(graphdef, greedy, k, layout)
+  rollout = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], key)
+  out[name] = {
+      "tokens": np.asarray(sample.tokens).tolist(), "log_probs": np.asarray(sample.log_probs).tolist(),
+      "rollout_tokens": np.asarray(rollout.response).tolist(),
+      "sharding": str(sample.tokens.sharding.spec), "rollout_sharding": str(rollout.response.sharding.spec),
+      "collectives": collectives(sampler, params, batch["tokens"], batch["mask"], key)}
+print(json.dumps(out))
