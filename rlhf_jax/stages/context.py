@@ -69,7 +69,8 @@ class StageContext:
   @property
   def decode_layout(self) -> DecodeLayout:
     """Where samplers keep the weights while decoding (``config.sharding.decode``; see ``decode_layout``)."""
-    return DecodeLayout(self.mesh, self.rules, self.config.sharding.get("decode", "auto"))
+    sharding_cfg = self.config.sharding
+    return DecodeLayout(self.mesh, self.rules, sharding_cfg["decode"] if "decode" in sharding_cfg else "auto")
 
   @property
   def is_primary(self) -> bool:
