@@ -35,11 +35,10 @@ AUTO_MIN_STEP_FLOPS = 64e6
 
 
 def tensor_ways(cfg: Any, devices_per_process: int) -> int:
-  """The largest t dividing ``devices_per_process`` and every dimension the tensor rules split (query and
-  KV heads, MLP width, vocabulary) of a ``DecoderConfig``: dims t does not divide would stay whole on every
-  device and be computed t times."""
-  dims = (cfg.num_heads, cfg.kv_heads, cfg.d_ff, cfg.vocab_size)
-  common = math.gcd(*dims)
+  """The largest t dividing ``devices_per_process`` and the query heads, KV heads and MLP width of a
+  ``DecoderConfig``: the dims a layer splits (one t does not divide would stay whole on every device and be
+  computed t times). A vocabulary t does not divide stays whole too (see ``decode_mesh``)."""
+  common = math.gcd(cfg.num_heads, cfg.kv_heads, cfg.d_ff)
   return max(t for t in range(1, devices_per_process + 1) if devices_per_process % t == 0 and common % t == 0)
 
 
@@ -49,7 +48,8 @@ def decode_mesh(mesh: Mesh, cfg: Any, mode: str = "auto", step_flops: float = ma
 
   ``mode``: "tensor" re-views whenever t > 1 changes the layout; "as_trained" never; "auto" re-views a
   purely data-parallel mesh on the CPU backend when a decode step does ``step_flops`` >=
-  ``AUTO_MIN_STEP_FLOPS`` per device, where it was measured to pay, and keeps the layout otherwise: on
+  ``AUTO_MIN_STEP_FLOPS`` per device and t divides the vocabulary, where it was measured to pay, and keeps
+  the layout otherwise: on
   accelerators a small model's per-layer all-reduces can cost more than the weight reads they save (not yet
   measured), and a mesh already split over fsdp or tensor keeps the layout it was given. None: decode as
   the weights sit.
@@ -66,6 +66,8 @@ def decode_mesh(mesh: Mesh, cfg: Any, mode: str = "auto", step_flops: float = ma
   t = tensor_ways(cfg, len(devices) // len({d.process_index for d in devices}))
   if t <= 1 or (mesh.shape["tensor"] == t and mesh.shape["fsdp"] == 1):
     return None
+  if mode == "auto" and cfg.vocab_size % t:
+    return None  # the LM head would stay whole, computed for every row on every device
   grid = decode_grid(devices, t)
   return None if grid is None else Mesh(grid, mesh.axis_names)
 

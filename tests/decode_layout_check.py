@@ -4,6 +4,7 @@ A GQA decoder sampled greedily on a data-parallel mesh, with and without the ten
 the view chosen, tokens and log-probs of both, the output shardings, and the collectives each compiles to.
 """
 
+import dataclasses
 import json
 import re
 
@@ -36,6 +37,9 @@ for name, axes in {"data4": {"data": 4}, "fsdp4": {"fsdp": 4, "data": 1}, "data2
   view = decode_mesh(mesh, cfg, "tensor")
   out["views"][name] = None if view is None else dict(view.shape)
 out["auto_view"] = dict(decode_mesh(data, cfg, "auto").shape)
+odd_vocab = dataclasses.replace(cfg, vocab_size=97)
+out["odd_vocab"] = {mode: None if (v := decode_mesh(data, odd_vocab, mode)) is None else dict(v.shape)
+                    for mode in ("auto", "tensor")}
 out["auto_small_step"] = decode_mesh(data, cfg, "auto", step_flops=1e6)
 out["auto_fsdp"] = decode_mesh(sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}), cfg, "auto")
 out["as_trained"] = decode_mesh(data, cfg, "as_trained")

@@ -15,8 +15,9 @@ def _cfg(heads=4, kv=4, d_ff=1024, vocab=4096):
 
 
 @pytest.mark.parametrize("cfg, devices, ways", [
-    (_cfg(), 2, 2), (_cfg(), 8, 4), (_cfg(kv=2), 8, 2), (_cfg(heads=12, kv=12, d_ff=3072, vocab=50257), 8, 1),
-    (_cfg(heads=32, kv=8, d_ff=11008, vocab=32000), 8, 8), (_cfg(), 1, 1), (_cfg(heads=6, kv=6), 4, 2)])
+    (_cfg(), 2, 2), (_cfg(), 8, 4), (_cfg(kv=2), 8, 2), (_cfg(heads=12, kv=12, d_ff=3072, vocab=50257), 8, 4),
+    (_cfg(heads=32, kv=8, d_ff=11008, vocab=32000), 8, 8), (_cfg(), 1, 1), (_cfg(heads=6, kv=6), 4, 2),
+    (_cfg(heads=4, kv=4, d_ff=6), 4, 2)])
 def test_tensor_ways_divides_every_split_dimension(cfg, devices, ways):
   assert tensor_ways(cfg, devices) == ways
 
@@ -48,6 +49,8 @@ def test_views_chosen_for_each_mesh(probe):
   assert probe["auto_view"] == {"data": 2, "fsdp": 1, "tensor": 2}  # a data-parallel mesh on the CPU backend
   assert probe["auto_fsdp"] is None  # "auto" keeps a model-sharded mesh as it is
   assert probe["auto_small_step"] is None  # and a step too small for the all-reduces to pay
+  # A vocabulary t does not divide keeps the LM head whole: "auto" declines, "tensor" splits the layers.
+  assert probe["odd_vocab"] == {"auto": None, "tensor": {"data": 2, "fsdp": 1, "tensor": 2}}
   assert probe["as_trained"] is None
 
 

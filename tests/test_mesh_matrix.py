@@ -44,7 +44,10 @@ TINY = ["--config.pretrain.steps=20", "--config.pretrain.batch_size=16", "--conf
         "--config.label.sampling.method=gumbel", "--config.ppo.sampling.method=gumbel",
         "--config.evaluation.sampling.method=gumbel"]
 # Two meshes in the default suite (every axis used); RLHF_JAX_MESH_MATRIX=full adds pure data and pure fsdp.
+# 2x2x2 samples in the tensor-parallel decode view (sharding.decode=tensor: 2x1x4 while decoding, the
+# weights re-laid out from fsdp x tensor inside each sampler); the others decode as trained.
 MESHES = {"2x2x2": (2, 2, 2), "1x2x4": (1, 2, 4)}
+DECODE = {"2x2x2": "tensor"}
 if os.environ.get("RLHF_JAX_MESH_MATRIX") == "full":
   MESHES.update({"8x1x1": (8, 1, 1), "1x8x1": (1, 8, 1)})
 # Before any sampling: the same programs up to the order of float reductions.
@@ -63,11 +66,12 @@ MESH_DEPENDENT = ("compute/flops",)
 pytestmark = pytest.mark.skipif(os.environ.get("RLHF_JAX_MESH_MATRIX") == "0", reason="switched off by RLHF_JAX_MESH_MATRIX=0 (it runs by default; a developer opt-out for quick local runs)")
 
 
-def run_pipeline(workdir, devices, mesh=(1, 1, 1)):
+def run_pipeline(workdir, devices, mesh=(1, 1, 1), decode="auto"):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   data, fsdp, tensor = mesh
   cmd = [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}", *TINY,
-         f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}"]
+         f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+         f"--config.sharding.decode={decode}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
   assert proc.returncode == 0, proc.stderr[-5000:]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -100,7 +104,7 @@ def responses(workdir):
 @pytest.mark.parametrize("name", list(MESHES))
 def test_mesh_run_matches_one_device(one_device, tmp_path, name):
   ref_dir, (ref_summary, ref_rows, _) = one_device
-  summary, rows, stderr = run_pipeline(tmp_path / name, devices=8, mesh=MESHES[name])
+  summary, rows, stderr = run_pipeline(tmp_path / name, devices=8, mesh=MESHES[name], decode=DECODE.get(name, "auto"))
   ref, got = compared(ref_summary), compared(summary)
   assert set(got) == set(ref)
   assert got["label/label/comparisons"] == 128 and summary["reward"]["eval/rm_accuracy"] > 0
