@@ -10,9 +10,15 @@ PPO update crossed the devices twice.
 
 ``rows_call(fn, mesh, rules)`` computes ``fn(params, rows)`` on each device's rows
 (``jax.shard_map`` over the data axes), keeps the backward pass's residuals where they were made, and in
-the backward pass sums the per-device parameter gradient over the data axes as one flat vector (one
-``psum``). The values are those of ``fn`` on the whole batch; the gradient is the same sum in another
-order (float rounding).
+the backward pass sums the per-device parameter gradient over the data axes once. The values are those of
+``fn`` on the whole batch; the gradient is the same sum in another order (float rounding).
+
+How the sum crosses depends on the mesh (``flat_sum``). Across processes each tensor of an all-reduce is
+one call of the collectives library (gloo on CPU), so the gradient goes as one flat vector: 1.27x (SFT)
+and 1.50x (reward) over a psum per leaf, on 2 processes. In one process the per-leaf psum runs as fast (the
+devices' threads meet in memory) and compiles 30-40% faster: the flat vector's slices at distinct offsets
+make every fused update kernel distinct, which defeats XLA:CPU's kernel deduplication (329 distinct fused
+kernels against 155 for the SFT step at bench-small).
 """
 
 from __future__ import annotations
@@ -41,9 +47,14 @@ def applies(mesh: Mesh | None, rules: Any) -> bool:
   return all(mesh.shape[a] == 1 for a in param_axes)
 
 
+def flat_sum(mesh: Mesh) -> bool:
+  """Whether ``rows_call`` sums the gradient as one flat vector (the mesh spans processes) or leaf by leaf."""
+  return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
 def rows_call(fn: Callable[[PyTree, PyTree], PyTree], mesh: Mesh | None, rules: Any = sharding.DEFAULT_RULES,
               row_group: int = 1) -> Callable[[PyTree, PyTree], PyTree]:
-  """``fn(params, rows) -> out`` with its parameter gradient summed over the data axes in one psum.
+  """``fn(params, rows) -> out`` with its parameter gradient summed over the data axes once (``flat_sum``).
 
   rows: arrays whose axis 0 is the batch rows (split over the data axes, as the batch is). Every leaf of
   ``out`` leads with the rows. ``fn`` must treat rows independently (a per-row model call, no batch
@@ -64,10 +75,14 @@ def rows_call(fn: Callable[[PyTree, PyTree], PyTree], mesh: Mesh | None, rules: 
     # array, so no data moves and the backward pass finds them where they were made.
     return out, jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], backward)
 
+  flat = flat_sum(mesh)
+
   def local_backward(backward, cotangent):
     (grads,) = jax.tree.map(lambda leaf: leaf[0], backward)(cotangent)
-    flat, unflatten = ravel_pytree(grads)
-    return unflatten(jax.lax.psum(flat, data))
+    if not flat:
+      return jax.lax.psum(grads, data)
+    vector, unflatten = ravel_pytree(grads)
+    return unflatten(jax.lax.psum(vector, data))
 
   @jax.custom_vjp
   def call(params, rows):

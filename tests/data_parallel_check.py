@@ -1,10 +1,11 @@
 """Run by test_data_parallel.py in a subprocess with 2 fake CPU devices; prints one JSON line.
 
 On a data=2 mesh, each training step (next-token, reward ranking with a shared prompt, DPO, a PPO update
-with shared prompts, a separate value model and pretraining rows) is compiled twice: with its mesh (the
-model passes are ``data_parallel.rows_call``s) and without (plain autodiff, XLA's own gradient
-all-reduces). For each it reports the largest parameter difference after one SGD step (and the largest
-step), and the floats and tensors each version's compiled program all-reduces.
+with shared prompts, a separate value model and pretraining rows) is compiled three times: with its mesh
+(the model passes are ``data_parallel.rows_call``s), summing leaf by leaf as in one process and as one flat
+vector as across processes (``flat_sum``), and without (plain autodiff, XLA's own gradient all-reduces).
+For each it reports the largest parameter difference after one SGD step (and the largest step), and the
+floats and tensors each version's compiled program all-reduces.
 """
 
 import json
@@ -62,20 +63,28 @@ def run_both(make_step, params: dict, batch: dict, frozen=None, extra_passes=())
   batch = jax.device_put(batch, batch_sh)
   frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
   out, after = {}, {}
-  for name, mesh in (("rows_call", MESH), ("plain", None)):
+  one_process_flat_sum = data_parallel.flat_sum
+  for name, mesh, flat in (("rows_call", MESH, False), ("rows_call_flat", MESH, True), ("plain", None, False)):
+    # One process sums leaf by leaf; "flat" compiles the multi-process form (one flat vector) here too.
+    data_parallel.flat_sum = (lambda m: True) if flat else one_process_flat_sum
     state, state_sh = state_lib.create_train_state(jax.tree.map(jnp.copy, params), {k: tx for k in params},
                                                    shardings, MESH, seed=0)
     step = state_lib.compile_step(make_step(tx, mesh), state_sh, batch_sh, frozen_sh, MESH)
     out[name] = all_reduced(step.lower(state, batch, frozen).compile().as_text())
     state, _ = step(state, batch, frozen)
     after[name] = state.params
-  diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), after["rows_call"], after["plain"])
+  data_parallel.flat_sum = one_process_flat_sum
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), after["plain"], params)
-  out["max_param_diff"] = max(jax.tree.leaves(diffs))
+  for name in ("rows_call", "rows_call_flat"):
+    diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), after[name], after["plain"])
+    out[f"max_param_diff_{name}"] = max(jax.tree.leaves(diffs))
   out["max_param_step"] = max(jax.tree.leaves(moved))
   out["params"] = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   passes = [params, *(params[m] for m in extra_passes)]
-  out["expected"] = {"floats": sum(int(np.size(x)) for x in jax.tree.leaves(passes)), "tensors": len(passes)}
+  out["expected_floats"] = sum(int(np.size(x)) for x in jax.tree.leaves(passes))
+  out["expected_flat_tensors"] = len(passes)
+  # A per-leaf sum of a scalar parameter (the reward head's bias) is not counted with the scalars.
+  out["expected_leaf_floats"] = sum(int(np.size(x)) for x in jax.tree.leaves(passes) if np.ndim(x))
   return out
 
 

@@ -1,4 +1,5 @@
-"""data_parallel.rows_call: each training step's gradient crosses a data-parallel mesh as one flat sum."""
+"""data_parallel.rows_call: each training step's gradient crosses a data-parallel mesh once, leaf by leaf in
+one process and as one flat sum across processes."""
 
 import pytest
 
@@ -13,12 +14,16 @@ def data_parallel_run():
 
 
 @pytest.mark.parametrize("step", STEPS)
-def test_a_step_all_reduces_its_gradient_once_as_one_tensor(data_parallel_run, step):
-  """One all-reduced tensor of exactly the parameter count per model pass (PPO: both models over the
-  experience, then the policy over the pretraining rows), where XLA's own partitioning sent ~40-70 tensors,
-  each weight twice when the prompt is computed once per group (reward, DPO)."""
+def test_a_step_all_reduces_its_gradient_once(data_parallel_run, step):
+  """Exactly the parameter count per model pass all-reduced (PPO: both models over the experience, then the
+  policy over the pretraining rows): a tensor per leaf in one process, one tensor per pass in the flat form
+  used across processes. XLA's own partitioning sent each weight twice when the prompt is computed once
+  per group (reward, DPO)."""
   run = data_parallel_run[step]
-  assert run["rows_call"] == run["expected"]
+  assert run["rows_call_flat"]["floats"] == run["expected_floats"]
+  assert run["rows_call"]["floats"] == run["expected_leaf_floats"]
+  assert run["rows_call_flat"]["tensors"] == run["expected_flat_tensors"]
+  assert run["rows_call"]["tensors"] > 10 * run["expected_flat_tensors"]  # one per leaf
   if step in ("reward", "dpo"):
     assert run["plain"]["floats"] > 1.9 * run["params"] and run["plain"]["tensors"] > 50
 
@@ -28,7 +33,8 @@ def test_a_step_matches_plain_autodiff(data_parallel_run, step):
   """The same SGD step as without the mesh (XLA's partitioning of plain autodiff), up to float rounding."""
   run = data_parallel_run[step]
   assert run["max_param_step"] > 1e-3
-  assert run["max_param_diff"] < 1e-5 * run["max_param_step"] + 1e-8
+  for form in ("rows_call", "rows_call_flat"):
+    assert run[f"max_param_diff_{form}"] < 1e-5 * run["max_param_step"] + 1e-8
 
 
 def test_rows_that_do_not_split_into_groups_take_the_plain_call(data_parallel_run):
