@@ -28,9 +28,10 @@ from rlhf_jax import sharding as shd
 MODES = ("auto", "tensor", "as_trained")
 # "auto" re-views only when a decode step multiplies at least this many FLOPs per device (2 x params x rows
 # per device). Below it the view's per-layer all-reduces cost more than its larger products save. On 2 CPU
-# devices sampling 32 rows, new tokens/s of the view against the data-parallel layout were 0.45x for the
-# tiny preset (d_model 64, 2 layers: ~5 MFLOP) and, with 4 layers, 1.00x at d_model 128 (42 MFLOP), 1.02x
-# at 192 (77), 1.10x at 256 (134), 1.04x at 384 and 1.12x at 512 (README, Performance).
+# devices sampling 32 rows, new tokens/s of the view against the data-parallel layout were 0.45-0.50x for
+# the tiny preset (d_model 64, 2 layers: ~5 MFLOP) and, with 4 layers, 0.97-0.99x at d_model 128 (42 MFLOP),
+# 1.02x at 192 (82), 1.09x at 256 (139), 1.02-1.07x at 384 (277) and 1.11-1.14x at 512 (470) (README,
+# Performance).
 AUTO_MIN_STEP_FLOPS = 64e6
 
 
