@@ -49,11 +49,10 @@ def decode_mesh(mesh: Mesh, cfg: Any, mode: str = "auto", step_flops: float = ma
 
   ``mode``: "tensor" re-views whenever t > 1 changes the layout; "as_trained" never; "auto" re-views a
   purely data-parallel mesh on the CPU backend when a decode step does ``step_flops`` >=
-  ``AUTO_MIN_STEP_FLOPS`` per device and t divides the vocabulary, where it was measured to pay, and keeps
-  the layout otherwise: on
-  accelerators a small model's per-layer all-reduces can cost more than the weight reads they save (not yet
-  measured), and a mesh already split over fsdp or tensor keeps the layout it was given. None: decode as
-  the weights sit.
+  ``AUTO_MIN_STEP_FLOPS`` per device and t divides the vocabulary, where it was measured to pay. Otherwise
+  "auto" keeps the layout: on accelerators a small model's per-layer all-reduces can cost more than the
+  weight reads they save (not yet measured), and a mesh already split over fsdp or tensor keeps the layout
+  it was given. None: decode as the weights sit.
   """
   if mode not in MODES:
     raise ValueError(f"config.sharding.decode must be one of {MODES}, got {mode!r}")

@@ -79,8 +79,9 @@ def base_config() -> ConfigDict:
   # JAX_NUM_CPU_DEVICES, XLA_FLAGS' device count and RLHF_JAX_CPU_DEVICES win.
   c.cpu_devices = 0
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # decode: where samplers keep the weights while decoding (decode_layout.py): "auto" ("tensor" on CPU),
-  # "tensor" (the mesh's devices of each process re-viewed tensor-parallel), "as_trained".
+  # decode: where samplers keep the weights while decoding (decode_layout.py): "tensor" (each process's
+  # devices re-viewed tensor-parallel), "as_trained", or "auto" ("tensor" for a data-parallel CPU mesh whose
+  # decode step is big enough to pay, else "as_trained").
   c.sharding = ConfigDict(dict(rules=DEFAULT_RULES, decode="auto"))
   c.model = model_config("tiny")
 

@@ -207,8 +207,8 @@ def _mesh_kwargs(make_step: Callable, env: Env) -> dict:
 
 
 def _layout_kwargs(make_sampler: Callable, env: Env) -> dict:
-  """``layout=`` the command line's default decode layout for a sampler maker that takes one (older revisions
-  do not)."""
+  """``layout=`` the decode layout ``env.decode`` names (``config.sharding.decode``), for a sampler maker that
+  takes one (older revisions do not)."""
   if "layout" not in inspect.signature(make_sampler).parameters:
     return {}
   from rlhf_jax.decode_layout import DecodeLayout
