@@ -49,7 +49,7 @@ def applies(mesh: Mesh | None, rules: Any) -> bool:
 
 def flat_sum(mesh: Mesh) -> bool:
   """Whether ``rows_call`` sums the gradient as one flat vector (the mesh spans processes) or leaf by leaf."""
-  return len({d.process_index for d in mesh.devices.flat}) > 1
+  return sharding.mesh_processes(mesh) > 1
 
 
 def rows_call(fn: Callable[[PyTree, PyTree], PyTree], mesh: Mesh | None, rules: Any = sharding.DEFAULT_RULES,

@@ -23,11 +23,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding as shd
+from rlhf_jax import compute, data_parallel, sharding as shd
 
 MODES = ("auto", "tensor", "as_trained")
-# "auto" re-views only when a decode step multiplies at least this many FLOPs per device (2 x params x rows
-# per device). Below it the view's per-layer all-reduces cost more than its larger products save. On 2 CPU
+# "auto" re-views only when a decode step does at least this many FLOPs per device (``compute.forward_flops``
+# of its rows per device). Below it the view's per-layer all-reduces cost more than its larger products save. On 2 CPU
 # devices sampling 32 rows, new tokens/s of the view against the data-parallel layout were 0.45-0.50x for
 # the tiny preset (d_model 64, 2 layers: ~5 MFLOP) and, with 4 layers, 0.97-0.99x at d_model 128 (42 MFLOP),
 # 1.02x at 192 (82), 1.09x at 256 (139), 1.02-1.07x at 384 (277) and 1.11-1.14x at 512 (470) (README,
@@ -43,33 +43,36 @@ def tensor_ways(cfg: Any, devices_per_process: int) -> int:
   return max(t for t in range(1, devices_per_process + 1) if devices_per_process % t == 0 and common % t == 0)
 
 
-def decode_mesh(mesh: Mesh, cfg: Any, mode: str = "auto", step_flops: float = math.inf) -> Mesh | None:
+def check_mode(mode: str) -> str:
+  """``mode`` if it is one of ``MODES``, else a ValueError naming the config key."""
+  if mode not in MODES:
+    raise ValueError(f"config.sharding.decode must be one of {MODES}, got {mode!r}")
+  return mode
+
+
+def decode_mesh(mesh: Mesh, rules: Any, cfg: Any, mode: str = "auto", step_flops: float = math.inf) -> Mesh | None:
   """The devices of ``mesh`` as axes (data=n/t, fsdp=1, tensor=t) for decoding a ``DecoderConfig``, in the
   same device order, each tensor group inside one process (the per-layer all-reduces never cross hosts).
 
   ``mode``: "tensor" re-views whenever t > 1 changes the layout; "as_trained" never; "auto" re-views a
-  purely data-parallel mesh on the CPU backend when a decode step does ``step_flops`` >=
-  ``AUTO_MIN_STEP_FLOPS`` per device and t divides the vocabulary, where it was measured to pay. Otherwise
-  "auto" keeps the layout: on accelerators a small model's per-layer all-reduces can cost more than the
-  weight reads they save (not yet measured), and a mesh already split over fsdp or tensor keeps the layout
-  it was given. None: decode as the weights sit.
+  purely data-parallel mesh (``data_parallel.applies``) on the CPU backend when a decode step does
+  ``step_flops`` >= ``AUTO_MIN_STEP_FLOPS`` per device and t divides the vocabulary, where it was measured
+  to pay. Otherwise "auto" keeps the layout: on accelerators a small model's per-layer all-reduces can cost
+  more than the weight reads they save (not yet measured), and a mesh already split over fsdp or tensor
+  keeps the layout it was given. None: decode as the weights sit.
   """
-  if mode not in MODES:
-    raise ValueError(f"config.sharding.decode must be one of {MODES}, got {mode!r}")
-  if mode == "auto":
-    data_parallel = mesh.shape["fsdp"] == 1 and mesh.shape["tensor"] == 1
-    if jax.default_backend() != "cpu" or not data_parallel or step_flops < AUTO_MIN_STEP_FLOPS:
-      return None
-  if mode == "as_trained":
+  if check_mode(mode) == "as_trained":
     return None
-  devices = np.asarray(mesh.devices).reshape(-1)
-  t = tensor_ways(cfg, len(devices) // len({d.process_index for d in devices}))
-  if t <= 1 or (mesh.shape["tensor"] == t and mesh.shape["fsdp"] == 1):
+  if mode == "auto" and (jax.default_backend() != "cpu" or not data_parallel.applies(mesh, rules)
+                         or step_flops < AUTO_MIN_STEP_FLOPS):
     return None
-  if mode == "auto" and cfg.vocab_size % t:
-    return None  # the LM head would stay whole, computed for every row on every device
-  grid = decode_grid(devices, t)
-  return None if grid is None else Mesh(grid, mesh.axis_names)
+  t = tensor_ways(cfg, mesh.devices.size // shd.mesh_processes(mesh))
+  if t <= 1 or (mode == "auto" and cfg.vocab_size % t):
+    return None  # auto: a vocabulary t does not divide keeps the LM head whole, computed on every device
+  grid = decode_grid(np.asarray(mesh.devices).reshape(-1), t)
+  if grid is None or grid.shape == mesh.devices.shape:
+    return None  # a group would span hosts, or the mesh is this layout already
+  return Mesh(grid, mesh.axis_names)
 
 
 def decode_grid(devices: np.ndarray, t: int) -> np.ndarray | None:
@@ -95,19 +98,19 @@ class DecodeLayout:
   mode: str = "auto"
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"config.sharding.decode must be one of {MODES}, got {self.mode!r}")
+    check_mode(self.mode)
 
-  def view(self, model: nnx.Module, rows: int) -> Mesh | None:
-    """The decode view for ``model`` sampling ``rows`` rows (global), or None."""
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model)))
-    step_flops = 2 * params * rows / shd.data_parallel_size(self.mesh, self.rules)
-    return decode_mesh(self.mesh, model.cfg, self.mode, step_flops)
+  def view(self, model: nnx.Module, prompt_shape: tuple[int, int]) -> Mesh | None:
+    """The decode view for ``model`` sampling after prompts [B, P] (B global), or None."""
+    rows, prompt_len = prompt_shape
+    step_flops = compute.forward_flops(model.cfg, rows / shd.data_parallel_size(self.mesh, self.rules), prompt_len)
+    return decode_mesh(self.mesh, self.rules, model.cfg, self.mode, step_flops)
 
   def place(self, model: nnx.Module, *rows: jax.Array) -> tuple[Mesh | None, nnx.Module, tuple[jax.Array, ...]]:
-    """-> (the view, the decoder with its weights constrained to it, the row arrays [B, ...] split over its
-    data axis where it divides them); the view None and everything as it was where there is none."""
-    view = self.view(model, rows[0].shape[0])
+    """``rows``: the prompt [B, P] first, then other row arrays [B, ...] -> (the view, the decoder with its
+    weights constrained to it, the row arrays split over the view's data axis where it divides them); the
+    view None and everything as it was where there is none."""
+    view = self.view(model, rows[0].shape)
     if view is None:
       return None, model, rows
     state = nnx.state(model)

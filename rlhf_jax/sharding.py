@@ -146,6 +146,11 @@ def batch_axes(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> tuple[str, ...]:
   return tuple(a for a in axes_t if mesh.shape[a] > 1)
 
 
+def mesh_processes(mesh: Mesh) -> int:
+  """How many processes hold devices of ``mesh`` (1 on one host)."""
+  return len({d.process_index for d in np.asarray(mesh.devices).flat})
+
+
 def data_parallel_size(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> int:
   """How many ways batch rows are split (data x fsdp with the default rules), over all processes."""
   return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))

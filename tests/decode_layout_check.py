@@ -34,15 +34,15 @@ greedy = SamplingConfig(max_new_tokens=5, greedy=True, stop_at_eos=False)
 out = {"views": {}}
 for name, axes in {"data4": {"data": 4}, "fsdp4": {"fsdp": 4, "data": 1}, "data2_tensor2": {"data": 2, "tensor": 2}}.items():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **axes})
-  view = decode_mesh(mesh, cfg, "tensor")
+  view = decode_mesh(mesh, rules, cfg, "tensor")
   out["views"][name] = None if view is None else dict(view.shape)
-out["auto_view"] = dict(decode_mesh(data, cfg, "auto").shape)
+out["auto_view"] = dict(decode_mesh(data, rules, cfg, "auto").shape)
 odd_vocab = dataclasses.replace(cfg, vocab_size=97)
-out["odd_vocab"] = {mode: None if (v := decode_mesh(data, odd_vocab, mode)) is None else dict(v.shape)
+out["odd_vocab"] = {mode: None if (v := decode_mesh(data, rules, odd_vocab, mode)) is None else dict(v.shape)
                     for mode in ("auto", "tensor")}
-out["auto_small_step"] = decode_mesh(data, cfg, "auto", step_flops=1e6)
-out["auto_fsdp"] = decode_mesh(sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}), cfg, "auto")
-out["as_trained"] = decode_mesh(data, cfg, "as_trained")
+out["auto_small_step"] = decode_mesh(data, rules, cfg, "auto", step_flops=1e6)
+out["auto_fsdp"] = decode_mesh(sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}), rules, cfg, "auto")
+out["as_trained"] = decode_mesh(data, rules, cfg, "as_trained")
 
 
 def collectives(fn, *args) -> dict:

@@ -69,7 +69,7 @@ class StageContext:
   @property
   def decode_layout(self) -> DecodeLayout:
     """Where samplers keep the weights while decoding (``config.sharding.decode``; see ``decode_layout``)."""
-    sharding_cfg = self.config.sharding
+    sharding_cfg = self.config.sharding  # a workdir's config.json from before the key has no "decode"
     return DecodeLayout(self.mesh, self.rules, sharding_cfg["decode"] if "decode" in sharding_cfg else "auto")
 
   @property
