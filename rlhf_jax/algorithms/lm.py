@@ -42,14 +42,17 @@ def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array], drop
   """Mean next-token loss of a decoder on ``batch`` -> (loss, number of target tokens).
 
   ``mesh``: the mesh the step is compiled for; without dropout the logits are then a
-  ``data_parallel.rows_call`` (the weight gradient crosses the data axes as one sum)."""
+  ``data_parallel.rows_call`` (the weight gradient crosses the data axes as one sum). A batch with
+  ``segments`` holds packed rows (``data.packing``)."""
 
   def logits_of(p, rows):
-    return nnx.merge(graphdef, p)(*rows, dropout_key=dropout_key)[0]
+    tokens, mask, *segments = rows
+    return nnx.merge(graphdef, p)(tokens, mask, dropout_key=dropout_key, segments=(segments or [None])[0])[0]
 
   if dropout_key is None:
     logits_of = data_parallel.rows_call(logits_of, mesh, rules)
-  logits = logits_of(params, (batch["tokens"], batch["mask"]))
+  rows = (batch["tokens"], batch["mask"]) + ((batch["segments"],) if "segments" in batch else ())
+  logits = logits_of(params, rows)
   return losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 

@@ -178,6 +178,22 @@ def positions_from_mask(mask: Array, offset: Array | None = None) -> Array:
   return jnp.maximum(pos, 0)
 
 
+def positions_from_segments(mask: Array, segments: Array) -> Array:
+  """Position ids [B, T] of packed rows: count of real tokens before each token in its own segment (pads
+  get the previous id, as in ``positions_from_mask``).
+
+  segments: [B, T] int, each segment's tokens contiguous (``data.packing``); a new segment starts where the
+  id changes, so its first real token gets position 0 again.
+  """
+  real = mask.astype(jnp.int32)
+  count = jnp.cumsum(real, axis=1) - 1  # real tokens before this one (pads: as the last real token)
+  before = jnp.concatenate([jnp.full_like(segments[:, :1], -1), segments[:, :-1]], axis=1)
+  starts = (segments != before) & (real > 0)
+  # Counts never decrease along a row, so a running max carries each segment start's count forward.
+  start_count = jax.lax.cummax(jnp.where(starts, count, 0), axis=1)
+  return jnp.maximum(count - start_count, 0)
+
+
 def last_token_index(mask: Array) -> Array:
   """Index [B] of the last real token of each row of ``mask`` [B, T]."""
   t = mask.shape[1]
@@ -208,7 +224,8 @@ class Trunk(nnx.Module):
 
   def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
                dropout_key: Array | None = None, queries=None,
-               shared_prefix: tuple[int, int] | None = None) -> tuple[Array, KVCache | None]:
+               shared_prefix: tuple[int, int] | None = None,
+               segments: Array | None = None) -> tuple[Array, KVCache | None]:
     """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None).
 
     ``queries`` (``layers.select_rows``: a static ``(start, length)`` window or one index [B] per row)
@@ -220,20 +237,26 @@ class Trunk(nnx.Module):
     ``shared_prefix`` (P, k): rows ``i*k .. i*k+k-1`` share their first P columns (the k samples of one
     left-padded prompt), so the prompt is computed once per group into a KV cache and the rest of each
     row attends to it; see ``_shared_prefix_call``.
+
+    ``segments`` [B, T] int: packed rows (``data.packing``) holding several sequences each, with 0 on padding.
+    Positions restart at each segment and a token attends within its own segment only, so every sequence
+    gets the values it would get alone in a row. Not with a cache or ``shared_prefix``.
     """
     cfg = self.cfg
+    if segments is not None and (cache is not None or (shared_prefix is not None and shared_prefix[1] > 1)):
+      raise ValueError("segments (packed rows) are for full-sequence passes: not with a KV cache or shared_prefix")
     if shared_prefix is not None and shared_prefix[1] > 1 and cache is None and not (
         dropout_key is not None and cfg.dropout > 0):
       return self._shared_prefix_call(tokens, mask, queries, *shared_prefix), None
     if queries is not None and ((dropout_key is not None and cfg.dropout > 0)
                                 or (cache is not None and cfg.scan_layers)):
       # Dropout draws masks of the full shape: keep its randomness that of the full pass.
-      hidden, cache = self(tokens, mask, cache, dropout_key)
+      hidden, cache = self(tokens, mask, cache, dropout_key, segments=segments)
       return layers.select_rows(hidden, queries), cache
     b, t = tokens.shape
     mask = mask.astype(jnp.int32)
     if cache is None:
-      positions = positions_from_mask(mask)
+      positions = positions_from_mask(mask) if segments is None else positions_from_segments(mask, segments)
       q_slots = jnp.arange(t)
       key_valid = mask.astype(bool)
       cache_index = None
@@ -253,7 +276,7 @@ class Trunk(nnx.Module):
     def apply_block(graphdef, state, x, ckv, key, block_queries=None):
       def run(state, x, ckv, key):
         block = nnx.merge(graphdef, state)
-        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries, fresh)
+        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries, fresh, segments)
 
       return (jax.checkpoint(run) if cfg.remat else run)(state, x, ckv, key)
 
@@ -374,9 +397,10 @@ class Decoder(nnx.Module):
     return out.reshape(*lead, -1)
 
   def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
-               dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
-    """tokens, mask: [B, T] -> (logits [B, T, V] float32, updated cache or None)."""
-    hidden, cache = self.trunk(tokens, mask, cache, dropout_key)
+               dropout_key: Array | None = None, segments: Array | None = None) -> tuple[Array, KVCache | None]:
+    """tokens, mask: [B, T] -> (logits [B, T, V] float32, updated cache or None); ``segments``: packed
+    rows (see ``Trunk``)."""
+    hidden, cache = self.trunk(tokens, mask, cache, dropout_key, segments=segments)
     return self.logits_from_hidden(hidden), cache
 
 

@@ -122,16 +122,21 @@ def rope(x: Array, positions: Array, theta: float, scaling: tuple = ()) -> Array
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(q_slots: Array, k_slots: Array, key_valid: Array) -> Array:
+def attention_mask(q_slots: Array, k_slots: Array, key_valid: Array, q_segments: Array | None = None,
+                   k_segments: Array | None = None) -> Array:
   """Causal, padding-aware mask [B, 1, 1, Tq, S]: query slot i may see key slot j <= i that is real.
 
-  q_slots: [Tq] (the same for every row) or [B, Tq].
+  q_slots: [Tq] (the same for every row) or [B, Tq]. ``q_segments`` [B, Tq] and ``k_segments`` [B, S]
+  (packed rows, ``data.packing``): a query sees only keys of its own segment.
   """
   if q_slots.ndim == 1:
     causal = (k_slots[None, :] <= q_slots[:, None])[None]  # [1, Tq, S]
   else:
     causal = k_slots[None, None, :] <= q_slots[:, :, None]  # [B, Tq, S]
-  return (causal & key_valid[:, None, :].astype(bool))[:, None, None]
+  allowed = causal & key_valid[:, None, :].astype(bool)
+  if q_segments is not None:
+    allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
+  return allowed[:, None, None]
 
 
 def select_rows(x: Array, queries) -> Array:
@@ -204,7 +209,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
                cache_kv: tuple[Array, Array] | None, cache_index: Array | None,
-               queries=None, fresh_cache: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
+               queries=None, fresh_cache: bool = False,
+               segments: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each token.
 
     Without a cache, keys are this call's tokens and ``key_valid`` is [B, T].
@@ -215,7 +221,8 @@ class Attention(nnx.Module):
     [0, T); the rest of the cache is empty) instead of reading all S slots: a prefill into a cache sized
     for the whole sequence.
     ``queries`` (see ``select_rows``): only those rows are queried; the output is [B, Tq, D]. Every
-    token is still a key.
+    token is still a key. ``segments`` [B, T] (no cache): packed rows, each token attends within its own
+    segment only.
     """
     cfg = self.cfg
     dt = cfg.dtype
@@ -258,7 +265,8 @@ class Attention(nnx.Module):
     else:
       scores = mixed_batched_matmul(q, k, mixed, jnp.float32, b_contracting=-1)
     scores = (scores / math.sqrt(hd)).reshape(b, kvh, h // kvh, t, -1)
-    mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid)
+    mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid,
+                          None if segments is None else select_rows(segments, queries), segments)
     # A finite fill keeps fully-masked rows (pad queries) NaN-free.
     scores = jnp.where(mask, scores, -1e9)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, (h // kvh) * t, -1)
@@ -316,11 +324,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key, queries=None,
-               fresh_cache: bool = False):
+               fresh_cache: bool = False, segments: Array | None = None):
     """Returns (x of the ``queries`` rows [B, Tq, D], updated layer cache or None); see ``Attention``."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index, queries,
-                             fresh_cache)
+                             fresh_cache, segments)
     x = select_rows(x, queries) + dropout(a, self.cfg.dropout, k1)
     x = x + dropout(self.mlp(self.norm_mlp(x)), self.cfg.dropout, k2)
     return x, new_cache

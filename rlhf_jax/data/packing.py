@@ -1,0 +1,95 @@
+"""Sequence packing: a step's sequences laid end to end in fewer, wider rows (``data.pack_width``).
+
+A batch of short sequences padded to a common width spends a full column of compute on every padding
+slot. ``pack`` takes the real tokens of each row of a next-token batch (``batching.sft_batch``,
+``batching.lm_batch``) and places them first-fit-decreasing into rows of ``width`` tokens, marking each
+sequence with a segment id (1, 2, ... within a row; 0 on padding). The decoder restarts positions at each
+segment and lets a token attend only within its segment (``Trunk(segments=...)``), so every sequence gets
+the logits it would get alone and the step's mean loss over target tokens is the same, up to float
+rounding: the same sequences train in the same step, in fewer rows.
+
+The row count is rounded up to a multiple of ``row_granule(rows)`` (a power of two near rows / 8), so a run
+compiles a few row counts and pads at most about an eighth. Packing is deterministic, so every process of a
+multi-host run packs the same global batch the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+ROW_KEYS = ("tokens", "mask", "loss_mask")
+
+
+def row_granule(rows: int) -> int:
+  """The multiple a packed row count is rounded up to: the largest power of two <= rows / 8 (at least 1)."""
+  return 1 << max(int(rows).bit_length() - 4, 0)
+
+
+def first_fit_decreasing(lengths: np.ndarray, width: int) -> list[list[int]]:
+  """Bins of at most ``width`` tokens for sequences of ``lengths``: each sequence, longest first (ties in
+  index order), goes into the first bin with room. Returns the sequence indices of each bin in the order
+  placed."""
+  lengths = np.asarray(lengths, np.int64)
+  if lengths.size and lengths.max() > width:
+    raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit data.pack_width={width}")
+  bins: list[list[int]] = []
+  room: list[int] = []
+  for i in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[i])
+    if n == 0:
+      continue
+    for b, free in enumerate(room):
+      if n <= free:
+        bins[b].append(int(i))
+        room[b] -= n
+        break
+    else:
+      bins.append([int(i)])
+      room.append(width - n)
+  return bins
+
+
+def pack(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Packs the real tokens (``mask`` 1) of each row of ``batch`` {"tokens", "mask", "loss_mask"} [B, W]
+  into rows of ``width`` -> {"tokens", "mask", "loss_mask", "segments"} [R, width], R <= B rounded up by
+  ``row_granule``.
+
+  A sequence keeps its tokens and loss mask in order (padding inside a row is dropped, as positions
+  skip it anyway). Its first token is never a target, as in its own row (``loss_mask[:, 0]`` is 0 there):
+  the loss mask of each segment's first token is set to 0. Rows past the last sequence are all padding
+  (mask, loss mask and segment 0). A batch with no real token comes back as one padding row.
+  """
+  for key in ROW_KEYS:
+    if key not in batch:
+      raise ValueError(f"packing needs batch[{key!r}]; the batch has {sorted(batch)}")
+  tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"]).astype(bool)
+  loss_mask = np.asarray(batch["loss_mask"])
+  if tokens.ndim != 2 or mask.shape != tokens.shape or loss_mask.shape != tokens.shape:
+    raise ValueError(f"packing needs [B, W] rows; got { {k: np.shape(batch[k]) for k in ROW_KEYS} }")
+  if width < 1:
+    raise ValueError(f"data.pack_width must be >= 1, got {width}")
+  bins = first_fit_decreasing(mask.sum(axis=1), width)
+  rows = max(len(bins), 1)
+  rows = -(-rows // row_granule(rows)) * row_granule(rows)
+  out = {"tokens": np.full((rows, width), pad_id, tokens.dtype), "mask": np.zeros((rows, width), np.int32),
+         "loss_mask": np.zeros((rows, width), loss_mask.dtype), "segments": np.zeros((rows, width), np.int32)}
+  for r, members in enumerate(bins):
+    col = 0
+    for segment, i in enumerate(members, start=1):
+      real = mask[i]
+      n = int(real.sum())
+      out["tokens"][r, col:col + n] = tokens[i, real]
+      out["mask"][r, col:col + n] = 1
+      out["loss_mask"][r, col:col + n] = loss_mask[i, real]
+      out["loss_mask"][r, col] = 0
+      out["segments"][r, col:col + n] = segment
+      col += n
+  return out
+
+
+def fill(batch: Mapping[str, np.ndarray]) -> float:
+  """Real tokens over slots of a batch's ``mask`` [..., W]: 1 - the share of compute spent on padding."""
+  mask = np.asarray(batch["mask"])
+  return float(mask.astype(bool).sum() / max(mask.size, 1))
