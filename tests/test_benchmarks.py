@@ -24,7 +24,8 @@ KEYS = {
     "generate_grouped": {"new_tokens_per_s", "compile_s", "samples_per_prompt"},
     "generate_top_p": {"new_tokens_per_s", "compile_s", "top_p"},
     "sft_step": {"tokens_per_s", "ms_per_step", "mfu", "compile_s"},
-    "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup"},
+    "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup", "packed_real_tokens_per_s",
+                        "packed_speedup"},
     "reward_step": {"pairs_per_s", "compile_s"},
     "reward_step_kwise": {"per_row_ms_per_step", "shared_ms_per_step", "speedup"},
     "dpo_step": {"pairs_per_s", "ms_per_step", "compile_s", "precomputed_ms_per_step"},
@@ -88,9 +89,10 @@ def test_benchmarks_drive_library_functions(results):
   assert {"compile_step", "make_lm_step", "make_reward_step", "make_dpo_step", "make_ppo_update",
           "make_experience_fn"} <= called
   assert "make_sampler" in called or "make_rollout_fn" in called
-  assert "trim_texts" in called
+  assert "trim_texts" in called and "pack" in called
   varlen = results[0]["sft_step_varlen"]
   assert varlen["bucketed_width"] < varlen["fixed_width"] == sizes.SIZES["tiny"].sft_len
+  assert varlen["packed_rows"] < varlen["fixed_rows"] and varlen["packed_width"] == varlen["fixed_width"]
   for name, fn in calls:
     assert fn.__module__.startswith("rlhf_jax."), (name, fn.__module__)
 

@@ -48,6 +48,7 @@ def tiny_config():
   c.ppo.update(dict(iterations=2, prompts_per_iteration=4, log_every=1, eval_every=1, checkpoint_every=1,
                     ptx_coef=0.1, ptx_batch_size=4, kl_adaptive=True))
   c.model.dropout = 0.1
+  c.data.pack_width = 96  # pretrain and sft (with its ptx rows) on packed rows, under dropout and bf16
   c.model.matmul_dtype = "bfloat16"  # every stage kind through the bf16 weight products (mixed_matmul)
   # The kinds outside the default chain, with the settings that switch their other keys on.
   c.rft = defaults.stage("rft", selection="threshold", rounds=2, prompts_per_round=4, samples_per_prompt=2,

@@ -160,3 +160,13 @@ def test_a_packed_sft_step_with_pretraining_mix_matches_the_unpacked_step():
   for key in ("train/loss", "train/ptx_loss", "train/target_tokens", "train/grad_norm"):
     np.testing.assert_allclose(results[1][1][key], results[0][1][key], rtol=2e-6, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][0], results[0][0])
+
+
+def test_pad_rows_appends_empty_rows():
+  packed = packing.pack(demo_batch(), 64, PAD)
+  rows = len(packed["tokens"])
+  padded = packing.pad_rows(packed, rows + 3)
+  assert all(v.shape == (rows + 3, 64) for v in padded.values())
+  assert not any(v[rows:].any() for v in padded.values())
+  with pytest.raises(ValueError, match="down to"):
+    packing.pad_rows(packed, rows - 1)

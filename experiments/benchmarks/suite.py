@@ -240,8 +240,10 @@ def sft_step(env: Env) -> Record:
 
 def sft_step_varlen(env: Env) -> Record:
   """``sft_step`` on rows of varied real length (uniform in [sft_len / 8, sft_len / 2]) built at the full
-  ``sft_len``: padded to it (``fixed``) and cut by the library's length bucketing (``bucketed``,
-  ``data.min_bucket_len`` 16, or sft_len / 4 at a smaller size). Throughput counts real tokens only."""
+  ``sft_len``: padded to it (``fixed``), cut by the library's length bucketing (``bucketed``,
+  ``data.min_bucket_len`` 16, or sft_len / 4 at a smaller size) and packed into fewer rows of ``sft_len``
+  (``packed``, ``data.pack_width``; a library without packing reports none). Throughput counts real tokens
+  only; ``speedup`` and ``packed_speedup`` are against ``fixed``."""
   s = env.size
   graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
   tx = optimizer(1e-4, 0.0)
@@ -252,16 +254,26 @@ def sft_step_varlen(env: Env) -> Record:
   full = {"tokens": random_tokens(env, (s.sft_batch, s.sft_len), 1) * mask, "mask": mask, "loss_mask": loss_mask}
   real = int(mask.sum())
   record = {}
-  for name, smallest in (("fixed", 0), ("bucketed", min(16, s.sft_len // 4))):
-    batch = library.find("trim_texts", "rlhf_jax.data.bucketing")(full, smallest) if smallest else full
+  trim = library.find("trim_texts", "rlhf_jax.data.bucketing")
+  batches = {"fixed": full, "bucketed": trim(full, min(16, s.sft_len // 4))}
+  try:
+    packed = library.find("pack", "rlhf_jax.data.packing")(full, s.sft_len, 0)
+    # Padded with empty rows to fit the data axes, as the stages' ``ctx.put`` does.
+    batches["packed"] = shd.pad_batch(packed, shd.data_parallel_size(env.mesh, env.rules))[0]
+  except ImportError:  # a library from before packing
+    pass
+  for name, batch in batches.items():
     state, state_sh = state_lib.create_train_state({"policy": jax.tree.map(jnp.copy, params)}, {"policy": tx},
                                                    {"policy": shardings}, env.mesh, seed=0)
     make_step = library.make_lm_step()
     step = make_step(graphdef, tx, **_mesh_kwargs(make_step, env))
     stats = _train(env, step, state, state_sh, put_batch(env, batch))
     record[f"{name}_width"] = int(batch["tokens"].shape[1])
+    record[f"{name}_rows"] = int(batch["tokens"].shape[0])
     record[f"{name}_real_tokens_per_s"] = round(real / stats["median_s"], 1)
   record["speedup"] = round(record["bucketed_real_tokens_per_s"] / record["fixed_real_tokens_per_s"], 3)
+  if "packed" in batches:
+    record["packed_speedup"] = round(record["packed_real_tokens_per_s"] / record["fixed_real_tokens_per_s"], 3)
   return common("sft_step_varlen", env, **record, real_tokens=real, rows=s.sft_batch)
 
 

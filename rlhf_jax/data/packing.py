@@ -19,6 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
+from rlhf_jax.data import bucketing
+
 ROW_KEYS = ("tokens", "mask", "loss_mask")
 
 
@@ -89,7 +91,37 @@ def pack(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, 
   return out
 
 
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """``batch`` [B, W] with empty rows (every entry 0) appended up to ``rows`` >= B: one row count for
+  batches that travel together (an sft batch and its ptx rows) after packing gave them different ones."""
+  have = len(np.asarray(batch["tokens"]))
+  if rows < have:
+    raise ValueError(f"cannot pad {have} rows down to {rows}")
+  return {k: np.concatenate([np.asarray(v), np.zeros((rows - have, *np.shape(v)[1:]), np.asarray(v).dtype)])
+          for k, v in batch.items()}
+
+
 def fill(batch: Mapping[str, np.ndarray]) -> float:
   """Real tokens over slots of a batch's ``mask`` [..., W]: 1 - the share of compute spent on padding."""
   mask = np.asarray(batch["mask"])
   return float(mask.astype(bool).sum() / max(mask.size, 1))
+
+
+def training_rows(batch: Mapping[str, np.ndarray], data: Mapping, pad_id: int,
+                  prompt_len: int = 0) -> dict[str, np.ndarray]:
+  """A next-token batch as a step trains on it: packed into rows of ``data.pack_width`` (then cut to the
+  narrowest bucket, ``data.min_bucket_len``) when that is set, else cut to its bucket as it is.
+
+  ``prompt_len``: rows are a left-padded prompt of that width then a response (``sft_batch``); 0: right-padded
+  text (``lm_batch``). Other entries of ``batch`` are dropped when packing (rows are no longer the same).
+  """
+  width = data["pack_width"] if "pack_width" in data else 0  # a config.json from before packing has none
+  if width:
+    columns = np.shape(batch["tokens"])[-1]
+    if width < columns:
+      raise ValueError(f"data.pack_width={width} is narrower than the {columns}-token rows it packs "
+                       "(data.prompt_len + data.response_len, or data.seq_len for text)")
+    return bucketing.trim_texts(pack(batch, width, pad_id), data.min_bucket_len)
+  if prompt_len:
+    return bucketing.trim_pairs(batch, prompt_len, data.min_bucket_len)
+  return bucketing.trim_texts(batch, data.min_bucket_len)

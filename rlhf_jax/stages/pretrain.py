@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rlhf_jax import state as state_lib
 from rlhf_jax.algorithms.lm import lm_train_state, make_lm_step
-from rlhf_jax.data import batching, bucketing
+from rlhf_jax.data import batching, packing
 from rlhf_jax.stages.context import StageContext
 from rlhf_jax.stages.evaluation import PolicyEvaluator
 from rlhf_jax.stages.loop import run_loop, step_counts, truncation_metrics
@@ -28,7 +28,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def host_batch(step):
     texts = [train[int(i)]["text"] for i in loader.indices_for_step(step)]
     batch, stats = batching.lm_batch(tok, texts, ctx.config.data.seq_len)
-    return bucketing.trim_texts(batch, ctx.config.data.min_bucket_len), stats
+    return packing.training_rows(batch, ctx.config.data, tok.pad_id), stats
 
   def make_batch(step, state):
     del state

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rlhf_jax import state as state_lib
 from rlhf_jax.algorithms.lm import lm_train_state, make_lm_step
-from rlhf_jax.data import batching, bucketing
+from rlhf_jax.data import batching, packing
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext
 from rlhf_jax.stages.loop import run_loop, step_counts, truncation_metrics
@@ -35,11 +35,13 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     rows = [demos[int(i)] for i in loader.indices_for_step(step)]
     batch, stats = batching.sft_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                       data.prompt_len, data.response_len, mask_prompt=cfg.mask_prompt)
-    batch = bucketing.trim_pairs(batch, data.prompt_len, data.min_bucket_len)
+    batch = packing.training_rows(batch, data, tok.pad_id, data.prompt_len)
     if cfg.ptx_coef:
       texts = [text[int(i)]["text"] for i in text_loader.indices_for_step(step)]
       ptx, ptx_stats = batching.lm_batch(tok, texts, data.seq_len)
-      ptx = bucketing.trim_texts(ptx, data.min_bucket_len)
+      ptx = packing.training_rows(ptx, data, tok.pad_id)
+      rows = max(len(batch["tokens"]), len(ptx["tokens"]))  # packed, the two may differ: one batch needs one
+      batch, ptx = packing.pad_rows(batch, rows), packing.pad_rows(ptx, rows)
       batch.update({f"ptx_{k}": v for k, v in ptx.items()})
       stats = stats + ptx_stats
     return batch, stats
