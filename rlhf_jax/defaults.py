@@ -94,8 +94,8 @@ def base_config() -> ConfigDict:
       # Batches are cut to the narrowest bucket (min_bucket_len * 2**k tokens, or the full width) that holds
       # their real tokens; 0 pads every batch to the widths above (data/bucketing.py).
       min_bucket_len=16,
-      # > 0: the pretrain and sft stages' rows (and sft's ptx rows) are packed: each step's sequences laid
-      # end to end in rows of this many tokens, each attending within itself (data/packing.py).
+      # > 0: the pretrain, sft (and its ptx) and rft stages' training rows are packed: each step's sequences
+      # laid end to end in rows of this many tokens, each attending within itself (data/packing.py).
       pack_width=0))
   c.evaluation = evaluation_config()
   for name in DEFAULT_STAGES:

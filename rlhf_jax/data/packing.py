@@ -119,8 +119,9 @@ def training_rows(batch: Mapping[str, np.ndarray], data: Mapping, pad_id: int,
   if width:
     columns = np.shape(batch["tokens"])[-1]
     if width < columns:
-      raise ValueError(f"data.pack_width={width} is narrower than the {columns}-token rows it packs "
-                       "(data.prompt_len + data.response_len, or data.seq_len for text)")
+      raise ValueError(f"data.pack_width={width} is narrower than the {columns}-token rows it packs (sft: "
+                       "data.prompt_len + data.response_len; rft: data.prompt_len + its sampling.max_new_tokens; "
+                       "pretraining text: data.seq_len)")
     return bucketing.trim_texts(pack(batch, width, pad_id), data.min_bucket_len)
   if prompt_len:
     return bucketing.trim_pairs(batch, prompt_len, data.min_bucket_len)

@@ -21,7 +21,7 @@ from rlhf_jax import compute, rng, state as state_lib
 from rlhf_jax.algorithms import rft
 from rlhf_jax.algorithms.lm import make_lm_step
 from rlhf_jax.atomic_file import write_atomic
-from rlhf_jax.data import batching, bucketing
+from rlhf_jax.data import batching, packing
 from rlhf_jax.generate import fitting_group
 from rlhf_jax.rl.selection import RULES
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_log_probs, response_texts
@@ -124,8 +124,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       idx = np.zeros(cfg.batch_size, np.int64)
     batch = rft.sft_rows(data["prompt"][idx], data["prompt_mask"][idx], data["response"][idx],
                          data["response_mask"][idx])
-    # The grown rounds keep the full widths; each SFT batch is cut to its own rows' bucket.
-    batch = bucketing.trim_pairs(batch, data["prompt"].shape[1], ctx.config.data.min_bucket_len)
+    # The grown rounds keep the full widths; each SFT batch is cut to its own rows' bucket (or packed).
+    batch = packing.training_rows(batch, ctx.config.data, ctx.tokenizer.pad_id, data["prompt"].shape[1])
     host.update({"rft/selected": float(len(chosen)),
                  "rft/selected_score": float(data["score"][chosen].mean()) if len(chosen) else 0.0,
                  "rft/selected_gold": float(data["gold"][chosen].mean()) if len(chosen) else 0.0})
@@ -137,6 +137,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   example = rft.sft_rows(*(np.zeros((cfg.batch_size, n), np.int32)
                            for n in (ctx.config.data.prompt_len, ctx.config.data.prompt_len,
                                      sampling.max_new_tokens, sampling.max_new_tokens)))
+  example = packing.training_rows(example, ctx.config.data, ctx.tokenizer.pad_id, ctx.config.data.prompt_len)
   example["active"] = np.asarray(1, np.int32)
   step_fn = make_guarded_step(make_lm_step(graphdef, tx, mesh=ctx.mesh, rules=ctx.rules))
   step = state_lib.compile_step(step_fn, shardings, ctx.batch_shardings(example), None, ctx.mesh)
