@@ -102,7 +102,8 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 
 
 def fill(batch: Mapping[str, np.ndarray]) -> float:
-  """Real tokens over slots of a batch's ``mask`` [..., W]: 1 - the share of compute spent on padding."""
+  """Real tokens over slots of a batch's ``mask`` [..., W]: 1 - the share of compute spent on padding (the
+  ``data/fill`` metric of the next-token stages)."""
   mask = np.asarray(batch["mask"])
   return float(mask.astype(bool).sum() / max(mask.size, 1))
 

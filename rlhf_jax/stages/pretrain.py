@@ -33,7 +33,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def make_batch(step, state):
     del state
     batch, stats = host_batch(step)
-    return ctx.put(batch), {**truncation_metrics(stats), **step_counts(ctx.model_config, batch).metrics()}
+    return ctx.put(batch), {**truncation_metrics(stats), **step_counts(ctx.model_config, batch).metrics(),
+                            "data/fill": packing.fill(batch)}
 
   step = state_lib.compile_step(make_lm_step(graphdef, tx, use_dropout=ctx.config.model.dropout > 0,
                                              mesh=ctx.mesh, rules=ctx.rules),

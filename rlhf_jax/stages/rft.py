@@ -130,6 +130,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                  "rft/selected_score": float(data["score"][chosen].mean()) if len(chosen) else 0.0,
                  "rft/selected_gold": float(data["gold"][chosen].mean()) if len(chosen) else 0.0})
     if len(chosen):
+      host["data/fill"] = packing.fill(batch)
       for k, v in step_counts(model_cfg, batch).metrics().items():
         host[k] = host.get(k, 0.0) + v
     return ctx.put({**batch, "active": np.asarray(len(chosen) > 0, np.int32)}), host
