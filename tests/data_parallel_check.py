@@ -1,7 +1,8 @@
 """Run by test_data_parallel.py in a subprocess with 2 fake CPU devices; prints one JSON line.
 
-On a data=2 mesh, each training step (next-token, reward ranking with a shared prompt, DPO, a PPO update
-with shared prompts, a separate value model and pretraining rows) is compiled three times: with its mesh
+On a data=2 mesh, each training step (next-token on plain and on packed rows, reward ranking with a shared
+prompt, DPO, a PPO update with shared prompts, a separate value model and pretraining rows) is compiled
+three times: with its mesh
 (the model passes are ``data_parallel.rows_call``s), summing leaf by leaf as in one process and as one flat
 vector as across processes (``flat_sum``), and without (plain autodiff, XLA's own gradient all-reduces).
 For each it reports the largest parameter difference after one SGD step (and the largest step), and the
@@ -25,6 +26,7 @@ from rlhf_jax import data_parallel, sharding, state as state_lib  # noqa: E402
 from rlhf_jax.algorithms import dpo, ppo  # noqa: E402
 from rlhf_jax.algorithms.lm import make_lm_step  # noqa: E402
 from rlhf_jax.algorithms.reward import make_reward_step  # noqa: E402
+from rlhf_jax.data import packing  # noqa: E402
 from rlhf_jax.generate import SamplingConfig  # noqa: E402
 from rlhf_jax.models import Decoder, DecoderConfig, ScalarModel  # noqa: E402
 from probes import shared_prompt_experience  # noqa: E402
@@ -97,6 +99,19 @@ def lm_run():
   return run_both(lambda tx, mesh: make_lm_step(graphdef, tx, mesh=mesh), {"policy": params}, batch)
 
 
+def lm_packed_run():
+  """The next-token step on packed rows (``data.pack_width``): segments travel with the rows."""
+  graphdef, params = init(lambda r: Decoder(CFG, rngs=r), 6)
+  tokens = RNG.integers(4, 64, (8, 16)).astype(np.int32)
+  mask = (np.arange(16)[None] < np.array([5, 9, 3, 12, 7, 4, 6, 10])[:, None]).astype(np.int32)
+  loss_mask = mask.astype(np.float32)
+  loss_mask[:, 0] = 0
+  packed = packing.pack({"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, 16, 0)
+  packed = packing.pad_rows(packed, -(-len(packed["tokens"]) // 2) * 2)  # whole rows per device
+  assert len(packed["tokens"]) < 8 and packed["segments"].max() > 1
+  return run_both(lambda tx, mesh: make_lm_step(graphdef, tx, mesh=mesh), {"policy": params}, packed)
+
+
 def comparison_batch(pairs=4, k=2, prompt_len=6, width=14):
   prompt = np.repeat(RNG.integers(4, 64, (pairs, 1, prompt_len)), k, axis=1)
   tokens = np.concatenate([prompt, RNG.integers(4, 64, (pairs, k, width - prompt_len))], -1).astype(np.int32)
@@ -151,5 +166,5 @@ applies = {name: data_parallel.applies(sharding.make_mesh(axes), RULES) for name
     ("tensor2", {"data": 1, "fsdp": 1, "tensor": 2}))}
 applies["one_device"] = data_parallel.applies(
     sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]), RULES)
-json.dump({"lm": lm_run(), "reward": reward_run(), "dpo": dpo_run(), "ppo": ppo_run(),
+json.dump({"lm": lm_run(), "lm_packed": lm_packed_run(), "reward": reward_run(), "dpo": dpo_run(), "ppo": ppo_run(),
            "fallback_grad_diff": fallback_run(), "applies": applies}, sys.stdout)
