@@ -2,9 +2,9 @@
 
 On a data=2 mesh, each training step (next-token on plain and on packed rows, reward ranking with a shared
 prompt, DPO, a PPO update with shared prompts, a separate value model and pretraining rows) is compiled
-three times: with its mesh
-(the model passes are ``data_parallel.rows_call``s), summing leaf by leaf as in one process and as one flat
-vector as across processes (``flat_sum``), and without (plain autodiff, XLA's own gradient all-reduces).
+three times: with its mesh (the model passes are ``data_parallel.rows_call``s), summing leaf by leaf as in
+one process and as one flat vector as across processes (``flat_sum``), and without (plain autodiff, XLA's own
+gradient all-reduces).
 For each it reports the largest parameter difference after one SGD step (and the largest step), and the
 floats and tensors each version's compiled program all-reduces.
 """
@@ -107,7 +107,7 @@ def lm_packed_run():
   loss_mask = mask.astype(np.float32)
   loss_mask[:, 0] = 0
   packed = packing.pack({"tokens": tokens, "mask": mask, "loss_mask": loss_mask}, 16, 0)
-  packed = packing.pad_rows(packed, -(-len(packed["tokens"]) // 2) * 2)  # whole rows per device
+  packed = sharding.pad_batch(packed, 2)[0]  # whole rows per device
   assert len(packed["tokens"]) < 8 and packed["segments"].max() > 1
   return run_both(lambda tx, mesh: make_lm_step(graphdef, tx, mesh=mesh), {"policy": params}, packed)
 

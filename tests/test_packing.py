@@ -162,16 +162,6 @@ def test_a_packed_sft_step_with_pretraining_mix_matches_the_unpacked_step():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][0], results[0][0])
 
 
-def test_pad_rows_appends_empty_rows():
-  packed = packing.pack(demo_batch(), 64, PAD)
-  rows = len(packed["tokens"])
-  padded = packing.pad_rows(packed, rows + 3)
-  assert all(v.shape == (rows + 3, 64) for v in padded.values())
-  assert not any(v[rows:].any() for v in padded.values())
-  with pytest.raises(ValueError, match="down to"):
-    packing.pad_rows(packed, rows - 1)
-
-
 def test_packed_pretrain_and_sft_stages_log_the_unpacked_losses(tmp_path):
   """The command line's pretrain and sft stages, with ``data.pack_width`` and without: the same sequences
   each step, so the same losses and target counts, for fewer FLOPs on the pretraining text."""

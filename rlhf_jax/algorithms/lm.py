@@ -46,13 +46,12 @@ def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array], drop
   ``segments`` holds packed rows (``data.packing``)."""
 
   def logits_of(p, rows):
-    tokens, mask, *segments = rows
-    return nnx.merge(graphdef, p)(tokens, mask, dropout_key=dropout_key, segments=(segments or [None])[0])[0]
+    return nnx.merge(graphdef, p)(rows["tokens"], rows["mask"], dropout_key=dropout_key,
+                                  segments=rows.get("segments"))[0]
 
   if dropout_key is None:
     logits_of = data_parallel.rows_call(logits_of, mesh, rules)
-  rows = (batch["tokens"], batch["mask"]) + ((batch["segments"],) if "segments" in batch else ())
-  logits = logits_of(params, rows)
+  logits = logits_of(params, {k: batch[k] for k in ("tokens", "mask", "segments") if k in batch})
   return losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 

@@ -91,16 +91,6 @@ def pack(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, 
   return out
 
 
-def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """``batch`` [B, W] with empty rows (every entry 0) appended up to ``rows`` >= B: one row count for
-  batches that travel together (an sft batch and its ptx rows) after packing gave them different ones."""
-  have = len(np.asarray(batch["tokens"]))
-  if rows < have:
-    raise ValueError(f"cannot pad {have} rows down to {rows}")
-  return {k: np.concatenate([np.asarray(v), np.zeros((rows - have, *np.shape(v)[1:]), np.asarray(v).dtype)])
-          for k, v in batch.items()}
-
-
 def fill(batch: Mapping[str, np.ndarray]) -> float:
   """Real tokens over slots of a batch's ``mask`` [..., W]: 1 - the share of compute spent on padding (the
   ``data/fill`` metric of the next-token stages)."""

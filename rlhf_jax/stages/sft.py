@@ -7,7 +7,7 @@ later ``eval/win_rate_vs_sft``.
 
 from __future__ import annotations
 
-from rlhf_jax import state as state_lib
+from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.algorithms.lm import lm_train_state, make_lm_step
 from rlhf_jax.data import batching, packing
 from rlhf_jax.stages import evaluation
@@ -41,7 +41,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       ptx, ptx_stats = batching.lm_batch(tok, texts, data.seq_len)
       ptx = packing.training_rows(ptx, data, tok.pad_id)
       rows = max(len(batch["tokens"]), len(ptx["tokens"]))  # packed, the two may differ: one batch needs one
-      batch, ptx = packing.pad_rows(batch, rows), packing.pad_rows(ptx, rows)
+      batch, ptx = sharding.pad_batch(batch, rows)[0], sharding.pad_batch(ptx, rows)[0]
       batch.update({f"ptx_{k}": v for k, v in ptx.items()})
       stats = stats + ptx_stats
     return batch, stats
