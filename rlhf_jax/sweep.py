@@ -254,8 +254,12 @@ class Sweep:
       optuna.storages.fail_stale_trials(study)
       # No worker runs yet, so a trial still RUNNING is dead too: one killed before its first heartbeat is
       # never stale. Left RUNNING, it would make a re-queued trial of its point give way to it (objective).
-      for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+      # Told through a study without the sweep's sampler: the grid sampler's after_trial reads the trial's
+      # grid id, which a worker killed between creating the trial and sampling it never wrote.
+      plain = optuna.load_study(study_name=STUDY_NAME, storage=self.storage(),
+                                sampler=optuna.samplers.RandomSampler())
+      for t in plain.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        plain.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     if self.sweep["sampler"] != "grid":
       return
     live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)

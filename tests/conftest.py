@@ -1,4 +1,4 @@
-"""One persistent XLA compilation cache for the whole test run.
+"""How the test run compiles: one persistent XLA compilation cache, and XLA flags that compile faster.
 
 Most of the suite's time is compiling the same tiny programs again: every pipeline, kill -9 / resume and
 preset test runs the quickstart's stages in fresh processes. The cache directory is made once by the first
@@ -27,6 +27,14 @@ if os.environ.get(_VAR) != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.envir
 elif os.environ.get(_VAR) == "off":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # set and empty: the pipeline's cache stays off
 
+
+# Tests compile far more than they compute (most of the suite's time is XLA compiling tiny programs), so
+# XLA's LLVM backend runs without its optimisation passes: compiling takes ~40% less, the programs compute
+# the same values. Subprocesses inherit the flags (``fake_devices.cpu_env`` keeps them when it sets a device
+# count). ``RLHF_JAX_TEST_FAST_COMPILE=off`` compiles as runs do.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if os.environ.get("RLHF_JAX_TEST_FAST_COMPILE") != "off" and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 # Runs (in-process and the command-line subprocesses) use one CPU device, as the tests' expectations were
 # set on, unless a test asks otherwise; the default of one device per core (cpu_devices.py) has its own tests.

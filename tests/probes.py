@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 
+from fake_devices import cpu_env
 from rlhf_jax import sharding
 from rlhf_jax.algorithms import ppo
 from rlhf_jax.rollout import make_rollout_fn
@@ -18,7 +19,7 @@ from rlhf_jax.scoring import RewardModelScorer
 
 def run_probe(script: str, devices: int) -> dict:
   """Runs ``tests/<script>`` on ``devices`` fake CPU devices in a subprocess -> the JSON it prints."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = cpu_env(devices)
   proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / script)], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from fake_devices import cpu_env
 from rlhf_jax.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +52,7 @@ def _assert_tree_equal(a, b):
 
 
 def _run_script(code: str, *args: str, devices: int = 1) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = cpu_env(devices, PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                         env=env, capture_output=True, text=True, timeout=120)
 

@@ -27,6 +27,7 @@ import sentencepiece as spm  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from fake_devices import cpu_env  # noqa: E402
 from rlhf_jax import main as cli, pipeline  # noqa: E402
 from rlhf_jax.config_io import load_config  # noqa: E402
 from rlhf_jax.data import hf_tokenizer  # noqa: E402
@@ -184,7 +185,7 @@ print(json.dumps({{"wq": [list(wq.shape), list(wq.addressable_shards[0].data.sha
                   "w_in": [list(w_in.shape), list(w_in.addressable_shards[0].data.shape)],
                   "logits": np.asarray(logits).tolist()}}))
 """
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = cpu_env(4)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -27,6 +27,8 @@ import sys
 
 import pytest
 
+from fake_devices import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.pretrain.steps=20", "--config.pretrain.batch_size=16", "--config.pretrain.log_every=5",
         "--config.sft.steps=10", "--config.sft.batch_size=16", "--config.sft.log_every=5",
@@ -67,7 +69,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("RLHF_JAX_MESH_MATRIX") == "0", r
 
 
 def run_pipeline(workdir, devices, mesh=(1, 1, 1), decode="auto"):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = cpu_env(devices)
   data, fsdp, tensor = mesh
   cmd = [sys.executable, "-m", "rlhf_jax", f"--config={ROOT}/configs/quickstart.py", f"--workdir={workdir}", *TINY,
          f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fake_devices import cpu_env
 from rlhf_jax.models import Decoder, DecoderConfig
 from rlhf_jax.models.mixed_matmul import mixed_batched_matmul, mixed_matmul
 from test_models import decode_incrementally, left_padded_batch, tiny
@@ -183,7 +184,7 @@ def test_a_data_parallel_backward_moves_only_the_weight_gradient():
   """With the rows split over a data axis, the weight gradient's transposed copy stays on each device: the
   one collective is the all-reduce of the [Din, Dout] partial sums (halves cut along the sharded rows made
   the partitioner add a collective-permute and all-to-alls to every product)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = cpu_env(2)
   proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_PROBE], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

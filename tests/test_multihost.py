@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from fake_devices import cpu_env
 from rlhf_jax import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +47,6 @@ TINY = ["--config.stages=tokenizer,pretrain,sft,label,reward,ppo",
         "--config.label.sampling.method=gumbel", "--config.ppo.sampling.method=gumbel",
         "--config.evaluation.sampling.method=gumbel",
         "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"]
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Seconds without heartbeats after which JAX declares a process dead (the default, 60, is for real hosts).
 HEARTBEAT_S = 10
 # The survivors of a kill must be gone within this many seconds of it.
@@ -66,10 +66,8 @@ def free_port() -> int:
 
 
 def env(devices: int, **extra) -> dict:
-  # Fewer XLA optimisations: compiling dominates these runs (about a quarter faster; same results here).
-  flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
-  out = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
-             RLHF_JAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S), RLHF_JAX_SHUTDOWN_TIMEOUT="30", RLHF_JAX_INIT_TIMEOUT="120")
+  out = cpu_env(devices, RLHF_JAX_HEARTBEAT_TIMEOUT=HEARTBEAT_S, RLHF_JAX_SHUTDOWN_TIMEOUT=30,
+                RLHF_JAX_INIT_TIMEOUT=120)
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", distributed.EXPECTED_ENV):
     out.pop(name, None)
   out.update({k: str(v) for k, v in extra.items()})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from fake_devices import cpu_env
 from probes import run_probe
 from rlhf_jax import sharding
 
@@ -122,7 +123,7 @@ print(json.dumps(out))
 
 
 def test_any_row_count_fits_any_mesh_and_unsplittable_params_are_named():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = cpu_env(8)
   proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=300,
                         cwd=HERE.parent)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -159,3 +159,21 @@ def test_rerun_fails_a_trial_killed_before_its_first_heartbeat(tmp_path, monkeyp
   assert states[dead.number] == optuna.trial.TrialState.FAIL
   waiting = s.study().get_trials(states=(optuna.trial.TrialState.WAITING,))
   assert [t.system_attrs["fixed_params"] for t in waiting] == [{"ppo.kl_coef": dead.params["ppo.kl_coef"]}]
+
+
+def test_rerun_fails_a_trial_killed_before_the_grid_sampler_gave_it_a_point(tmp_path, monkeypatch):
+  """A worker killed between creating a trial and sampling it leaves a RUNNING trial with no grid point. With
+  one point left, failing it through the grid sampler raised KeyError('grid_id') and stopped the re-run."""
+  monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)
+  config = tmp_path / "tiny_sweep.py"
+  config.write_text(TINY_SWEEP)
+  s = sweep.Sweep(str(config), str(tmp_path / "sweep"))
+  study = s.study()
+  for _ in range(2):  # two points run to the end through the grid sampler
+    trial = study.ask()
+    s.suggest(trial)
+    study.tell(trial, 1.0)
+  dead = study._storage.create_new_trial(study._study_id)  # RUNNING, not yet sampled
+  s.recover()
+  assert s.study()._storage.get_trial(dead).state == optuna.trial.TrialState.FAIL
+  assert s.remaining() == 1  # the third point is still to run
