@@ -266,7 +266,19 @@ class Sweep:
     # A queued trial holds its parameters as "fixed_params" until a worker takes it.
     covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False,
                                                                                            states=live)]
-    failed = [t.params for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
+    sampler = study.sampler
+
+    def given_point(t) -> dict:
+      # A worker killed after the trial got its point (queued, or the grid sampler's grid id) but before the
+      # objective suggested it leaves no params; the sampler counts a grid id as visited, so only a re-queue
+      # runs that point again.
+      if t.params or "fixed_params" in t.system_attrs:
+        return t.params or t.system_attrs["fixed_params"]
+      if "grid_id" in t.system_attrs:
+        return dict(zip(sampler._param_names, sampler._all_grids[t.system_attrs["grid_id"]]))
+      return {}
+
+    failed = [given_point(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     for point in grid_points(self.sweep["params"]):
       if point in failed and point not in covered:
         study.enqueue_trial(point)

@@ -28,10 +28,10 @@ elif os.environ.get(_VAR) == "off":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # set and empty: the pipeline's cache stays off
 
 
-# Tests compile far more than they compute (most of the suite's time is XLA compiling tiny programs), so
-# XLA's LLVM backend runs without its optimisation passes: compiling takes ~40% less, the programs compute
-# the same values. Subprocesses inherit the flags (``fake_devices.cpu_env`` keeps them when it sets a device
-# count). ``RLHF_JAX_TEST_FAST_COMPILE=off`` compiles as runs do.
+# Tests compile far more than they compute (most of the suite's time is XLA compiling tiny programs), so XLA's
+# LLVM backend runs without its optimisation passes: compiling takes ~40% less, the programs compute the same
+# values up to float rounding. Subprocesses inherit the flags (``fake_devices.cpu_env`` keeps them when it sets a
+# device count). ``RLHF_JAX_TEST_FAST_COMPILE=off`` compiles as runs do.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if os.environ.get("RLHF_JAX_TEST_FAST_COMPILE") != "off" and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

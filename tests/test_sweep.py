@@ -177,3 +177,24 @@ def test_rerun_fails_a_trial_killed_before_the_grid_sampler_gave_it_a_point(tmp_
   s.recover()
   assert s.study()._storage.get_trial(dead).state == optuna.trial.TrialState.FAIL
   assert s.remaining() == 1  # the third point is still to run
+
+
+def test_rerun_queues_the_point_of_a_trial_killed_before_it_suggested_it(tmp_path, monkeypatch):
+  """Killed after the grid sampler gave a trial its point (the grid id) but before the objective suggested
+  it: the trial holds no params and the sampler counts the point as visited, so the re-run queues it."""
+  monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)
+  config = tmp_path / "tiny_sweep.py"
+  config.write_text(TINY_SWEEP)
+  s = sweep.Sweep(str(config), str(tmp_path / "sweep"))
+  study = s.study()
+  done = []
+  for _ in range(2):
+    trial = study.ask()
+    done.append(s.suggest(trial))
+    study.tell(trial, 1.0)
+  dead = study.ask()  # RUNNING with its grid id, no params
+  s.recover()
+  assert s.study().trials[dead.number].state == optuna.trial.TrialState.FAIL
+  waiting = s.study().get_trials(states=(optuna.trial.TrialState.WAITING,))
+  (point,) = [p for p in sweep.grid_points(s.sweep["params"]) if p not in done]
+  assert [t.system_attrs["fixed_params"] for t in waiting] == [point]
