@@ -274,8 +274,11 @@ class Sweep:
       # runs that point again.
       if t.params or "fixed_params" in t.system_attrs:
         return t.params or t.system_attrs["fixed_params"]
-      if "grid_id" in t.system_attrs:
-        return dict(zip(sampler._param_names, sampler._all_grids[t.system_attrs["grid_id"]]))
+      # The grid order (shuffled by the sampler's seed) is only on the sampler; an Optuna without these
+      # attributes leaves such a point unqueued, as before, rather than stopping the re-run.
+      names, grids = getattr(sampler, "_param_names", None), getattr(sampler, "_all_grids", None)
+      if "grid_id" in t.system_attrs and names is not None and grids is not None:
+        return dict(zip(names, grids[t.system_attrs["grid_id"]]))
       return {}
 
     failed = [given_point(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
