@@ -262,16 +262,12 @@ class Sweep:
         plain.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     if self.sweep["sampler"] != "grid":
       return
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    # A queued trial holds its parameters as "fixed_params" until a worker takes it.
-    covered = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False,
-                                                                                           states=live)]
     sampler = study.sampler
 
     def given_point(t) -> dict:
-      # A worker killed after the trial got its point (queued, or the grid sampler's grid id) but before the
-      # objective suggested it leaves no params; the sampler counts a grid id as visited, so only a re-queue
-      # runs that point again.
+      # A queued trial holds its parameters as "fixed_params" until a worker takes it. A worker killed after
+      # the trial got its point (queued, or the grid sampler's grid id) but before the objective suggested it
+      # leaves no params; the sampler counts a grid id as visited, so only a re-queue runs that point again.
       if t.params or "fixed_params" in t.system_attrs:
         return t.params or t.system_attrs["fixed_params"]
       # The grid order (shuffled by the sampler's seed) is only on the sampler; an Optuna without these
@@ -281,6 +277,8 @@ class Sweep:
         return dict(zip(names, grids[t.system_attrs["grid_id"]]))
       return {}
 
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    covered = [given_point(t) for t in study.get_trials(deepcopy=False, states=live)]
     failed = [given_point(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))]
     for point in grid_points(self.sweep["params"]):
       if point in failed and point not in covered:

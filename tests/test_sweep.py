@@ -161,27 +161,9 @@ def test_rerun_fails_a_trial_killed_before_its_first_heartbeat(tmp_path, monkeyp
   assert [t.system_attrs["fixed_params"] for t in waiting] == [{"ppo.kl_coef": dead.params["ppo.kl_coef"]}]
 
 
-def test_rerun_fails_a_trial_killed_before_the_grid_sampler_gave_it_a_point(tmp_path, monkeypatch):
-  """A worker killed between creating a trial and sampling it leaves a RUNNING trial with no grid point. With
-  one point left, failing it through the grid sampler raised KeyError('grid_id') and stopped the re-run."""
-  monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)
-  config = tmp_path / "tiny_sweep.py"
-  config.write_text(TINY_SWEEP)
-  s = sweep.Sweep(str(config), str(tmp_path / "sweep"))
-  study = s.study()
-  for _ in range(2):  # two points run to the end through the grid sampler
-    trial = study.ask()
-    s.suggest(trial)
-    study.tell(trial, 1.0)
-  dead = study._storage.create_new_trial(study._study_id)  # RUNNING, not yet sampled
-  s.recover()
-  assert s.study()._storage.get_trial(dead).state == optuna.trial.TrialState.FAIL
-  assert s.remaining() == 1  # the third point is still to run
-
-
-def test_rerun_queues_the_point_of_a_trial_killed_before_it_suggested_it(tmp_path, monkeypatch):
-  """Killed after the grid sampler gave a trial its point (the grid id) but before the objective suggested
-  it: the trial holds no params and the sampler counts the point as visited, so the re-run queues it."""
+def _two_grid_points_done(tmp_path, monkeypatch):
+  """The tiny sweep with two of its three points run to the end through the grid sampler -> (sweep, study,
+  the two points); sleeps (the grace period before stale checks) skipped."""
   monkeypatch.setattr(sweep.time, "sleep", lambda seconds: None)
   config = tmp_path / "tiny_sweep.py"
   config.write_text(TINY_SWEEP)
@@ -192,6 +174,23 @@ def test_rerun_queues_the_point_of_a_trial_killed_before_it_suggested_it(tmp_pat
     trial = study.ask()
     done.append(s.suggest(trial))
     study.tell(trial, 1.0)
+  return s, study, done
+
+
+def test_rerun_fails_a_trial_killed_before_the_grid_sampler_gave_it_a_point(tmp_path, monkeypatch):
+  """A worker killed between creating a trial and sampling it leaves a RUNNING trial with no grid point. With
+  one point left, failing it through the grid sampler raised KeyError('grid_id') and stopped the re-run."""
+  s, study, _ = _two_grid_points_done(tmp_path, monkeypatch)
+  dead = study._storage.create_new_trial(study._study_id)  # RUNNING, not yet sampled
+  s.recover()
+  assert s.study()._storage.get_trial(dead).state == optuna.trial.TrialState.FAIL
+  assert s.remaining() == 1  # the third point is still to run
+
+
+def test_rerun_queues_the_point_of_a_trial_killed_before_it_suggested_it(tmp_path, monkeypatch):
+  """Killed after the grid sampler gave a trial its point (the grid id) but before the objective suggested
+  it: the trial holds no params and the sampler counts the point as visited, so the re-run queues it."""
+  s, study, done = _two_grid_points_done(tmp_path, monkeypatch)
   dead = study.ask()  # RUNNING with its grid id, no params
   s.recover()
   assert s.study().trials[dead.number].state == optuna.trial.TrialState.FAIL
