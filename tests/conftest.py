@@ -29,10 +29,13 @@ elif os.environ.get(_VAR) == "off":
 
 
 # Tests compile far more than they compute (most of the suite's time is XLA compiling tiny programs), so XLA's
-# LLVM backend runs without its optimisation passes: compiling takes ~40% less, the programs compute the same
-# values up to float rounding. Subprocesses inherit the flags (``fake_devices.cpu_env`` keeps them when it sets a
-# device count). ``RLHF_JAX_TEST_FAST_COMPILE=off`` compiles as runs do.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# LLVM backend runs without its optimisation passes (compiling takes ~40% less) and fusions are emitted by the
+# elemental IR emitter instead of the MLIR fusion emitters, whose per-fusion pass pipelines cost another ~30%
+# on these small programs. The programs compute the same values up to float rounding. Subprocesses inherit
+# the flags (``fake_devices.cpu_env`` keeps them when it sets a device count).
+# ``RLHF_JAX_TEST_FAST_COMPILE=off`` compiles as runs do.
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
 if os.environ.get("RLHF_JAX_TEST_FAST_COMPILE") != "off" and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
