@@ -4,6 +4,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,25 @@ def test_tensorboard_event_file(tmp_path):
   scalars = _tb_scalars(logdir)
   assert scalars["train/loss"] == [(1, pytest.approx(0.7)), (2, pytest.approx(0.5))]
   assert scalars["eval/rm_accuracy"] == [(2, 0.75)]
+
+
+def test_a_run_writes_tensorboard_without_importing_torch(tmp_path):
+  """tensorboardX imports torch where it is installed (seconds of every run's start-up); the writer loads
+  it without, and torch still imports afterwards."""
+  script = f"""
+import sys
+from rlhf_jax import main
+from rlhf_jax.metrics import MetricsWriter
+with MetricsWriter({str(tmp_path)!r}) as writer:
+  writer.write("sft", 1, {{"train/loss": 0.5}})
+assert "torch" not in sys.modules, "torch was imported"
+import torch
+print(torch.ones(2).sum().item())
+"""
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["2.0"]
+  assert _tb_scalars(tmp_path / "tensorboard" / "sft")["train/loss"] == [(1, 0.5)]
 
 
 def test_summary_merge_is_atomic_and_keeps_stages(tmp_path):
