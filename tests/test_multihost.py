@@ -285,7 +285,7 @@ def test_metrics_summary_and_markers_on_gs(fake_gcs, monkeypatch):
       pass
     add_scalar = flush = close = lambda self, *a, **k: None
 
-  monkeypatch.setattr(metrics_lib, "SummaryWriter", NoTensorBoard)
+  monkeypatch.setattr(metrics_lib, "summary_writer_class", lambda: NoTensorBoard)
   workdir = "gs://bucket/run"
   with metrics_lib.MetricsWriter(workdir) as writer:
     for step in (1, 2, 3):
