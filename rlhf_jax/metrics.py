@@ -43,7 +43,7 @@ def summary_writer_class() -> type:
 
   tensorboardX imports torch whenever it is installed, only to accept torch tensors as values: ~2.5 s of a
   run's start-up on 2 cores, where this writer is only ever given Python floats. Unless torch is loaded
-  already, its import is refused (``sys.modules[name] = None``) for as long as tensorboardX loads, then
+  already, its import is refused (``sys.modules["torch"] = None``) while tensorboardX loads, then
   allowed again, so a later ``import torch`` anywhere works as usual.
   """
   if "torch" in sys.modules:
