@@ -27,6 +27,13 @@ if os.environ.get(_VAR) != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.envir
 elif os.environ.get(_VAR) == "off":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # set and empty: the pipeline's cache stays off
 
+# The directory of results computed once per run and shared by the xdist workers (run_once.py), made and
+# removed like the cache.
+_SHARED = "RLHF_JAX_TEST_SHARED_DIR"
+_SHARED_OWNER = _SHARED not in os.environ
+if _SHARED_OWNER:
+  os.environ[_SHARED] = tempfile.mkdtemp(prefix="rlhf_jax_test_shared_")
+
 
 # Tests compile far more than they compute (most of the suite's time is XLA compiling tiny programs), so XLA's
 # LLVM backend runs without its optimisation passes (compiling takes ~40% less) and fusions are emitted by the
@@ -47,3 +54,5 @@ os.environ.setdefault("RLHF_JAX_CPU_DEVICES", "1")
 def pytest_unconfigure(config) -> None:
   if _OWNER:
     shutil.rmtree(os.environ[_VAR], ignore_errors=True)
+  if _SHARED_OWNER:
+    shutil.rmtree(os.environ[_SHARED], ignore_errors=True)

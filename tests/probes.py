@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 
+import run_once
 from fake_devices import cpu_env
 from rlhf_jax import sharding
 from rlhf_jax.algorithms import ppo
@@ -18,12 +19,15 @@ from rlhf_jax.scoring import RewardModelScorer
 
 
 def run_probe(script: str, devices: int) -> dict:
-  """Runs ``tests/<script>`` on ``devices`` fake CPU devices in a subprocess -> the JSON it prints."""
-  env = cpu_env(devices)
-  proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / script)], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout)
+  """Runs ``tests/<script>`` on ``devices`` fake CPU devices in a subprocess -> the JSON it prints; once per
+  test run (``run_once``), however many workers ask."""
+  def compute(_) -> dict:
+    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / script)], env=cpu_env(devices),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+  return run_once.once(f"probe_{pathlib.Path(script).stem}_{devices}", compute)
 
 
 def shared_prompt_experience(policy_graphdef, policy, value_graphdef, value, pcfg: ppo.PPOConfig, mesh,

@@ -27,6 +27,7 @@ import sys
 
 import pytest
 
+import run_once
 from fake_devices import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,9 +90,14 @@ def compared(summary):
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("mesh") / "1x1x1"
-  return workdir, run_pipeline(workdir, devices=1)
+def one_device():
+  """The one-device run, once per test run (``run_once``: the meshes may run on different workers)."""
+  def compute(directory):
+    workdir = directory / "1x1x1"
+    return str(workdir), run_pipeline(workdir, devices=1)
+
+  workdir, (summary, rows, stderr) = run_once.once("mesh_matrix_one_device", compute)
+  return pathlib.Path(workdir), (summary, rows, stderr)
 
 
 def responses(workdir):
