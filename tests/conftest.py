@@ -14,25 +14,29 @@ import os
 import shutil
 import tempfile
 
+from run_once import SHARED_ENV
+
 _VAR = "RLHF_JAX_TEST_XLA_CACHE"
-_OWNER = False
+_OWNED: list[str] = []  # the run-wide directories this process made: it removes them at the end
+
+
+def _run_directory(var: str, prefix: str) -> None:
+  """``os.environ[var]``: a fresh temporary directory unless a parent process set it already."""
+  if var not in os.environ:
+    os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+    _OWNED.append(os.environ[var])
+
 
 if os.environ.get(_VAR) != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  if _VAR not in os.environ:
-    os.environ[_VAR] = tempfile.mkdtemp(prefix="rlhf_jax_xla_cache_")
-    _OWNER = True
+  _run_directory(_VAR, "rlhf_jax_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_VAR]
   # Tiny programs compile in well under the default 1 s threshold; cache them all.
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 elif os.environ.get(_VAR) == "off":
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # set and empty: the pipeline's cache stays off
 
-# The directory of results computed once per run and shared by the xdist workers (run_once.py), made and
-# removed like the cache.
-_SHARED = "RLHF_JAX_TEST_SHARED_DIR"
-_SHARED_OWNER = _SHARED not in os.environ
-if _SHARED_OWNER:
-  os.environ[_SHARED] = tempfile.mkdtemp(prefix="rlhf_jax_test_shared_")
+# The directory of results computed once per run and shared by the xdist workers (run_once.py).
+_run_directory(SHARED_ENV, "rlhf_jax_test_shared_")
 
 
 # Tests compile far more than they compute (most of the suite's time is XLA compiling tiny programs), so XLA's
@@ -52,7 +56,5 @@ os.environ.setdefault("RLHF_JAX_CPU_DEVICES", "1")
 
 
 def pytest_unconfigure(config) -> None:
-  if _OWNER:
-    shutil.rmtree(os.environ[_VAR], ignore_errors=True)
-  if _SHARED_OWNER:
-    shutil.rmtree(os.environ[_SHARED], ignore_errors=True)
+  for directory in _OWNED:
+    shutil.rmtree(directory, ignore_errors=True)

@@ -96,8 +96,8 @@ def one_device():
     workdir = directory / "1x1x1"
     return str(workdir), run_pipeline(workdir, devices=1)
 
-  workdir, (summary, rows, stderr) = run_once.once("mesh_matrix_one_device", compute)
-  return pathlib.Path(workdir), (summary, rows, stderr)
+  workdir, run = run_once.once("mesh_matrix_one_device", compute)
+  return pathlib.Path(workdir), run
 
 
 def responses(workdir):
