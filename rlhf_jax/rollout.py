@@ -21,6 +21,7 @@ fall outside the support of the distribution it is scored under.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -120,9 +121,14 @@ def rollout_from_sample(prompt: Array, prompt_mask: Array, sample: Sample, group
                  log_probs=sample.log_probs, group=group)
 
 
+@functools.lru_cache(maxsize=64)
 def make_rollout_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig, prompt_group: int = 1,
                     layout: DecodeLayout | None = None) -> Callable[..., Rollout]:
   """Jitted ``rollout(params, prompt, prompt_mask, group, key) -> Rollout`` sampling a decoder.
+
+  One function per distinct set of arguments in a process: stages that sample the same model the same way
+  (each stage's evaluation, the label stage and the reward normalisation) share its traced and compiled
+  programs instead of tracing and compiling them again.
 
   ``prompt_group`` g > 1: rows come as runs of g samples of one prompt (``repeat_prompts``, or a run length
   dividing its k: see ``shared_run``), so the sampler prefills each prompt once (``generate``) and the

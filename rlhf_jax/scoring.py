@@ -9,7 +9,8 @@ score through this interface.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import functools
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -37,6 +38,12 @@ class Scorer(Protocol):
     ...
 
 
+@functools.lru_cache(maxsize=16)
+def _score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Rollout], Array]:
+  """Jitted ``score(params, rollout) -> [B]``, one per model shape in a process (shared by every scorer)."""
+  return jax.jit(lambda p, r: reward_scores(graphdef, p, r.tokens, r.mask, shared_prefix=r.shared_prefix))
+
+
 class RewardModelScorer:
   """A frozen reward model; jitted once per rollout shape; texts are not needed."""
 
@@ -45,7 +52,7 @@ class RewardModelScorer:
   def __init__(self, graphdef: nnx.GraphDef, params):
     self.graphdef = graphdef
     self.params = params
-    self._score = jax.jit(lambda p, r: reward_scores(graphdef, p, r.tokens, r.mask, shared_prefix=r.shared_prefix))
+    self._score = _score_fn(graphdef)
 
   def __call__(self, rollout: Rollout, prompts: Sequence[str] | None = None,
                responses: Sequence[str] | None = None) -> Array:

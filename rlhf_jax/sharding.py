@@ -122,13 +122,14 @@ def state_shardings(state: Any, mesh: Mesh, rules: Iterable[Sequence[Any]]) -> A
 
 
 def init_sharded(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, mesh: Mesh,
-                 rules: Iterable[Sequence[Any]]) -> tuple[nnx.GraphDef, nnx.State]:
+                 rules: Iterable[Sequence[Any]],
+                 abstract: tuple[nnx.GraphDef, nnx.State] | None = None) -> tuple[nnx.GraphDef, nnx.State]:
   """Builds a module's params directly in their shards (no full copy on one device first).
 
-  Returns ``(graphdef, params)`` with each array placed as its logical axes say.
+  Returns ``(graphdef, params)`` with each array placed as its logical axes say. ``abstract``: the
+  module's ``nnx.split(nnx.eval_shape(...))`` when the caller has it already (else traced here).
   """
-  abstract = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-  graphdef, abstract_state = nnx.split(abstract)
+  graphdef, abstract_state = abstract or nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
   shardings = state_shardings(abstract_state, mesh, rules)
 
   def init(k):

@@ -8,6 +8,7 @@ mixed in with weight ``ptx_coef``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping
 
 import jax
@@ -102,8 +103,10 @@ def lm_train_state(params: dict, shardings: dict, loop_cfg: ConfigDict, mesh: Me
   return state, state_shardings, tx
 
 
+@functools.lru_cache(maxsize=16)
 def make_lm_eval(graphdef: nnx.GraphDef) -> Callable:
-  """Jitted ``eval(params, batch) -> (summed loss, target tokens)`` for exact averaging over batches."""
+  """Jitted ``eval(params, batch) -> (summed loss, target tokens)`` for exact averaging over batches (one
+  function per model shape in a process, so every stage's evaluation reuses its compiled programs)."""
 
   @jax.jit
   def evaluate(params, batch):

@@ -98,6 +98,7 @@ def make_reward_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransforma
   return step
 
 
+@jax.jit
 def fold_normalisation(params: dict, gain: float, bias: float) -> dict:
-  """Head params such that the model outputs ``gain * r + bias``."""
+  """Head params such that the model outputs ``gain * r + bias`` (one compiled program, not one per op)."""
   return {**params, "head": params["head"] * gain, "head_bias": params["head_bias"] * gain + bias}

@@ -279,20 +279,20 @@ class StageContext:
 
   def model_factory(self, kind: str, head_std: float = 0.0) -> Callable[[nnx.Rngs], nnx.Module]:
     """``make(rngs)`` for a ``"lm"`` decoder or a ``"scalar"`` (reward/value) model."""
-    cfg = self.model_config
-    if kind == "lm":
-      return lambda rngs: Decoder(cfg, rngs=rngs)
-    if kind == "scalar":
-      return lambda rngs: ScalarModel(cfg, head_std, rngs=rngs)
-    raise ValueError(kind)
+    return model_factory(self.model_config, kind, head_std)
 
   def init_model(self, kind: str, key: jax.Array, head_std: float = 0.0) -> tuple[nnx.GraphDef, dict, dict]:
     """Sharded init -> (graphdef, params as a plain dict, matching shardings)."""
-    graphdef, params = sharding.init_sharded(self.model_factory(kind, head_std), key, self.mesh, self.rules)
+    graphdef, params = sharding.init_sharded(self.model_factory(kind, head_std), key, self.mesh, self.rules,
+                                             abstract=self.abstract_model(kind))
     return graphdef, params.to_pure_dict(), self.param_shardings(kind)
 
+  def abstract_model(self, kind: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state of ShapeDtypeStructs)`` of a ``kind`` model of this run (no arrays made)."""
+    return _abstract_model(self.model_config, kind)
+
   def param_shardings(self, kind: str) -> dict:
-    abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1]
+    abstract = self.abstract_model(kind)[1]
     self._report_replicated(kind, abstract)
     return state_lib.param_shardings(abstract, self.mesh, self.rules)
 
@@ -318,7 +318,7 @@ class StageContext:
       self.metrics.write_summary("mesh", row)
 
   def graphdef(self, kind: str) -> nnx.GraphDef:
-    return nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[0]
+    return self.abstract_model(kind)[0]
 
   # --- hand-off between stages ---------------------------------------------
 
@@ -343,10 +343,28 @@ class StageContext:
     if not epath.Path(directory).is_dir():
       raise StageError(f"missing params of stage instance '{stage}' ({directory}): run that stage first")
     shardings = self.param_shardings(kind)
-    abstract = nnx.split(nnx.eval_shape(lambda: self.model_factory(kind)(nnx.Rngs(0))))[1].to_pure_dict()
+    abstract = self.abstract_model(kind)[1].to_pure_dict()
     target = state_lib.abstract_like(abstract, shardings)
     with Checkpointer(directory, read_only=True) as ckpt:
       return ckpt.restore(target)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_model(cfg: DecoderConfig, kind: str) -> tuple[nnx.GraphDef, nnx.State]:
+  """Traces a model's construction once per process and shape: each trace draws every parameter's key from
+  ``nnx.Rngs`` (~0.2 s for the tiny decoder), and a run asks for the same shapes in every stage. Callers
+  only read the state (shapes, dtypes, logical axes) or copy it (``to_pure_dict``, ``tree.map``)."""
+  make = model_factory(cfg, kind)
+  return nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+
+
+def model_factory(cfg: DecoderConfig, kind: str, head_std: float = 0.0) -> Callable[[nnx.Rngs], nnx.Module]:
+  """``make(rngs)`` for a ``"lm"`` decoder or a ``"scalar"`` (reward/value) model of shape ``cfg``."""
+  if kind == "lm":
+    return lambda rngs: Decoder(cfg, rngs=rngs)
+  if kind == "scalar":
+    return lambda rngs: ScalarModel(cfg, head_std, rngs=rngs)
+  raise ValueError(kind)
 
 
 class ConcatSource:

@@ -35,6 +35,10 @@ from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 
+# The held-out preference loss on host arrays as one compiled program (eagerly, each jnp op compiles its own).
+_preference_loss = jax.jit(dpo_math.preference_loss, static_argnums=(3, 4, 5))
+
+
 def check(ctx: StageContext, instance) -> dpo.DPOSettings:
   """The instance's loss settings; every bad option is named before anything loads."""
   cfg = instance.section
@@ -162,7 +166,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     h = np.concatenate([ctx.host(log_ratio_fn(params, reference, ctx.put(b)))[:real] for b, real in chunks])
     ranks = np.concatenate([b["ranks"][:real] for b, real in chunks])
     valid = np.concatenate([b["response_mask"][:real] for b, real in chunks])
-    loss, aux = dpo_math.preference_loss(h, ranks, valid, settings.beta, settings.loss, settings.label_smoothing)
+    loss, aux = _preference_loss(h, ranks, valid, settings.beta, settings.loss, settings.label_smoothing)
     return {"eval/preference_accuracy": float(aux["accuracy"]), "eval/preference_loss": float(loss),
             "eval/preference_margin": float(aux["margin"])}
 

@@ -10,13 +10,15 @@ here only, never by a training path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from etils import epath
+from flax import nnx
 from ml_collections import ConfigDict
 
 from rlhf_jax.algorithms.lm import make_lm_eval
@@ -24,6 +26,7 @@ from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.config_groups import sampling_config
 from rlhf_jax.data import batching, bucketing
 from rlhf_jax.data.loader import BatchLoader
+from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.rollout import Rollout, make_rollout_fn, response_log_probs, response_texts
 from rlhf_jax.scoring import GoldScorer, RewardModelScorer
 from rlhf_jax.stages.context import StageContext
@@ -32,6 +35,14 @@ from rlhf_jax.stages.context import StageContext
 def evaluation_config() -> ConfigDict:
   """``config.evaluation``: how every policy of a run is evaluated (in-loop and by eval instances)."""
   return ConfigDict(dict(num_prompts=128, sampling=sampling_config(), lm_loss_batches=4, batch_size=64))
+
+
+@functools.lru_cache(maxsize=16)
+def _kl_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable:
+  """Jitted ``kl(params, reference, rollout) -> [B]``: each row's summed log-ratio over its response
+  tokens; one per model shape and sampler in a process (every stage's evaluation reuses it)."""
+  return jax.jit(lambda p, ref, r: (response_log_probs(graphdef, p, r, sampling)[0]
+                                    - response_log_probs(graphdef, ref, r, sampling)[0]).sum(axis=1))
 
 
 class PolicyEvaluator:
@@ -51,9 +62,7 @@ class PolicyEvaluator:
     self.sampling = ctx.sampling(cfg)
     graphdef = ctx.graphdef("lm")
     self.rollout_fn = make_rollout_fn(graphdef, self.sampling, layout=ctx.decode_layout)
-    sampling = self.sampling
-    self.kl_fn = jax.jit(lambda p, ref, r: (response_log_probs(graphdef, p, r, sampling)[0]
-                                            - response_log_probs(graphdef, ref, r, sampling)[0]).sum(axis=1))
+    self.kl_fn = _kl_fn(graphdef, self.sampling)
     self.key = ctx.key("eval")
     self.lm_eval = make_lm_eval(graphdef)
     self.gold = GoldScorer(ctx.task)

@@ -29,13 +29,17 @@ from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 
+# A copy (the value model's params are donated to the update; the reward model's are not), one program.
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
 def init_value(ctx: StageContext, instance, reward_params: dict) -> tuple[dict, dict, str]:
   """Value params, their shardings and the value mode, as ``value_init`` says (none for rloo, grpo)."""
   if instance.section.advantage in ppo.GROUP_ESTIMATORS:
     return {}, {}, "none"
   init = instance.section.value_init
   if init == "reward":
-    return jax.tree.map(jnp.copy, reward_params), ctx.param_shardings("scalar"), "separate"
+    return _copy(reward_params), ctx.param_shardings("scalar"), "separate"
   if init == "sft":
     _, params, shardings = ctx.init_model("scalar", ctx.key("init/value", instance.name), head_std=0.0)
     params["trunk"] = ctx.load_params(instance.section.reference, "lm")[0]["trunk"]

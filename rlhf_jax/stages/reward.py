@@ -10,7 +10,6 @@ score mean 0, std 1; ``normalize``: gain_bias, bias or none).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import compute, losses, state as state_lib
@@ -101,6 +100,11 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   return {**last_eval, **totals, "reward/gain": gain, "reward/bias": bias}
 
 
+# Host-side uses of the loss maths, each one compiled program (eagerly every jnp op compiles its own).
+_ranking_accuracy = jax.jit(lambda rewards, ranks, mask: losses.ranking_loss(rewards, ranks, mask)[1]["accuracy"])
+_reward_normalisation = jax.jit(losses.reward_normalisation, static_argnames="bias_only")
+
+
 def make_test_scorer(ctx, graphdef, test, to_batch, kind):
   """``f(params) -> eval metrics`` on held-out data: pairwise accuracy against labels and against gold.
 
@@ -117,8 +121,7 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
     def evaluate(params):
       rewards = ctx.real_rows(score(params, batch), valid)
       predicted = [rewards[i, :len(r["responses"])] for i, r in enumerate(rows)]
-      _, aux = losses.ranking_loss(jnp.asarray(rewards), host["ranks"], host["response_mask"])
-      return {"eval/rm_accuracy": float(aux["accuracy"]),
+      return {"eval/rm_accuracy": float(_ranking_accuracy(rewards, host["ranks"], host["response_mask"])),
               "eval/rm_gold_accuracy": score_agreement(gold, predicted),
               "eval/labeler_gold_agreement": float(labeler_vs_gold)}
     return evaluate
@@ -147,7 +150,7 @@ def normalisation(ctx: StageContext, instance, graphdef, params) -> tuple[float,
   rollout_fn = make_rollout_fn(ctx.graphdef("lm"), sampling, layout=ctx.decode_layout)
   rollout = rollout_fn(reference, batch["tokens"], batch["mask"], batch["group"], ctx.key("reward/normalize", instance.name))
   rewards = ctx.real_rows(RewardModelScorer(graphdef, params)(rollout), batch["valid"])
-  gain, bias = losses.reward_normalisation(jnp.asarray(rewards), bias_only=cfg.normalize == "bias")
+  gain, bias = _reward_normalisation(rewards, bias_only=cfg.normalize == "bias")
   real = ctx.host(batch["valid"]).astype(bool)
   counts = compute.rollout_counts(ctx.model_config, len(real), rollout.prompt_len,
                                   ctx.host(rollout.response_mask).sum(axis=1)[real], rollout.response_len,

@@ -1,0 +1,99 @@
+"""Stages of one process share traced and compiled programs: a second stage that builds the same model shape,
+sampler, evaluator or scorer (from its own, equal, arguments) gets the first one's jitted function back, and
+calling it at the same shapes traces nothing again."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax.algorithms.lm import make_lm_eval
+from rlhf_jax.generate import SamplingConfig
+from rlhf_jax.models import DecoderConfig
+from rlhf_jax.rollout import make_rollout_fn
+from rlhf_jax.scoring import RewardModelScorer
+from rlhf_jax.stages import context, evaluation
+
+
+def model_config() -> DecoderConfig:
+  """A fresh (equal, not identical) config each call, as each stage's context builds its own."""
+  return DecoderConfig(vocab_size=24, num_layers=1, d_model=16, num_heads=2, d_ff=32, max_len=24)
+
+
+def sampling() -> SamplingConfig:
+  return SamplingConfig(max_new_tokens=4, temperature=0.9, eos_id=3)
+
+
+PROMPT = jnp.array([[0, 2, 9, 10], [2, 11, 12, 13]], jnp.int32)
+MASK = (PROMPT > 0).astype(jnp.int32)
+GROUP = jnp.arange(2, dtype=jnp.int32)
+
+
+@contextlib.contextmanager
+def counted_traces():
+  """Counts JAX's traces of functions for jit (one per program traced) while the block runs."""
+  seen = []
+
+  def listener(event, _secs, **_):
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="module")
+def params():
+  lm_graphdef, lm_abstract = context._abstract_model(model_config(), "lm")
+  scalar_graphdef, _ = context._abstract_model(model_config(), "scalar")
+  lm = nnx.split(context.model_factory(model_config(), "lm")(nnx.Rngs(0)))[1].to_pure_dict()
+  scalar = nnx.split(context.model_factory(model_config(), "scalar", 0.5)(nnx.Rngs(1)))[1].to_pure_dict()
+  assert jax.tree.map(lambda a: a.shape, lm) == jax.tree.map(lambda a: a.shape, lm_abstract.to_pure_dict())
+  return dict(lm_graphdef=lm_graphdef, scalar_graphdef=scalar_graphdef, lm=lm, scalar=scalar)
+
+
+def test_a_model_shape_is_traced_once_per_process():
+  first = context._abstract_model(model_config(), "lm")
+  with counted_traces() as traces:
+    again = context._abstract_model(model_config(), "lm")
+  assert again is first and traces == []
+  other = context._abstract_model(DecoderConfig(**{**model_config().__dict__, "d_ff": 48}), "lm")
+  shapes = lambda entry: jax.tree.map(lambda a: a.shape, entry[1].to_pure_dict())  # noqa: E731
+  assert shapes(other) != shapes(first)  # another shape is its own entry
+  with pytest.raises(ValueError):
+    context._abstract_model(model_config(), "critic")
+
+
+def test_stages_share_the_sampler_evaluators_and_scorer(params):
+  graphdef, scalar_graphdef = params["lm_graphdef"], params["scalar_graphdef"]
+  key = jax.random.key(0)
+  # The first stage: traces and compiles each program once.
+  rollout = make_rollout_fn(graphdef, sampling())(params["lm"], PROMPT, MASK, GROUP, key)
+  scores = RewardModelScorer(scalar_graphdef, params["scalar"])(rollout)
+  kl = evaluation._kl_fn(graphdef, sampling())(params["lm"], params["lm"], rollout)
+  batch = {"tokens": rollout.tokens, "mask": rollout.mask,
+           "loss_mask": jnp.concatenate([jnp.zeros_like(MASK), rollout.response_mask], axis=1)}
+  loss = make_lm_eval(graphdef)(params["lm"], batch)
+  # A later stage, with its own equal arguments (its own graphdef, sampler settings and scorer).
+  later_graphdef = context._abstract_model(model_config(), "lm")[0]
+  with counted_traces() as traces:
+    rollout_2 = make_rollout_fn(later_graphdef, sampling())(params["lm"], PROMPT, MASK, GROUP, key)
+    scores_2 = RewardModelScorer(context._abstract_model(model_config(), "scalar")[0], params["scalar"])(rollout_2)
+    kl_2 = evaluation._kl_fn(later_graphdef, sampling())(params["lm"], params["lm"], rollout_2)
+    loss_2 = make_lm_eval(later_graphdef)(params["lm"], batch)
+  assert traces == []
+  np.testing.assert_array_equal(rollout_2.tokens, rollout.tokens)
+  np.testing.assert_array_equal(scores_2, scores)
+  np.testing.assert_allclose(kl_2, 0.0, atol=1e-6)
+  np.testing.assert_array_equal(kl_2, kl)
+  assert [float(x) for x in loss_2] == [float(x) for x in loss]
+  # Other settings are other programs.
+  assert make_rollout_fn(graphdef, SamplingConfig(max_new_tokens=5, eos_id=3)) is not make_rollout_fn(graphdef,
+                                                                                                    sampling())
+  assert make_rollout_fn(graphdef, sampling(), 2) is not make_rollout_fn(graphdef, sampling(), 1)
