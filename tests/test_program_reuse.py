@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rlhf_jax.algorithms import dpo, ppo
 from rlhf_jax.algorithms.lm import make_lm_eval
 from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.models import DecoderConfig
@@ -97,3 +98,9 @@ def test_stages_share_the_sampler_evaluators_and_scorer(params):
   assert make_rollout_fn(graphdef, SamplingConfig(max_new_tokens=5, eos_id=3)) is not make_rollout_fn(graphdef,
                                                                                                     sampling())
   assert make_rollout_fn(graphdef, sampling(), 2) is not make_rollout_fn(graphdef, sampling(), 1)
+  # The PPO instances of an iterated run, and DPO's held-out log-ratios, the same way.
+  scalar_later = context._abstract_model(model_config(), "scalar")[0]
+  assert ppo.make_experience_fn(graphdef, scalar_graphdef, ppo.PPOConfig(sampling())) is ppo.make_experience_fn(
+      later_graphdef, scalar_later, ppo.PPOConfig(sampling()))
+  assert dpo.make_log_ratio_fn(graphdef, 4, sampling(), False) is dpo.make_log_ratio_fn(later_graphdef, 4, sampling(),
+                                                                                         False)

@@ -18,6 +18,7 @@ reference pass: a quarter less compute a step, paid back from the second epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -171,8 +172,10 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
   return step
 
 
+@functools.lru_cache(maxsize=16)
 def make_log_ratio_fn(graphdef: nnx.GraphDef, prompt_len: int, sampling: SamplingConfig, average: bool) -> Callable:
-  """Jitted ``f(params, ref_params, batch) -> log-ratios [B, K]`` (held-out preference accuracy)."""
+  """Jitted ``f(params, ref_params, batch) -> log-ratios [B, K]`` (held-out preference accuracy); one function
+  per distinct set of arguments in a process."""
   return jax.jit(lambda p, r, b: log_ratios(graphdef, p, r, b, prompt_len, sampling, average))
 
 

@@ -36,6 +36,7 @@ Value modes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal, Mapping
 
 import jax
@@ -368,10 +369,12 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   return experience, metrics
 
 
+@functools.lru_cache(maxsize=16)
 def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                        value_mode: ValueMode = "separate") -> Callable:
   """Jitted ``experience(policy_params, ref_params, value_params, rollout, score, beta) -> (Experience,
-  metrics)``; see ``make_experience``."""
+  metrics)``; see ``make_experience``. One function per distinct set of arguments in a process (PPO
+  instances of an iterated run with equal settings share its compiled programs)."""
 
   @jax.jit
   def experience(policy_params, ref_params, value_params, rollout, score, beta):
