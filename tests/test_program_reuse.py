@@ -3,6 +3,7 @@ sampler, evaluator or scorer (from its own, equal, arguments) gets the first one
 calling it at the same shapes traces nothing again."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def test_a_model_shape_is_traced_once_per_process():
   with counted_traces() as traces:
     again = context._abstract_model(model_config(), "lm")
   assert again is first and traces == []
-  other = context._abstract_model(DecoderConfig(**{**model_config().__dict__, "d_ff": 48}), "lm")
+  other = context._abstract_model(dataclasses.replace(model_config(), d_ff=48), "lm")
   shapes = lambda entry: jax.tree.map(lambda a: a.shape, entry[1].to_pure_dict())  # noqa: E731
   assert shapes(other) != shapes(first)  # another shape is its own entry
   with pytest.raises(ValueError):
@@ -83,9 +84,10 @@ def test_stages_share_the_sampler_evaluators_and_scorer(params):
   loss = make_lm_eval(graphdef)(params["lm"], batch)
   # A later stage, with its own equal arguments (its own graphdef, sampler settings and scorer).
   later_graphdef = context._abstract_model(model_config(), "lm")[0]
+  later_scalar = context._abstract_model(model_config(), "scalar")[0]
   with counted_traces() as traces:
     rollout_2 = make_rollout_fn(later_graphdef, sampling())(params["lm"], PROMPT, MASK, GROUP, key)
-    scores_2 = RewardModelScorer(context._abstract_model(model_config(), "scalar")[0], params["scalar"])(rollout_2)
+    scores_2 = RewardModelScorer(later_scalar, params["scalar"])(rollout_2)
     kl_2 = evaluation._kl_fn(later_graphdef, sampling())(params["lm"], params["lm"], rollout_2)
     loss_2 = make_lm_eval(later_graphdef)(params["lm"], batch)
   assert traces == []
@@ -99,8 +101,7 @@ def test_stages_share_the_sampler_evaluators_and_scorer(params):
                                                                                                     sampling())
   assert make_rollout_fn(graphdef, sampling(), 2) is not make_rollout_fn(graphdef, sampling(), 1)
   # The PPO instances of an iterated run, and DPO's held-out log-ratios, the same way.
-  scalar_later = context._abstract_model(model_config(), "scalar")[0]
   assert ppo.make_experience_fn(graphdef, scalar_graphdef, ppo.PPOConfig(sampling())) is ppo.make_experience_fn(
-      later_graphdef, scalar_later, ppo.PPOConfig(sampling()))
+      later_graphdef, later_scalar, ppo.PPOConfig(sampling()))
   assert dpo.make_log_ratio_fn(graphdef, 4, sampling(), False) is dpo.make_log_ratio_fn(later_graphdef, 4, sampling(),
                                                                                          False)
