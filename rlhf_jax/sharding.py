@@ -7,6 +7,7 @@ axes. The mesh always has the axes ``data``, ``fsdp`` and ``tensor``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -130,12 +131,15 @@ def init_sharded(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, mesh: M
   module's ``nnx.split(nnx.eval_shape(...))`` when the caller has it already (else traced here).
   """
   graphdef, abstract_state = abstract or nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-  shardings = state_shardings(abstract_state, mesh, rules)
+  leaves, treedef = jax.tree.flatten(state_shardings(abstract_state, mesh, rules))
+  return graphdef, _sharded_init(make, treedef, tuple(leaves))(key)
 
-  def init(k):
-    return nnx.split(make(nnx.Rngs(k)))[1]
 
-  return graphdef, jax.jit(init, out_shardings=shardings)(key)
+@functools.lru_cache(maxsize=16)
+def _sharded_init(make: Callable[[nnx.Rngs], nnx.Module], treedef, leaves: tuple) -> Callable:
+  """Jitted ``init(key) -> params`` placed in the shardings ``(treedef, leaves)``; one per model factory and
+  layout in a process, so a later init of the same model compiles nothing."""
+  return jax.jit(lambda k: nnx.split(make(nnx.Rngs(k)))[1], out_shardings=jax.tree.unflatten(treedef, leaves))
 
 
 def batch_axes(mesh: Mesh, rules: Iterable[Sequence[Any]]) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ the run's base RNG key and stage scalars (KL coefficient, ...). Frozen params
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -66,17 +67,43 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTr
   """AdamW with global-norm clipping and a schedule, from ``config.<stage>.optimizer``.
 
   Keys: lr, warmup_steps, schedule, end_factor, b1, b2, eps, weight_decay, grad_clip.
-  Weight decay skips vectors and scalars (norms, biases, heads' bias).
+  Weight decay skips vectors and scalars (norms, biases, heads' bias). Equal settings give the same
+  transformation object within a process, so the step functions built on it (memoised on their arguments)
+  and their compiled programs are shared by every stage that trains with those settings.
   """
+  return _optimizer(_frozen(cfg, "optimizer"), int(total_steps))
+
+
+def _frozen(cfg: Mapping[str, Any], where: str) -> tuple:
+  """A hashable, order-independent copy of a flat settings mapping (sequences become tuples)."""
+  items = []
+  for key, value in sorted(dict(cfg).items()):
+    if isinstance(value, list):
+      value = tuple(value)
+    try:
+      hash(value)
+    except TypeError:
+      raise ValueError(f"{where}.{key} must be a number, string or flat sequence, got {value!r}") from None
+    items.append((key, value))
+  return tuple(items)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(settings: tuple, total_steps: int) -> optax.GradientTransformation:
+  cfg = dict(settings)
   schedule = learning_rate_schedule(cfg["lr"], total_steps, cfg.get("warmup_steps", 0),
                                     cfg.get("schedule", "cosine"), cfg.get("end_factor", 0.1))
   parts = []
   if cfg.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(cfg["grad_clip"]))
   parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8),
-                           weight_decay=cfg.get("weight_decay", 0.0),
-                           mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+                           weight_decay=cfg.get("weight_decay", 0.0), mask=_matrices))
   return optax.chain(*parts)
+
+
+def _matrices(params: PyTree) -> PyTree:
+  """Weight-decay mask: True on parameters with >= 2 dimensions."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> dict:
@@ -96,16 +123,25 @@ def create_train_state(params: Mapping[str, PyTree], optimizers: Mapping[str, op
   opt_shardings = {}
   opt_state = {}
   for name, tx in optimizers.items():
-    abstract = jax.eval_shape(tx.init, params[name])
+    abstract = _sharded_opt_init(tx, None, ()).eval_shape(params[name])
     opt_shardings[name] = optax.tree_map_params(tx, lambda _, s: s, abstract, shardings[name],
                                                 transform_non_params=lambda _: rep)
-    opt_state[name] = jax.jit(tx.init, out_shardings=opt_shardings[name])(params[name])
+    opt_state[name] = _sharded_opt_init(tx, *_tree_key(opt_shardings[name]))(params[name])
   scalars = {k: jax.device_put(jnp.asarray(v, jnp.float32), rep) for k, v in (scalars or {}).items()}
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=dict(params),
                      opt_state=opt_state, rng=jax.device_put(seed_key_data(seed), rep), scalars=scalars)
   state_sh = TrainState(step=rep, params={k: shardings[k] for k in params}, opt_state=opt_shardings, rng=rep,
                         scalars={k: rep for k in scalars})
   return state, state_sh
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_opt_init(tx: optax.GradientTransformation, treedef, leaves: tuple) -> Callable:
+  """Jitted ``tx.init`` placing the state in the shardings ``(treedef, leaves)`` (``None``: where XLA puts it);
+  one per transformation and layout in a process."""
+  if treedef is None:
+    return jax.jit(tx.init)
+  return jax.jit(tx.init, out_shardings=jax.tree.unflatten(treedef, leaves))
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -117,7 +153,24 @@ def compile_step(step_fn: Callable, state_shardings: TrainState, batch_shardings
                  frozen_shardings: PyTree, mesh: Mesh) -> Callable:
   """``jit(step_fn)`` with explicit in/out shardings and the state donated.
 
-  step_fn(state, batch, frozen) -> (state, metrics); metrics come back replicated.
+  step_fn(state, batch, frozen) -> (state, metrics); metrics come back replicated. The same ``step_fn`` with
+  equal shardings gives back the same jitted function in a process (a later stage, or the next round of an
+  iterated run, reuses its traced and compiled programs).
   """
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                 out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+  return _compiled_step(step_fn, *_tree_key(state_shardings), *_tree_key(batch_shardings),
+                        *_tree_key(frozen_shardings), mesh)
+
+
+def _tree_key(tree: PyTree) -> tuple:
+  """(treedef, leaves): a hashable key of a pytree of shardings."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_step(step_fn: Callable, state_def, state_leaves, batch_def, batch_leaves, frozen_def, frozen_leaves,
+                   mesh: Mesh) -> Callable:
+  shardings = (jax.tree.unflatten(state_def, state_leaves), jax.tree.unflatten(batch_def, batch_leaves),
+               jax.tree.unflatten(frozen_def, frozen_leaves))
+  return jax.jit(step_fn, in_shardings=shardings, out_shardings=(shardings[0], NamedSharding(mesh, PartitionSpec())),
+                 donate_argnums=(0,))

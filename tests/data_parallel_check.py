@@ -69,6 +69,7 @@ def run_both(make_step, params: dict, batch: dict, frozen=None, extra_passes=())
   for name, mesh, flat in (("rows_call", MESH, False), ("rows_call_flat", MESH, True), ("plain", None, False)):
     # One process sums leaf by leaf; "flat" compiles the multi-process form (one flat vector) here too.
     data_parallel.flat_sum = (lambda m: True) if flat else one_process_flat_sum
+    jax.clear_caches()  # equal step arguments give back one memoised jitted step: trace it again under this form
     state, state_sh = state_lib.create_train_state(jax.tree.map(jnp.copy, params), {k: tx for k in params},
                                                    shardings, MESH, seed=0)
     step = state_lib.compile_step(make_step(tx, mesh), state_sh, batch_sh, frozen_sh, MESH)

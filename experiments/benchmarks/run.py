@@ -19,6 +19,7 @@ from rlhf_jax import cpu_devices, host_memory  # noqa: E402
 
 host_memory.reexec_with_hugepages()  # time the library as its command line runs it
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -55,6 +56,8 @@ def main(argv: list[str]) -> None:
   env.decode = DECODE.value
   matmul_dtype = jnp.dtype(size.model.matmul_dtype or size.model.dtype).name
   for name in selected(FLAGS.value):
+    # The library memoises its jitted steps, so a program an earlier benchmark compiled would read as free here.
+    jax.clear_caches()
     record = suite.BENCHMARKS[name](env)
     print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype, "decode": DECODE.value}),
           flush=True)

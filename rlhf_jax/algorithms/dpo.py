@@ -152,6 +152,7 @@ def dpo_objective(graphdef: nnx.GraphDef, settings: DPOSettings, prompt_len: int
   return objective
 
 
+@functools.lru_cache(maxsize=32)
 def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, settings: DPOSettings,
                   prompt_len: int, sampling: SamplingConfig, mesh: Mesh | None = None,
                   rules: Any = sharding.DEFAULT_RULES) -> Callable:

@@ -56,6 +56,7 @@ def lm_loss(graphdef: nnx.GraphDef, params, batch: Mapping[str, jax.Array], drop
   return losses.next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
+@functools.lru_cache(maxsize=32)
 def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *, model: str = "policy",
                  ptx_coef: float = 0.0, use_dropout: bool = False, mesh: Mesh | None = None,
                  rules=sharding.DEFAULT_RULES) -> Callable:

@@ -464,6 +464,7 @@ def share_prompts(rollout: Rollout, cfg: PPOConfig, samples_per_prompt: int) -> 
   return rollout.replace(prompt_group=samples_per_prompt)
 
 
+@functools.lru_cache(maxsize=16)
 def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None,
                     policy_tx: optax.GradientTransformation, value_tx: optax.GradientTransformation,
                     cfg: PPOConfig, value_mode: ValueMode = "separate", mesh: jax.sharding.Mesh | None = None,
@@ -538,9 +539,15 @@ def make_ppo_step(update: Callable, section: Mapping[str, Any], rows: int) -> Ca
   section: the instance's config (kl_adaptive, kl_target, kl_horizon); rows: samples per iteration.
   """
   adaptive = bool(section["kl_adaptive"])
-  kind = "adaptive" if adaptive else "fixed"
-  target = section["kl_target"] if adaptive else None
-  horizon = section["kl_horizon"] if adaptive else None
+  if not adaptive:
+    return _kl_controlled_step(update, rows, "fixed", None, None)
+  return _kl_controlled_step(update, rows, "adaptive", section["kl_target"], section["kl_horizon"])
+
+
+@functools.lru_cache(maxsize=16)
+def _kl_controlled_step(update: Callable, rows: int, kind: str, target: float | None,
+                        horizon: float | None) -> Callable:
+  """One function per distinct settings in a process (its compiled programs are then shared)."""
 
   def step(state: TrainState, batch, frozen):
     new_state, metrics = update(state, batch, frozen)

@@ -8,6 +8,7 @@ so that the reference policy's responses score mean 0 and std 1.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -79,6 +80,7 @@ def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float, mesh
   return objective
 
 
+@functools.lru_cache(maxsize=32)
 def make_reward_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_kind: str,
                      margin: float, use_dropout: bool = False, mesh: Mesh | None = None,
                      rules: Any = sharding.DEFAULT_RULES) -> Callable:

@@ -358,8 +358,10 @@ def _abstract_model(cfg: DecoderConfig, kind: str) -> tuple[nnx.GraphDef, nnx.St
   return nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
 
 
+@functools.lru_cache(maxsize=16)
 def model_factory(cfg: DecoderConfig, kind: str, head_std: float = 0.0) -> Callable[[nnx.Rngs], nnx.Module]:
-  """``make(rngs)`` for a ``"lm"`` decoder or a ``"scalar"`` (reward/value) model of shape ``cfg``."""
+  """``make(rngs)`` for a ``"lm"`` decoder or a ``"scalar"`` (reward/value) model of shape ``cfg`` (the same
+  function for equal arguments, so a sharded init of it compiles once per process)."""
   if kind == "lm":
     return lambda rngs: Decoder(cfg, rngs=rngs)
   if kind == "scalar":

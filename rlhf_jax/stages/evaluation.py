@@ -38,9 +38,10 @@ def evaluation_config() -> ConfigDict:
 
 
 @functools.lru_cache(maxsize=16)
-def _kl_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable:
-  """Jitted ``kl(params, reference, rollout) -> [B]``: each row's summed log-ratio over its response
-  tokens; one per model shape and sampler in a process (every stage's evaluation reuses it)."""
+def log_ratio_fn(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable:
+  """Jitted ``log_ratio(params, reference, rollout) -> [B]``: each row's summed log-ratio log pi - log pi_ref
+  over its response tokens (the sequence KL sample); one per model shape and sampler in a process (every
+  stage's evaluation, and rft's rounds, reuse it)."""
   return jax.jit(lambda p, ref, r: (response_log_probs(graphdef, p, r, sampling)[0]
                                     - response_log_probs(graphdef, ref, r, sampling)[0]).sum(axis=1))
 
@@ -62,7 +63,7 @@ class PolicyEvaluator:
     self.sampling = ctx.sampling(cfg)
     graphdef = ctx.graphdef("lm")
     self.rollout_fn = make_rollout_fn(graphdef, self.sampling, layout=ctx.decode_layout)
-    self.kl_fn = _kl_fn(graphdef, self.sampling)
+    self.kl_fn = log_ratio_fn(graphdef, self.sampling)
     self.key = ctx.key("eval")
     self.lm_eval = make_lm_eval(graphdef)
     self.gold = GoldScorer(ctx.task)

@@ -14,6 +14,9 @@ donated.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +34,31 @@ from rlhf_jax.stages.loop import run_loop, truncation_metrics
 
 # A copy (the value model's params are donated to the update; the reward model's are not), one program.
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+# One function per distinct argument in a process: PPO instances with equal settings (the rounds of an
+# iterated run) share their traced and compiled programs.
+@functools.lru_cache(maxsize=16)
+def _truncate_fn(pcfg: ppo.PPOConfig) -> Callable:
+  return jax.jit(lambda r: ppo.truncate_rollout(r, pcfg))
+
+
+@functools.lru_cache(maxsize=16)
+def _compact_fn(rows: int, real_rows: jax.sharding.Sharding) -> Callable:
+  return jax.jit(lambda r, valid: sharding.take_rows(r, valid, rows), out_shardings=real_rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _real_ptx_rows(ppo_step: Callable, ptx_rows: int) -> Callable:
+  """``ppo_step`` fed only the real rows of a padded ptx batch (the update splits them into minibatches)."""
+
+  def step_fn(state, batch, frozen):
+    if batch["ptx"] is not None:
+      ptx = dict(batch["ptx"])
+      batch = {**batch, "ptx": sharding.take_rows(ptx, ptx.pop("valid"), ptx_rows)}
+    return ppo_step(state, batch, frozen)
+
+  return step_fn
 
 
 def init_value(ctx: StageContext, instance, reward_params: dict) -> tuple[dict, dict, str]:
@@ -84,7 +112,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     text_loader = ctx.loader(text, cfg.ptx_batch_size)
   rollout_fn = make_rollout_fn(lm_graphdef, pcfg.sampling, cfg.samples_per_prompt if pcfg.share_prompt else 1,
                              ctx.decode_layout)
-  truncate = jax.jit(lambda r: ppo.truncate_rollout(r, pcfg))
+  truncate = _truncate_fn(pcfg)
   experience_fn = ppo.make_experience_fn(lm_graphdef, value_graphdef, pcfg, value_mode)
   gold = GoldScorer(ctx.task)
   rollout_key = ctx.key("rollout", instance.name)
@@ -105,7 +133,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   # sampling, so the experience, its batch statistics (whitening, means) and the minibatch split are
   # those of exactly ``rows`` rows on any mesh (held replicated where the data axes do not divide them).
   real_rows = sharding.rows_sharding(ctx.mesh, ctx.rules, (rows,))
-  compact = jax.jit(lambda r, valid: sharding.take_rows(r, valid, rows), out_shardings=real_rows)
+  compact = _compact_fn(rows, real_rows)
 
   def collect(params, prompt, key, kl_coef, trim=False):
     """One iteration's experience: rollout -> real rows -> truncation -> (with ``trim``, response columns cut
@@ -150,14 +178,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                  "ptx": {**host_ptx(0)[0], "valid": np.zeros(1, np.int32)} if cfg.ptx_coef else None}
   update = ppo.make_ppo_update(lm_graphdef, value_graphdef, policy_tx, value_tx, pcfg, value_mode, ctx.mesh,
                                ctx.rules)
-  ppo_step = ppo.make_ppo_step(update, cfg, rows)
-
-  def step_fn(state, batch, frozen):
-    if batch["ptx"] is not None:  # the update splits ptx rows into minibatches: real rows only
-      ptx = dict(batch["ptx"])
-      batch = {**batch, "ptx": sharding.take_rows(ptx, ptx.pop("valid"), cfg.ptx_batch_size)}
-    return ppo_step(state, batch, frozen)
-
+  step_fn = _real_ptx_rows(ppo.make_ppo_step(update, cfg, rows), cfg.ptx_batch_size)
   batch_shardings = {"experience": ctx.device_batch_shardings(exp_shape),
                      "kl": ctx.device_batch_shardings(metrics_shape["rollout/kl"]),
                      "ptx": ctx.batch_shardings(batch_shape["ptx"])}

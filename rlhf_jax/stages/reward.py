@@ -9,6 +9,9 @@ score mean 0, std 1; ``normalize``: gain_bias, bias or none).
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import numpy as np
 
@@ -105,6 +108,17 @@ _ranking_accuracy = jax.jit(lambda rewards, ranks, mask: losses.ranking_loss(rew
 _reward_normalisation = jax.jit(losses.reward_normalisation, static_argnames="bias_only")
 
 
+# One per model shape in a process: the reward instances of an iterated run share their compiled programs.
+@functools.lru_cache(maxsize=16)
+def _comparison_scorer(graphdef) -> Callable:
+  return jax.jit(lambda p, b: comparison_rewards(graphdef, p, b))
+
+
+@functools.lru_cache(maxsize=16)
+def _response_scorer(graphdef) -> Callable:
+  return jax.jit(lambda p, b: reward_scores(graphdef, p, b["tokens"], b["mask"]))
+
+
 def make_test_scorer(ctx, graphdef, test, to_batch, kind):
   """``f(params) -> eval metrics`` on held-out data: pairwise accuracy against labels and against gold.
 
@@ -114,7 +128,7 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
   batch = ctx.put(host, with_valid=True)
   valid = batch.pop("valid")
   if kind == "comparisons":
-    score = jax.jit(lambda p, b: comparison_rewards(graphdef, p, b))
+    score = _comparison_scorer(graphdef)
     gold = [ctx.task.gold_scores([r["prompt"]] * len(r["responses"]), r["responses"]) for r in rows]
     labeler_vs_gold = pairwise_agreement(gold, [r["ranking"] for r in rows])
 
@@ -125,7 +139,7 @@ def make_test_scorer(ctx, graphdef, test, to_batch, kind):
               "eval/rm_gold_accuracy": score_agreement(gold, predicted),
               "eval/labeler_gold_agreement": float(labeler_vs_gold)}
     return evaluate
-  score = jax.jit(lambda p, b: reward_scores(graphdef, p, b["tokens"], b["mask"]))
+  score = _response_scorer(graphdef)
 
   def evaluate(params):
     rewards = ctx.real_rows(score(params, batch), valid)

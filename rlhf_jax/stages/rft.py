@@ -9,6 +9,7 @@ and scoring of every round.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 
@@ -24,13 +25,14 @@ from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.data import batching, packing
 from rlhf_jax.generate import fitting_group
 from rlhf_jax.rl.selection import RULES
-from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_log_probs, response_texts
+from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.scoring import GoldScorer
 from rlhf_jax.stages import evaluation
 from rlhf_jax.stages.context import StageContext, StageError
 from rlhf_jax.stages.loop import run_loop, step_counts
 
 
+@functools.lru_cache(maxsize=16)
 def make_guarded_step(step_fn):
   """A step that leaves params and optimizer untouched when ``batch["active"]`` is 0 (nothing selected)."""
 
@@ -59,8 +61,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                                                   {"policy": ctx.param_shardings("lm")}, ctx.mesh,
                                                   seed=ctx.config.seed)
   rollout_fn = make_rollout_fn(graphdef, sampling, rft.sampler_group(cfg.samples_per_prompt), ctx.decode_layout)
-  log_ratio_fn = jax.jit(lambda p, r: (response_log_probs(graphdef, p, r, sampling)[0]
-                                       - response_log_probs(graphdef, reference, r, sampling)[0]).sum(axis=1))
+  log_ratio_fn = evaluation.log_ratio_fn(graphdef, sampling)
   gold = GoldScorer(ctx.task)
   prompts = ctx.records("prompts", "train")
   rounds_dir = os.path.join(ctx.stage_dir(instance.name), "rounds")
@@ -85,7 +86,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
         r = rollout_fn(params, batch["tokens"], batch["mask"], batch["group"], jax.random.fold_in(key, b))
         parts.append({"prompt": r.prompt, "prompt_mask": r.prompt_mask, "response": r.response,
                       "response_mask": r.response_mask, "group": r.group, "score": scorer(r),
-                      "log_ratio": log_ratio_fn(params, r),
+                      "log_ratio": log_ratio_fn(params, reference, r),
                       "gold": gold(r, texts[rows], response_texts(ctx.tokenizer, r))})
       data = {k: np.concatenate([ctx.host(p[k]) for p in parts]) for k in parts[0]}
       if ctx.is_primary:
