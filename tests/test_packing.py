@@ -98,6 +98,25 @@ def test_packed_rows_keep_their_segments_when_trimmed_to_a_bucket():
   assert trimmed["tokens"].shape == (1, 128) and trimmed["mask"].sum() == packed["mask"].sum()
 
 
+def test_comparison_fill_counts_a_shared_prompt_once_and_padding_responses_as_slots():
+  # 2 examples x K=3 slots, P=4 prompt columns (left-padded), R=5 response columns (right-padded).
+  mask = np.zeros((2, 3, 9), np.int32)
+  mask[0, :, 1:4] = 1  # prompt of 3 tokens, in every slot
+  mask[0, 0, 4:9], mask[0, 1, 4:6], mask[0, 2, 4:7] = 1, 1, 1  # responses of 5, 2, 3 tokens
+  mask[1, :, 0:4] = 1  # prompt of 4 tokens
+  mask[1, 0, 4:8], mask[1, 1, 4:5] = 1, 1  # responses of 4 and 1; slot 2 pads (a copy of response 0)
+  mask[1, 2] = mask[1, 0]
+  batch = {"mask": mask, "response_mask": np.array([[1, 1, 1], [1, 1, 0]], np.int32)}
+  real_shared = (3 + 4) + (5 + 2 + 3) + (4 + 1)
+  assert packing.comparison_fill(batch, 4) == pytest.approx(real_shared / (2 * 4 + 2 * 3 * 5))
+  real_rows = (3 * 3 + 5 + 2 + 3) + (2 * 4 + 4 + 1)
+  assert packing.comparison_fill(batch, 0) == pytest.approx(real_rows / (2 * 3 * 9))
+  one = {"mask": mask[:, :1], "response_mask": batch["response_mask"][:, :1]}  # K=1: nothing shared
+  assert packing.comparison_fill(one, 4) == pytest.approx((3 + 5 + 4 + 4) / (2 * 9))
+  with pytest.raises(ValueError, match=r"\[B, K, T\]"):
+    packing.comparison_fill({"mask": mask[:, 0], "response_mask": batch["response_mask"]})
+
+
 def test_positions_restart_at_each_segment():
   mask = jnp.asarray([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
   segments = jnp.asarray([[1, 1, 2, 2, 2, 0], [1, 2, 2, 3, 3, 3]])

@@ -129,6 +129,7 @@ def reference_log_probs(graphdef: nnx.GraphDef, ref_params, batch: Mapping[str, 
   return dpo_math.sequence_log_prob(lp, rollout.response_mask, average).reshape(b, k)
 
 
+@functools.lru_cache(maxsize=16)
 def make_reference_fn(graphdef: nnx.GraphDef, prompt_len: int, sampling: SamplingConfig, average: bool) -> Callable:
   """Jitted ``f(ref_params, batch) -> reference_log_probs [B, K]``."""
   return jax.jit(lambda r, b: reference_log_probs(graphdef, r, b, prompt_len, sampling, average))

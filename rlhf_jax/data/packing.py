@@ -98,6 +98,25 @@ def fill(batch: Mapping[str, np.ndarray]) -> float:
   return float(mask.astype(bool).sum() / max(mask.size, 1))
 
 
+def comparison_fill(batch: Mapping[str, np.ndarray], prompt_len: int = 0) -> float:
+  """``fill`` of a comparison batch {"mask" [B, K, T], "response_mask" [B, K]} as its step computes it (the
+  reward and DPO stages' ``data/fill``): real tokens over token slots.
+
+  ``prompt_len`` P > 0 with K > 1: the step computes columns [0, P), the prompt shared by an example's K rows,
+  once per example (``Trunk(shared_prefix=(P, K))``): B * P + B * K * (T - P) slots, the prompt's real tokens
+  counted once. A padding response (``response_mask`` 0, a copy of response 0) fills slots with no real token.
+  """
+  mask = np.asarray(batch["mask"]).astype(bool)
+  if mask.ndim != 3:
+    raise ValueError(f"a comparison batch's mask is [B, K, T]; got shape {mask.shape}")
+  b, k, t = mask.shape
+  real_rows = np.asarray(batch["response_mask"]).astype(bool)
+  if not prompt_len or k < 2:
+    return float(mask[real_rows].sum() / max(mask.size, 1))
+  real = mask[:, 0, :prompt_len].sum() + mask[:, :, prompt_len:][real_rows].sum()
+  return float(real / max(b * prompt_len + b * k * (t - prompt_len), 1))
+
+
 def training_rows(batch: Mapping[str, np.ndarray], data: Mapping, pad_id: int,
                   prompt_len: int = 0) -> dict[str, np.ndarray]:
   """A next-token batch as a step trains on it: packed into rows of ``data.pack_width`` (then cut to the

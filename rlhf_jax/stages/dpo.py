@@ -26,7 +26,7 @@ import numpy as np
 
 from rlhf_jax import compute, rng, state as state_lib
 from rlhf_jax.algorithms import dpo
-from rlhf_jax.data import batching, bucketing
+from rlhf_jax.data import batching, bucketing, packing
 from rlhf_jax.rl import dpo as dpo_math
 from rlhf_jax.rollout import make_rollout_fn, repeat_prompts, response_texts
 from rlhf_jax.scoring import GoldScorer
@@ -149,7 +149,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                                data.prompt_len, max_k, reference=table is None)
       if table is not None and step == 0:  # counted once, as the run's (a resume recomputes it uncounted)
         counts += precompute_counts
-      return ctx.put(batch), {**truncation_metrics(stats), **counts.metrics()}
+      return ctx.put(batch), {**truncation_metrics(stats), "data/fill": packing.comparison_fill(batch, data.prompt_len),
+                              **counts.metrics()}
 
     example = host_batch(0)[0]
 
@@ -229,6 +230,7 @@ def online_batches(ctx: StageContext, instance, scorer, sampling):
     # Responses only, as offline: the step splits rows at the prompt's width.
     batch = bucketing.trim_pairs(batch, rollout.prompt_len, ctx.config.data.min_bucket_len, left=False)
     counts += dpo.step_counts(model_cfg, len(texts), batch["tokens"].shape[-1], rollout.prompt_len, k)
+    host["data/fill"] = packing.comparison_fill(batch, rollout.prompt_len)
     return ctx.put(batch), {**truncation_metrics(stats), **host, **counts.metrics()}
 
   p, n = ctx.config.data.prompt_len, sampling.max_new_tokens

@@ -18,7 +18,7 @@ import numpy as np
 from rlhf_jax import compute, losses, state as state_lib
 from rlhf_jax.algorithms.reward import (LOSSES, NORMALIZATIONS, comparison_rewards, fold_normalisation,
                                         make_reward_step)
-from rlhf_jax.data import batching, bucketing
+from rlhf_jax.data import batching, bucketing, packing
 from rlhf_jax.models import hf as hf_models, reward_head_std
 from rlhf_jax.rollout import make_rollout_fn
 from rlhf_jax.scoring import RewardModelScorer, reward_scores
@@ -86,7 +86,11 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def make_batch(step, state):
     del state
     batch, stats = host_batch(step)
-    return ctx.put(batch), {**truncation_metrics(stats),
+    fill = packing.fill(batch)
+    if kind == "comparisons":  # the step computes an example's prompt once when the batch shares it
+      shared = batching.comparison_shared_prefix(batch)
+      fill = packing.comparison_fill(batch, shared[0] if shared else 0)
+    return ctx.put(batch), {**truncation_metrics(stats), "data/fill": fill,
                             **step_counts(ctx.model_config, batch, lm_head=False).metrics()}
 
   step_fn = make_reward_step(graphdef, tx, cfg.loss, cfg.margin, use_dropout=ctx.config.model.dropout > 0,
