@@ -131,8 +131,14 @@ def init_sharded(make: Callable[[nnx.Rngs], nnx.Module], key: jax.Array, mesh: M
   module's ``nnx.split(nnx.eval_shape(...))`` when the caller has it already (else traced here).
   """
   graphdef, abstract_state = abstract or nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-  leaves, treedef = jax.tree.flatten(state_shardings(abstract_state, mesh, rules))
-  return graphdef, _sharded_init(make, treedef, tuple(leaves))(key)
+  return graphdef, _sharded_init(make, *tree_key(state_shardings(abstract_state, mesh, rules)))(key)
+
+
+def tree_key(tree: Any) -> tuple:
+  """``(treedef, leaves)`` of a pytree of shardings: a hashable key for memoising on it (``jax.tree.unflatten``
+  gives the tree back)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
 
 
 @functools.lru_cache(maxsize=16)

@@ -71,11 +71,11 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTr
   transformation object within a process, so the step functions built on it (memoised on their arguments)
   and their compiled programs are shared by every stage that trains with those settings.
   """
-  return _optimizer(_frozen(cfg, "optimizer"), int(total_steps))
+  return _optimizer(_frozen(cfg), int(total_steps))
 
 
-def _frozen(cfg: Mapping[str, Any], where: str) -> tuple:
-  """A hashable, order-independent copy of a flat settings mapping (sequences become tuples)."""
+def _frozen(cfg: Mapping[str, Any]) -> tuple:
+  """A hashable, order-independent copy of flat optimizer settings (sequences become tuples)."""
   items = []
   for key, value in sorted(dict(cfg).items()):
     if isinstance(value, list):
@@ -83,7 +83,7 @@ def _frozen(cfg: Mapping[str, Any], where: str) -> tuple:
     try:
       hash(value)
     except TypeError:
-      raise ValueError(f"{where}.{key} must be a number, string or flat sequence, got {value!r}") from None
+      raise ValueError(f"optimizer.{key} must be a number, string or flat sequence, got {value!r}") from None
     items.append((key, value))
   return tuple(items)
 
@@ -123,10 +123,10 @@ def create_train_state(params: Mapping[str, PyTree], optimizers: Mapping[str, op
   opt_shardings = {}
   opt_state = {}
   for name, tx in optimizers.items():
-    abstract = _sharded_opt_init(tx, None, ()).eval_shape(params[name])
+    abstract = _opt_init(tx).eval_shape(params[name])
     opt_shardings[name] = optax.tree_map_params(tx, lambda _, s: s, abstract, shardings[name],
                                                 transform_non_params=lambda _: rep)
-    opt_state[name] = _sharded_opt_init(tx, *_tree_key(opt_shardings[name]))(params[name])
+    opt_state[name] = _sharded_opt_init(tx, *shd.tree_key(opt_shardings[name]))(params[name])
   scalars = {k: jax.device_put(jnp.asarray(v, jnp.float32), rep) for k, v in (scalars or {}).items()}
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=dict(params),
                      opt_state=opt_state, rng=jax.device_put(seed_key_data(seed), rep), scalars=scalars)
@@ -136,11 +136,15 @@ def create_train_state(params: Mapping[str, PyTree], optimizers: Mapping[str, op
 
 
 @functools.lru_cache(maxsize=64)
+def _opt_init(tx: optax.GradientTransformation) -> Callable:
+  """Jitted ``tx.init`` (for its ``eval_shape``: traced once per transformation in a process)."""
+  return jax.jit(tx.init)
+
+
+@functools.lru_cache(maxsize=64)
 def _sharded_opt_init(tx: optax.GradientTransformation, treedef, leaves: tuple) -> Callable:
-  """Jitted ``tx.init`` placing the state in the shardings ``(treedef, leaves)`` (``None``: where XLA puts it);
-  one per transformation and layout in a process."""
-  if treedef is None:
-    return jax.jit(tx.init)
+  """Jitted ``tx.init`` placing the state in the shardings ``(treedef, leaves)``; one per transformation and
+  layout in a process."""
   return jax.jit(tx.init, out_shardings=jax.tree.unflatten(treedef, leaves))
 
 
@@ -157,14 +161,8 @@ def compile_step(step_fn: Callable, state_shardings: TrainState, batch_shardings
   equal shardings gives back the same jitted function in a process (a later stage, or the next round of an
   iterated run, reuses its traced and compiled programs).
   """
-  return _compiled_step(step_fn, *_tree_key(state_shardings), *_tree_key(batch_shardings),
-                        *_tree_key(frozen_shardings), mesh)
-
-
-def _tree_key(tree: PyTree) -> tuple:
-  """(treedef, leaves): a hashable key of a pytree of shardings."""
-  leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple(leaves)
+  return _compiled_step(step_fn, *shd.tree_key(state_shardings), *shd.tree_key(batch_shardings),
+                        *shd.tree_key(frozen_shardings), mesh)
 
 
 @functools.lru_cache(maxsize=64)

@@ -86,10 +86,11 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def make_batch(step, state):
     del state
     batch, stats = host_batch(step)
-    fill = packing.fill(batch)
     if kind == "comparisons":  # the step computes an example's prompt once when the batch shares it
       shared = batching.comparison_shared_prefix(batch)
       fill = packing.comparison_fill(batch, shared[0] if shared else 0)
+    else:
+      fill = packing.fill(batch)
     return ctx.put(batch), {**truncation_metrics(stats), "data/fill": fill,
                             **step_counts(ctx.model_config, batch, lm_head=False).metrics()}
 
