@@ -121,6 +121,7 @@ def direct_score_loss(
     rewards: jax.Array,
     scores: jax.Array,
     kind: Literal["sigmoid_mse", "mse"] = "sigmoid_mse",
+    weights: jax.Array | None = None,
 ) -> jax.Array:
   """Regression of rewards onto labelled scores, mean over the batch.
 
@@ -129,6 +130,8 @@ def direct_score_loss(
     scores: [B] labelled scores (in [0, 1] for `sigmoid_mse`).
     kind: `sigmoid_mse` regresses sigmoid(r) to the score, `mse` regresses r.
       Static under jit.
+    weights: [B] (optional) 1 on real examples, 0 on empty slots (packed batches): the mean is over the
+      real examples only.
 
   Returns:
     Scalar mean squared error.
@@ -140,7 +143,11 @@ def direct_score_loss(
     pred = rewards
   else:
     raise ValueError(f"unknown direct score loss kind: {kind!r}")
-  return jnp.mean((pred - scores.astype(jnp.float32)) ** 2)
+  error = (pred - scores.astype(jnp.float32)) ** 2
+  if weights is None:
+    return jnp.mean(error)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(error * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def reward_normalisation(

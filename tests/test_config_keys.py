@@ -43,7 +43,8 @@ def tiny_config():
   c.pretrain.update(dict(steps=4, batch_size=8, log_every=2))
   c.sft.update(dict(steps=4, batch_size=8, log_every=2, ptx_coef=0.1))
   c.label.update(dict(num_prompts=8, k=2))
-  c.reward.update(dict(steps=4, batch_size=4, log_every=2, normalize_samples=8))
+  # Packed comparisons (each prompt once, then its K=2 responses) under dropout and bf16 weight products.
+  c.reward.update(dict(steps=4, batch_size=4, log_every=2, normalize_samples=8, pack_width=96))
   c.evaluation.update(dict(num_prompts=8, lm_loss_batches=1))
   c.ppo.update(dict(iterations=2, prompts_per_iteration=4, log_every=1, eval_every=1, checkpoint_every=1,
                     ptx_coef=0.1, ptx_batch_size=4, kl_adaptive=True))

@@ -89,6 +89,29 @@ def test_workdir_contract(pipeline_workdir):
   assert len(comparisons) == 40 and len(json.loads(comparisons[0])["responses"]) == 8
 
 
+def test_packed_reward_stage_trains_as_the_unpacked_one(prepared, tmp_path):
+  """``reward.pack_width``: the same comparisons each step, packed (each prompt once, then its responses):
+  the same losses up to float rounding, on fewer token slots."""
+  workdir = tmp_path / "packed"
+  shutil.copytree(prepared, workdir)
+  shutil.rmtree(workdir / "reward")  # an unfinished instance's keys may change
+  cli(workdir, "--config.stages=tokenizer,pretrain,sft,label,reward", "--config.reward.pack_width=256")
+  plain = [r for r in rows(prepared, "reward") if "train/loss" in r]
+  packed = [r for r in rows(workdir, "reward") if "train/loss" in r]
+  assert [r["step"] for r in packed] == [r["step"] for r in plain] == [5, 10]
+  for a, b in zip(plain, packed):
+    for key in ("train/loss", "train/reward_gap", "train/grad_norm"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    # Pairs of identical responses tie exactly only when computed in the same layout.
+    assert b["train/accuracy"] == pytest.approx(a["train/accuracy"], abs=0.02)
+    assert b["data/fill"] > a["data/fill"] + 0.05
+  assert json.loads((workdir / "config.json").read_text())["reward"]["pack_width"] == 256
+  shutil.rmtree(workdir / "reward")
+  proc = cli(workdir, "--config.stages=tokenizer,pretrain,sft,label,reward", "--config.reward.pack_width=32",
+             check=False)
+  assert proc.returncode != 0 and "reward.pack_width: comparison example" in proc.stderr
+
+
 def test_rerun_skips_finished_stages(pipeline_workdir):
   before = (pipeline_workdir / "metrics.jsonl").read_text()
   proc = cli(pipeline_workdir, "--config.stages=pretrain,sft")

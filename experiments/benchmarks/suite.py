@@ -323,6 +323,60 @@ def reward_step_kwise(env: Env) -> Record:
   return common("reward_step_kwise", env, **record, prompts=prompts, k=k, prompt_len=p, rows=prompts * k)
 
 
+def reward_step_varlen(env: Env) -> Record:
+  """``reward_step`` on K-wise comparisons of varied real length, laid out as the reward stage builds them:
+  rm_pairs / 2 prompts x K = 4 responses, a left-padded prompt of rm_len / 2 columns (real length uniform in
+  [rm_len / 8, rm_len / 2]) then a right-padded response of rm_len / 2 (real length uniform in [rm_len / 16,
+  rm_len / 2]). ``shared``: the stage's default, cut to its bucket with each prompt computed once
+  (``prompt_mask``); ``packed_1x`` and ``packed_2x``: ``packing.pack_comparisons`` into rows of one longest
+  example (rm_len / 2 + K * rm_len / 2 tokens) and of two, then cut to a bucket (a library without it reports
+  none). ``*_speedup``: against ``shared``; ``*_fill``: real tokens over the token slots the step computes."""
+  s = env.size
+  k, prompts, p = 4, max(s.rm_pairs // 2, 1), s.rm_len // 2
+  r = s.rm_len - p
+  rng = np.random.default_rng(5)
+  prompt_len = rng.integers(max(p // 4, 1), p + 1, prompts)
+  response_len = rng.integers(max(r // 8, 1), r + 1, (prompts, k))
+  mask = np.zeros((prompts, k, s.rm_len), np.int32)
+  mask[:, :, :p] = (np.arange(p)[None, :] >= p - prompt_len[:, None])[:, None, :]
+  mask[:, :, p:] = np.arange(r)[None, None, :] < response_len[:, :, None]
+  tokens = np.concatenate([np.repeat(random_tokens(env, (prompts, 1, p), 1), k, axis=1),
+                           random_tokens(env, (prompts, k, r), 2)], axis=-1) * mask
+  full = {"tokens": tokens, "mask": mask, "ranks": np.tile(np.arange(k, dtype=np.int32), (prompts, 1)),
+          "response_mask": np.ones((prompts, k), np.int32), "prompt_mask": mask[:, 0, :p].copy()}
+  smallest = min(16, s.rm_len // 8)
+  fill = library.find("comparison_fill", "rlhf_jax.data.packing")
+  shared = library.find("trim_pairs", "rlhf_jax.data.bucketing")(full, p, smallest)
+  batches = {"shared": (shared, fill(shared, shared["prompt_mask"].shape[1]))}
+  try:
+    pack = library.find("pack_comparisons", "rlhf_jax.data.packing")
+    trim = library.find("trim_texts", "rlhf_jax.data.bucketing")
+    for times in (1, 2):
+      packed = trim(pack(full, times * (p + k * r), 0), smallest)
+      # Padded with empty rows to fit the data axes, as the stages' ``ctx.put`` does.
+      batches[f"packed_{times}x"] = (shd.pad_batch(packed, shd.data_parallel_size(env.mesh, env.rules))[0],
+                                     float(packed["mask"].mean()))
+  except ImportError:  # a library from before packed comparisons
+    pass
+  graphdef, params, shardings = init_params(
+      env, lambda rngs: ScalarModel(env.model, reward_head_std(env.model), rngs=rngs), 0, "rm")
+  tx = optimizer(1e-5, 1.0)
+  record = {}
+  for name, (batch, batch_fill) in batches.items():
+    state, state_sh = state_lib.create_train_state({"reward": jax.tree.map(jnp.copy, params)}, {"reward": tx},
+                                                   {"reward": shardings}, env.mesh, seed=0)
+    make_step = library.make_reward_step()
+    step = make_step(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(make_step, env))
+    stats = _train(env, step, state, state_sh, put_batch(env, batch))
+    record[f"{name}_ms_per_step"] = round(1e3 * stats["median_s"], 2)
+    record[f"{name}_fill"] = round(batch_fill, 3)  # of the rows before any padding to the data axes
+    record[f"{name}_shape"] = list(np.shape(batch["tokens"]))
+    if name != "shared":
+      record[f"{name}_speedup"] = round(record["shared_ms_per_step"] / record[f"{name}_ms_per_step"], 3)
+  return common("reward_step_varlen", env, **record, prompts=prompts, k=k, real_tokens=int(mask[:, 0, :p].sum()
+                + mask[:, :, p:].sum()))
+
+
 def dpo_step(env: Env) -> Record:
   """``make_dpo_step`` + ``compile_step``: one AdamW step (lr 1e-6, clip 1.0: TRL's DPO defaults; beta 0.1,
   sigmoid loss) on rm_pairs prompts of rm_len / 2 tokens, each with a chosen and a rejected response of
@@ -522,6 +576,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "sft_step_varlen": sft_step_varlen,
     "reward_step": reward_step,
     "reward_step_kwise": reward_step_kwise,
+    "reward_step_varlen": reward_step_varlen,
     "dpo_step": dpo_step,
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),

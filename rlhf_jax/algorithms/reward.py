@@ -33,10 +33,15 @@ def reward_config() -> ConfigDict:
   Inputs: ``init_from`` (a policy instance: its trunk and a fresh head; a reward instance: continue
   that RM; "" = random), ``comparisons`` (label instances whose comparisons it trains on, held-out
   rows taken from each), ``reference`` (the policy whose samples define the normalisation).
+  ``pack_width`` > 0: each step's examples are packed into rows of that many tokens, an example's prompt
+  once and then its responses, each response attending to its prompt and itself only
+  (``packing.pack_comparisons``): the same rewards and loss for the padding's compute. Every distinct packed
+  row count compiles its own step, so a width that holds a few examples per row pays most.
   """
   c = loop_config(steps=600, batch_size=16, lr=5e-4)
   c.update(dict(kind="reward", init_from="sft", comparisons=("label",), reference="sft", loss="ranking",
-                margin=0.0, head_std=-1.0, normalize="gain_bias", normalize_samples=256, eval_comparisons=128))
+                margin=0.0, head_std=-1.0, normalize="gain_bias", normalize_samples=256, eval_comparisons=128,
+                pack_width=0))
   return c
 
 
@@ -52,6 +57,19 @@ def comparison_rewards(graphdef: nnx.GraphDef, params, batch, dropout_key=None) 
                        dropout_key, shared_prefix=comparison_shared_prefix(batch)).reshape(b, k)
 
 
+PACKED_ROW_KEYS = ("tokens", "mask", "segments", "branches", "positions", "reads")
+
+
+def packed_comparison_rewards(graphdef: nnx.GraphDef, params, rows, dropout_key=None) -> jax.Array:
+  """RM scores [R, E, K] of packed comparison rows (``packing.pack_comparisons``): the scalar output at each
+  response's last token, ``rows["reads"]`` [R, E, K] (entries of empty slots read column 0, to be masked)."""
+  r, e, k = rows["reads"].shape
+  values = nnx.merge(graphdef, params).values(rows["tokens"], rows["mask"], dropout_key,
+                                              queries=rows["reads"].reshape(r, e * k), segments=rows["segments"],
+                                              branches=rows["branches"], positions=rows["positions"])
+  return values.reshape(r, e, k)
+
+
 def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float, mesh: Mesh | None = None,
                      rules: Any = sharding.DEFAULT_RULES) -> Callable:
   """``objective(params, batch, key) -> (loss, metrics)`` of the chosen loss (see ``LOSSES``).
@@ -62,19 +80,31 @@ def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float, mesh
     raise ValueError(f"reward.loss must be one of {LOSSES}, got {loss_kind!r}")
 
   def objective(params, batch, key):
+    packed = "reads" in batch  # packing.pack_comparisons: examples [R, E, ...] in packed rows
+
     def scores(p, rows):  # one example per row: [B, K, T] comparisons or [B, T] scored responses
+      if packed:
+        return packed_comparison_rewards(graphdef, p, rows, key)
       if loss_kind == "ranking":
         return comparison_rewards(graphdef, p, rows, key)
       return reward_scores(graphdef, p, rows["tokens"], rows["mask"], key)
 
     if key is None:
       scores = data_parallel.rows_call(scores, mesh, rules)
-    rewards = scores(params, {name: batch[name] for name in ("tokens", "mask", "prompt_mask") if name in batch})
+    names = PACKED_ROW_KEYS if packed else ("tokens", "mask", "prompt_mask")
+    rewards = scores(params, {name: batch[name] for name in names if name in batch})
+    response_mask = batch.get("response_mask")
+    if packed:  # the packed examples as a batch of R * E, empty slots with no real response
+      rewards = rewards.reshape(-1, rewards.shape[-1])
+      response_mask = response_mask.reshape(rewards.shape)
     if loss_kind == "ranking":
-      loss, aux = losses.ranking_loss(rewards, batch["ranks"], batch["response_mask"], margin)
+      loss, aux = losses.ranking_loss(rewards, batch["ranks"].reshape(rewards.shape), response_mask, margin)
       return loss, {"train/loss": loss, "train/accuracy": aux["accuracy"], "train/reward_gap": aux["reward_gap"]}
     kind = "sigmoid_mse" if loss_kind == "direct_sigmoid" else "mse"
-    loss = losses.direct_score_loss(rewards, batch["score"], kind)
+    if packed:
+      loss = losses.direct_score_loss(rewards[:, 0], batch["score"].reshape(-1), kind, response_mask[:, 0])
+    else:
+      loss = losses.direct_score_loss(rewards, batch["score"], kind)
     return loss, {"train/loss": loss}
 
   return objective

@@ -75,7 +75,7 @@ def trim_prompts(batch: Mapping[str, np.ndarray], smallest: int) -> dict[str, np
 
 def _row_keys(batch: Mapping[str, np.ndarray]) -> list[str]:
   """The batch's per-column arrays [..., W] that batching builds."""
-  return [k for k in ("tokens", "mask", "loss_mask", "segments") if k in batch]
+  return [k for k in ("tokens", "mask", "loss_mask", "segments", "branches", "positions") if k in batch]
 
 
 def trim_texts(batch: Mapping[str, np.ndarray], smallest: int) -> dict[str, np.ndarray]:

@@ -8,6 +8,10 @@ segment and lets a token attend only within its segment (``Trunk(segments=...)``
 the logits it would get alone and the step's mean loss over target tokens is the same, up to float
 rounding: the same sequences train in the same step, in fewer rows.
 
+``pack_comparisons`` does the same for the reward model's comparisons: an example's prompt once, then each
+of its responses, every response attending to the prompt and itself only (``Trunk(branches=...)``), the
+reward read at each response's last token.
+
 The row count is rounded up to a multiple of ``row_granule(rows)`` (a power of two near rows / 8), so a run
 compiles a few row counts and pads at most about an eighth. Packing is deterministic, so every process of a
 multi-host run packs the same global batch the same way.
@@ -88,6 +92,86 @@ def pack(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, 
       out["loss_mask"][r, col] = 0
       out["segments"][r, col:col + n] = segment
       col += n
+  return out
+
+
+def _power_of_two(n: int) -> int:
+  """The least power of two >= n (>= 1)."""
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def pack_comparisons(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Packs a comparison batch's examples, each as its prompt once then its real responses, into rows of
+  ``width`` tokens (the reward stage's ``pack_width``).
+
+  batch: {"tokens", "mask" [B, K, T], "response_mask" [B, K], ...}; with a ``prompt_mask`` [B, P]
+  (``batching.comparison_batch``) columns [0, P) are the prompt all K rows share, else each row is a whole
+  sequence of its own. Every other array [B, ...] (``ranks``, ``score``) is per example.
+
+  Returns, R rows rounded up by ``row_granule`` and E the most examples in a row rounded up to a power of
+  two:
+    {"tokens", "mask", "segments", "branches", "positions" [R, width]}: an example's tokens in order, its
+    segment id (1, 2, ... within a row; 0 on padding), branch (0 on the prompt, k on its k-th response)
+    and position id (a response's positions continue its prompt's, as in its own left-padded row);
+    "reads" [R, E, K]: the column of each response's last token (0 where there is none);
+    "response_mask" [R, E, K]: 1 on a real response (0 on a padding response and on an empty slot);
+    every other per-example array of ``batch`` laid out as [R, E, ...] (zeros on an empty slot).
+  A response's model inputs are those of its own unpacked row (``Trunk(branches=...)``), so its reward is the
+  same up to float rounding. Padding responses (``response_mask`` 0, copies of response 0) take no slot.
+  """
+  for key in ("tokens", "mask", "response_mask"):
+    if key not in batch:
+      raise ValueError(f"packing comparisons needs batch[{key!r}]; the batch has {sorted(batch)}")
+  tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"]).astype(bool)
+  real_rows = np.asarray(batch["response_mask"]).astype(bool)
+  if tokens.ndim != 3 or mask.shape != tokens.shape or real_rows.shape != tokens.shape[:2]:
+    raise ValueError("packing comparisons needs tokens and mask [B, K, T] and response_mask [B, K]; got "
+                     f"{ {k: np.shape(batch[k]) for k in ('tokens', 'mask', 'response_mask')} }")
+  if width < 1:
+    raise ValueError(f"pack_width must be >= 1, got {width}")
+  b, k, _ = tokens.shape
+  p = int(np.shape(batch["prompt_mask"])[-1]) if "prompt_mask" in batch else 0
+  prompts = [tokens[i, 0, :p][mask[i, 0, :p]] for i in range(b)]
+  responses = [[tokens[i, j, p:][mask[i, j, p:]] if real_rows[i, j] else None for j in range(k)] for i in range(b)]
+  lengths = np.array([len(prompts[i]) + sum(len(r) for r in responses[i] if r is not None) for i in range(b)])
+  if lengths.size and lengths.max() > width:
+    i = int(np.argmax(lengths))
+    raise ValueError(f"comparison example {i} has {int(lengths[i])} tokens (its prompt once and its "
+                     f"{int(real_rows[i].sum())} responses); it does not fit pack_width={width}")
+  bins = first_fit_decreasing(lengths, width)
+  rows = max(len(bins), 1)
+  rows = -(-rows // row_granule(rows)) * row_granule(rows)
+  slots = _power_of_two(max((len(m) for m in bins), default=1))
+  out = {"tokens": np.full((rows, width), pad_id, tokens.dtype)}
+  for key in ("mask", "segments", "branches", "positions"):
+    out[key] = np.zeros((rows, width), np.int32)
+  out["reads"] = np.zeros((rows, slots, k), np.int32)
+  out["response_mask"] = np.zeros((rows, slots, k), np.int32)
+  extras = {key: np.asarray(v) for key, v in batch.items()
+            if key not in ("tokens", "mask", "response_mask", "prompt_mask")}
+  for key, value in extras.items():
+    if value.shape[:1] != (b,):
+      raise ValueError(f"batch[{key!r}] of shape {value.shape} is not per example (B = {b})")
+    out[key] = np.zeros((rows, slots, *value.shape[1:]), value.dtype)
+  for r, members in enumerate(bins):
+    col = 0
+    for e, i in enumerate(members):
+      n = len(prompts[i])
+      prompt_last = col + max(n - 1, 0)  # what an empty response's own row reads: its prompt's last token
+      pieces = [(0, prompts[i])] + [(j + 1, resp) for j, resp in enumerate(responses[i]) if resp is not None]
+      for branch, ids in pieces:
+        m = len(ids)
+        out["tokens"][r, col:col + m] = ids
+        out["mask"][r, col:col + m] = 1
+        out["segments"][r, col:col + m] = e + 1
+        out["branches"][r, col:col + m] = branch
+        out["positions"][r, col:col + m] = np.arange(m) + (n if branch else 0)
+        if branch:
+          out["reads"][r, e, branch - 1] = col + m - 1 if m else prompt_last
+          out["response_mask"][r, e, branch - 1] = 1
+        col += m
+      for key, value in extras.items():
+        out[key][r, e] = value[i]
   return out
 
 

@@ -224,8 +224,8 @@ class Trunk(nnx.Module):
 
   def __call__(self, tokens: Array, mask: Array, cache: KVCache | None = None,
                dropout_key: Array | None = None, queries=None,
-               shared_prefix: tuple[int, int] | None = None,
-               segments: Array | None = None) -> tuple[Array, KVCache | None]:
+               shared_prefix: tuple[int, int] | None = None, segments: Array | None = None,
+               branches: Array | None = None, positions: Array | None = None) -> tuple[Array, KVCache | None]:
     """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None).
 
     ``queries`` (``layers.select_rows``: a static ``(start, length)`` window or one index [B] per row)
@@ -241,22 +241,31 @@ class Trunk(nnx.Module):
     ``segments`` [B, T] int: packed rows (``data.packing``) holding several sequences each, with 0 on padding.
     Positions restart at each segment and a token attends within its own segment only, so every sequence
     gets the values it would get alone in a row. Not with a cache or ``shared_prefix``.
+
+    ``branches`` [B, T] int with ``segments`` (packed comparisons, ``packing.pack_comparisons``): 0 on a
+    segment's prompt, k on its k-th response; a response token attends to its prompt and its own response
+    only. ``positions`` [B, T] int then gives each token's position id (a response continues its prompt's
+    positions, which segments alone cannot say); default from ``mask`` and ``segments``.
     """
     cfg = self.cfg
     if segments is not None and (cache is not None or (shared_prefix is not None and shared_prefix[1] > 1)):
       raise ValueError("segments (packed rows) are for full-sequence passes: not with a KV cache or shared_prefix")
+    if (branches is not None or positions is not None) and segments is None:
+      raise ValueError("branches and positions describe packed rows: pass them with segments")
     if shared_prefix is not None and shared_prefix[1] > 1 and cache is None and not (
         dropout_key is not None and cfg.dropout > 0):
       return self._shared_prefix_call(tokens, mask, queries, *shared_prefix), None
     if queries is not None and ((dropout_key is not None and cfg.dropout > 0)
                                 or (cache is not None and cfg.scan_layers)):
       # Dropout draws masks of the full shape: keep its randomness that of the full pass.
-      hidden, cache = self(tokens, mask, cache, dropout_key, segments=segments)
+      hidden, cache = self(tokens, mask, cache, dropout_key, segments=segments, branches=branches,
+                           positions=positions)
       return layers.select_rows(hidden, queries), cache
     b, t = tokens.shape
     mask = mask.astype(jnp.int32)
     if cache is None:
-      positions = positions_from_mask(mask) if segments is None else positions_from_segments(mask, segments)
+      if positions is None:
+        positions = positions_from_mask(mask) if segments is None else positions_from_segments(mask, segments)
       q_slots = jnp.arange(t)
       key_valid = mask.astype(bool)
       cache_index = None
@@ -276,7 +285,8 @@ class Trunk(nnx.Module):
     def apply_block(graphdef, state, x, ckv, key, block_queries=None):
       def run(state, x, ckv, key):
         block = nnx.merge(graphdef, state)
-        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries, fresh, segments)
+        return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries, fresh, segments,
+                     branches)
 
       return (jax.checkpoint(run) if cfg.remat else run)(state, x, ckv, key)
 
@@ -419,10 +429,11 @@ class ScalarModel(nnx.Module):
     self.head_bias = layers.param(rngs, nnx.initializers.zeros, (), cfg.param_dtype, ())
 
   def values(self, tokens: Array, mask: Array, dropout_key: Array | None = None, queries=None,
-             shared_prefix: tuple[int, int] | None = None) -> Array:
+             shared_prefix: tuple[int, int] | None = None, segments: Array | None = None,
+             branches: Array | None = None, positions: Array | None = None) -> Array:
     """Scalar output at every token: [B, T] float32 (at the ``queries`` rows only: [B, Tq]; see ``Trunk``
-    for both ``queries`` and ``shared_prefix``)."""
-    hidden, _ = self.trunk(tokens, mask, None, dropout_key, queries, shared_prefix)
+    for ``queries``, ``shared_prefix`` and the packed rows' ``segments``, ``branches`` and ``positions``)."""
+    hidden, _ = self.trunk(tokens, mask, None, dropout_key, queries, shared_prefix, segments, branches, positions)
     out = hidden.astype(jnp.float32) @ self.head[...].astype(jnp.float32)
     return out + self.head_bias[...].astype(jnp.float32)
 

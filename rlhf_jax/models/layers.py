@@ -123,11 +123,14 @@ def rope(x: Array, positions: Array, theta: float, scaling: tuple = ()) -> Array
 
 
 def attention_mask(q_slots: Array, k_slots: Array, key_valid: Array, q_segments: Array | None = None,
-                   k_segments: Array | None = None) -> Array:
+                   k_segments: Array | None = None, q_branches: Array | None = None,
+                   k_branches: Array | None = None) -> Array:
   """Causal, padding-aware mask [B, 1, 1, Tq, S]: query slot i may see key slot j <= i that is real.
 
   q_slots: [Tq] (the same for every row) or [B, Tq]. ``q_segments`` [B, Tq] and ``k_segments`` [B, S]
-  (packed rows, ``data.packing``): a query sees only keys of its own segment.
+  (packed rows, ``data.packing``): a query sees only keys of its own segment. ``q_branches`` [B, Tq] and
+  ``k_branches`` [B, S] (packed comparisons: 0 on an example's prompt, k on its k-th response): a query
+  sees its segment's prompt and its own branch only, so the responses of one prompt never see each other.
   """
   if q_slots.ndim == 1:
     causal = (k_slots[None, :] <= q_slots[:, None])[None]  # [1, Tq, S]
@@ -136,31 +139,34 @@ def attention_mask(q_slots: Array, k_slots: Array, key_valid: Array, q_segments:
   allowed = causal & key_valid[:, None, :].astype(bool)
   if q_segments is not None:
     allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
+  if q_branches is not None:
+    allowed = allowed & ((k_branches[:, None, :] == 0) | (q_branches[:, :, None] == k_branches[:, None, :]))
   return allowed[:, None, None]
 
 
 def select_rows(x: Array, queries) -> Array:
   """The query rows of x [B, T, ...] -> [B, Tq, ...].
 
-  queries: None (all T rows), a static ``(start, length)`` window, or an int array [B] (one row per
-  sequence, e.g. its last real token).
+  queries: None (all T rows), a static ``(start, length)`` window, an int array [B] (one row per
+  sequence, e.g. its last real token) or [B, Q] (Q rows per sequence, e.g. the last tokens of the responses
+  packed into it).
   """
   if queries is None:
     return x
   if isinstance(queries, tuple):
     start, length = queries
     return x[:, start:start + length]
-  return jnp.take_along_axis(x, queries.reshape(-1, 1, *([1] * (x.ndim - 2))), axis=1)
+  return jnp.take_along_axis(x, queries.reshape(queries.shape[0], -1, *([1] * (x.ndim - 2))), axis=1)
 
 
 def select_slots(q_slots: Array, queries) -> Array:
-  """``select_rows`` for the query slots [T] -> [Tq] (window) or [B, 1] (one row per sequence)."""
+  """``select_rows`` for the query slots [T] -> [Tq] (window) or [B, Q] (Q = 1 for [B] queries)."""
   if queries is None:
     return q_slots
   if isinstance(queries, tuple):
     start, length = queries
     return q_slots[start:start + length]
-  return q_slots[queries][:, None]
+  return q_slots[queries].reshape(queries.shape[0], -1)
 
 
 def rounded(x: Array, dtype) -> Array:
@@ -209,8 +215,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
                cache_kv: tuple[Array, Array] | None, cache_index: Array | None,
-               queries=None, fresh_cache: bool = False,
-               segments: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+               queries=None, fresh_cache: bool = False, segments: Array | None = None,
+               branches: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each token.
 
     Without a cache, keys are this call's tokens and ``key_valid`` is [B, T].
@@ -222,7 +228,7 @@ class Attention(nnx.Module):
     for the whole sequence.
     ``queries`` (see ``select_rows``): only those rows are queried; the output is [B, Tq, D]. Every
     token is still a key. ``segments`` [B, T] (no cache): packed rows, each token attends within its own
-    segment only.
+    segment only; ``branches`` [B, T] with them: packed comparisons (see ``attention_mask``).
     """
     cfg = self.cfg
     dt = cfg.dtype
@@ -266,7 +272,8 @@ class Attention(nnx.Module):
       scores = mixed_batched_matmul(q, k, mixed, jnp.float32, b_contracting=-1)
     scores = (scores / math.sqrt(hd)).reshape(b, kvh, h // kvh, t, -1)
     mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid,
-                          None if segments is None else select_rows(segments, queries), segments)
+                          None if segments is None else select_rows(segments, queries), segments,
+                          None if branches is None else select_rows(branches, queries), branches)
     # A finite fill keeps fully-masked rows (pad queries) NaN-free.
     scores = jnp.where(mask, scores, -1e9)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, (h // kvh) * t, -1)
@@ -324,11 +331,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key, queries=None,
-               fresh_cache: bool = False, segments: Array | None = None):
+               fresh_cache: bool = False, segments: Array | None = None, branches: Array | None = None):
     """Returns (x of the ``queries`` rows [B, Tq, D], updated layer cache or None); see ``Attention``."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index, queries,
-                             fresh_cache, segments)
+                             fresh_cache, segments, branches)
     x = select_rows(x, queries) + dropout(a, self.cfg.dropout, k1)
     x = x + dropout(self.mlp(self.norm_mlp(x)), self.cfg.dropout, k2)
     return x, new_cache

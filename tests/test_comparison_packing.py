@@ -1,0 +1,157 @@
+"""Packed comparisons (the reward stage's ``pack_width``): the packer's layout, and that a packed batch scores
+and trains the reward model as its unpacked rows did.
+
+Each example is laid out as its prompt once, then its real responses; a response attends to its prompt and
+itself only (``Trunk(branches=...)``) and continues the prompt's positions, so every reward, the ranking or
+direct-score loss and its gradient must equal those of the unpacked batch up to float rounding.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlhf_jax import sharding, state as state_lib
+from rlhf_jax.algorithms.reward import comparison_rewards, make_reward_step, packed_comparison_rewards
+from rlhf_jax.data import bucketing, packing
+from rlhf_jax.data.batching import comparison_batch, scored_batch
+from rlhf_jax.models import DecoderConfig, ScalarModel
+
+PAD = 0
+
+
+class CharTokenizer:
+  bos_id, eos_id, pad_id = 1, 2, PAD
+
+  def encode(self, text):
+    return [3 + (ord(c) % 50) for c in text]
+
+
+def tiny(flavour, **kw):
+  base = dict(vocab_size=53, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64, flavour=flavour,
+              num_kv_heads=2 if flavour == "llama" else 0)
+  base.update(kw)
+  return DecoderConfig(**base)
+
+
+PROMPTS = ["ab", "a longer prompt", "x", "mid prompt", "q"]
+RESPONSES = [["yes", "no", "maybe so"], ["r", "a much longer response"], ["one", "two", "three"],
+             ["ok then", ""], ["no", "fine", "x", "yy"]]
+RANKINGS = [[2, 0, 1], [1, 0], [0, 2, 1], [0, 1], [3, 1, 0, 2]]
+
+
+def demo_comparisons():
+  return comparison_batch(CharTokenizer(), PROMPTS, RESPONSES, RANKINGS, 16, 24, 4)[0]
+
+
+def test_pack_comparisons_lays_out_each_prompt_once_then_its_real_responses():
+  batch = demo_comparisons()
+  packed = packing.pack_comparisons(batch, 64, PAD)
+  rows, slots = packed["reads"].shape[:2]
+  assert packed["tokens"].shape == (rows, 64) and packed["reads"].shape == (rows, slots, 4)
+  assert rows < batch["tokens"].shape[0] * 4 and slots & (slots - 1) == 0
+  # Every real token once: each prompt once, each real response once, no padding response.
+  real = batch["mask"].astype(bool)
+  prompt_tokens = real[:, 0, :16].sum()
+  response_tokens = sum(real[i, j, 16:].sum() for i in range(5) for j in range(4) if batch["response_mask"][i, j])
+  assert packed["mask"].sum() == prompt_tokens + response_tokens
+  assert packed["response_mask"].sum() == batch["response_mask"].sum() == 14
+  for r in range(rows):
+    for e in range(slots):
+      if not packed["response_mask"][r, e].any():
+        continue
+      seg = packed["segments"][r] == e + 1
+      i = next(i for i in range(5) if sorted(packed["ranks"][r, e]) == sorted(batch["ranks"][i])
+               and np.array_equal(packed["ranks"][r, e], batch["ranks"][i]))
+      prompt = batch["tokens"][i, 0, :16][real[i, 0, :16]]
+      in_prompt = seg & (packed["branches"][r] == 0)
+      np.testing.assert_array_equal(packed["tokens"][r, in_prompt], prompt)
+      np.testing.assert_array_equal(packed["positions"][r, in_prompt], np.arange(prompt.size))
+      for j in range(4):
+        branch = seg & (packed["branches"][r] == j + 1)
+        if not batch["response_mask"][i, j]:
+          assert not branch.any() and packed["response_mask"][r, e, j] == 0
+          continue
+        response = batch["tokens"][i, j, 16:][real[i, j, 16:]]
+        np.testing.assert_array_equal(packed["tokens"][r, branch], response)
+        np.testing.assert_array_equal(packed["positions"][r, branch], prompt.size + np.arange(response.size))
+        cols = np.flatnonzero(branch)
+        # The read is the response's last token; an empty response reads its prompt's last token.
+        want = cols[-1] if cols.size else np.flatnonzero(in_prompt)[-1]
+        assert packed["reads"][r, e, j] == want
+
+
+def test_pack_comparisons_refuses_an_example_wider_than_the_row():
+  batch = demo_comparisons()
+  with pytest.raises(ValueError, match=r"comparison example 1 has 41 tokens .* pack_width=16"):
+    packing.pack_comparisons(batch, 16, PAD)
+  with pytest.raises(ValueError, match="response_mask"):
+    packing.pack_comparisons({"tokens": batch["tokens"], "mask": batch["mask"]}, 64, PAD)
+
+
+def test_packed_comparisons_keep_their_layout_when_trimmed_to_a_bucket():
+  packed = packing.pack_comparisons(demo_comparisons(), 256, PAD)
+  trimmed = bucketing.trim_texts(packed, 16)
+  width = trimmed["tokens"].shape[1]
+  assert width < 256 and packed["mask"][:, width:].sum() == 0
+  for key in ("segments", "branches", "positions"):
+    np.testing.assert_array_equal(trimmed[key], packed[key][:, :width])
+
+
+def test_branches_need_segments():
+  model = ScalarModel(tiny("gpt2"), 0.1, rngs=nnx.Rngs(0))
+  tokens = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="with segments"):
+    model.values(tokens, tokens, branches=tokens)
+
+
+@pytest.mark.parametrize("flavour,kw", [("gpt2", {}), ("llama", {}), ("gpt2", {"scan_layers": True, "remat": True})])
+def test_packed_rewards_equal_the_unpacked_rows(flavour, kw):
+  graphdef, params = nnx.split(ScalarModel(tiny(flavour, **kw), 0.5, rngs=nnx.Rngs(1)))
+  batch = demo_comparisons()
+  packed = packing.pack_comparisons(batch, 64, PAD)
+  plain = np.asarray(comparison_rewards(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}))
+  got = np.asarray(packed_comparison_rewards(graphdef, params, {k: jnp.asarray(v) for k, v in packed.items()}))
+  matched = 0
+  for r, e in zip(*np.nonzero(packed["response_mask"].any(axis=-1))):
+    i = next(i for i in range(5) if np.array_equal(packed["ranks"][r, e], batch["ranks"][i]))
+    real = batch["response_mask"][i] == 1
+    np.testing.assert_allclose(got[r, e][real], plain[i][real], atol=2e-5)
+    matched += 1
+  assert matched == 5
+
+
+def _train_once(graphdef, params, batch, loss_kind):
+  mesh = sharding.make_mesh({"data": 1})
+  # Plain SGD: the ranking loss's head-bias gradient is 0 up to rounding, which Adam would blow up to a step.
+  tx = optax.sgd(0.1)
+  step = make_reward_step(graphdef, tx, loss_kind, 0.0, mesh=mesh)
+  rep = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+  state, _ = state_lib.create_train_state({"reward": params}, {"reward": tx}, {"reward": rep}, mesh, seed=0)
+  state, metrics = jax.jit(step)(state, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+  return state.params["reward"], metrics
+
+
+def test_a_packed_ranking_step_matches_the_unpacked_step():
+  graphdef, params = nnx.split(ScalarModel(tiny("gpt2"), 0.5, rngs=nnx.Rngs(2)))
+  batch = demo_comparisons()
+  plain = _train_once(graphdef, params, batch, "ranking")
+  packed = _train_once(graphdef, params, packing.pack_comparisons(batch, 64, PAD), "ranking")
+  for key in ("train/loss", "train/accuracy", "train/reward_gap", "train/grad_norm"):
+    np.testing.assert_allclose(packed[1][key], plain[1][key], rtol=2e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), packed[0], plain[0])
+
+
+def test_a_packed_direct_score_step_matches_the_unpacked_step():
+  graphdef, params = nnx.split(ScalarModel(tiny("llama"), 0.5, rngs=nnx.Rngs(3)))
+  batch = scored_batch(CharTokenizer(), PROMPTS, [r[0] for r in RESPONSES], [0.1, 0.9, 0.5, 0.3, 0.7], 16, 24)[0]
+  as_comparisons = {"tokens": batch["tokens"][:, None], "mask": batch["mask"][:, None],
+                    "response_mask": np.ones((5, 1), np.int32), "score": batch["score"]}
+  packed_batch = packing.pack_comparisons(as_comparisons, 48, PAD)
+  assert packed_batch["score"].shape == packed_batch["reads"].shape[:2]
+  plain = _train_once(graphdef, params, batch, "direct_sigmoid")
+  packed = _train_once(graphdef, params, packed_batch, "direct_sigmoid")
+  np.testing.assert_allclose(packed[1]["train/loss"], plain[1]["train/loss"], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), packed[0], plain[0])
