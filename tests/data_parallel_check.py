@@ -126,6 +126,18 @@ def reward_run():
                   comparison_batch())
 
 
+def reward_packed_run():
+  """The ranking step on packed comparisons (``reward.pack_width``): the examples travel with their rows."""
+  graphdef, params = init(lambda r: ScalarModel(CFG, 0.1, rngs=r), 7)
+  batch = comparison_batch(pairs=6, k=3)
+  batch["mask"][:, :, :2] = 0  # left-padded prompts
+  batch["mask"][::2, :, 11:] = 0  # short responses
+  packed = sharding.pad_batch(packing.pack_comparisons(batch, 48, 0), 2)[0]  # whole rows per device
+  assert len(packed["tokens"]) < 6 and packed["segments"].max() > 1
+  return run_both(lambda tx, mesh: make_reward_step(graphdef, tx, "ranking", 0.0, mesh=mesh), {"reward": params},
+                  packed)
+
+
 def dpo_run():
   graphdef, params = init(lambda r: Decoder(CFG, rngs=r), 2)
   reference = jax.tree.map(lambda x: x * 1.01, params)
@@ -167,5 +179,6 @@ applies = {name: data_parallel.applies(sharding.make_mesh(axes), RULES) for name
     ("tensor2", {"data": 1, "fsdp": 1, "tensor": 2}))}
 applies["one_device"] = data_parallel.applies(
     sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]), RULES)
-json.dump({"lm": lm_run(), "lm_packed": lm_packed_run(), "reward": reward_run(), "dpo": dpo_run(), "ppo": ppo_run(),
+json.dump({"lm": lm_run(), "lm_packed": lm_packed_run(), "reward": reward_run(),
+           "reward_packed": reward_packed_run(), "dpo": dpo_run(), "ppo": ppo_run(),
            "fallback_grad_diff": fallback_run(), "applies": applies}, sys.stdout)

@@ -5,7 +5,7 @@ import pytest
 
 from probes import run_probe
 
-STEPS = ("lm", "lm_packed", "reward", "dpo", "ppo")
+STEPS = ("lm", "lm_packed", "reward", "reward_packed", "dpo", "ppo")
 
 
 @pytest.fixture(scope="module")
