@@ -46,30 +46,52 @@ def seed_key_data(seed: int) -> jax.Array:
   return jax.random.key_data(jax.random.key(seed))
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def schedule_factor(count: jax.Array, total_steps, warmup_steps=0, decay: str = "cosine",
+                    end_factor=0.1) -> jax.Array:
+  """The learning-rate multiplier [] float32 at optimizer step ``count``: linear warmup from 0 over
+  ``warmup_steps``, then ``constant``, ``linear`` or ``cosine`` decay to ``end_factor`` over the remaining
+  ``total_steps - warmup_steps`` (at least 1), held there after. ``decay`` is static; the numbers may be traced
+  (they ride in the optimizer state, so runs that differ only in them compile the same programs)."""
+  if decay not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
+  count = jnp.asarray(count, jnp.float32)
+  warmup = jnp.asarray(warmup_steps, jnp.float32)
+  end = jnp.asarray(end_factor, jnp.float32)
+  done = jnp.clip(count - jnp.maximum(warmup, 0.0), 0.0, None) / jnp.maximum(
+      jnp.asarray(total_steps, jnp.float32) - jnp.maximum(warmup, 0.0), 1.0)
+  done = jnp.minimum(done, 1.0)
+  if decay == "constant":
+    after = jnp.ones_like(done)
+  elif decay == "linear":
+    after = 1.0 + (end - 1.0) * done
+  else:
+    after = (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * done)) + end
+  return jnp.where(count < warmup, count / jnp.maximum(warmup, 1.0), after)
+
+
 def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
                            decay: str = "cosine", end_factor: float = 0.1) -> optax.Schedule:
-  """Linear warmup then ``constant``, ``linear`` or ``cosine`` decay to ``lr * end_factor``."""
-  decay_steps = max(total_steps - warmup_steps, 1)
-  if decay == "constant":
-    after = optax.constant_schedule(lr)
-  elif decay == "linear":
-    after = optax.linear_schedule(lr, lr * end_factor, decay_steps)
-  elif decay == "cosine":
-    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=end_factor)
-  else:
+  """``count -> lr * schedule_factor(count, ...)``: linear warmup then ``constant``, ``linear`` or ``cosine``
+  decay to ``lr * end_factor`` (the numbers may be traced)."""
+  if decay not in SCHEDULES:
     raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
-  if warmup_steps <= 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+  return lambda count: lr * schedule_factor(count, total_steps, warmup_steps, decay, end_factor)
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
   """AdamW with global-norm clipping and a schedule, from ``config.<stage>.optimizer``.
 
   Keys: lr, warmup_steps, schedule, end_factor, b1, b2, eps, weight_decay, grad_clip.
-  Weight decay skips vectors and scalars (norms, biases, heads' bias). Equal settings give the same
-  transformation object within a process, so the step functions built on it (memoised on their arguments)
-  and their compiled programs are shared by every stage that trains with those settings.
+  Weight decay skips vectors and scalars (norms, biases, heads' bias). The numbers (and ``total_steps``) live
+  in the optimizer state (``optax.inject_hyperparams``), not in the compiled step: runs and stages that differ
+  only in them (a learning-rate sweep's trials, an iterated run's rounds of other lengths) run the same
+  programs, read back from the persistent compilation cache. Only ``schedule`` and whether ``grad_clip`` is
+  on shape the program. Equal settings give the same transformation object within a process, so the step
+  functions built on it (memoised on their arguments) and their compiled programs are shared by every stage
+  that trains with those settings.
   """
   return _optimizer(_frozen(cfg), int(total_steps))
 
@@ -88,17 +110,28 @@ def _frozen(cfg: Mapping[str, Any]) -> tuple:
   return tuple(items)
 
 
+def _adamw(lr, total_steps, warmup_steps, end_factor, b1, b2, eps, weight_decay, grad_clip, decay: str,
+           clip: bool) -> optax.GradientTransformation:
+  """The optimizer with its numbers as arguments (traced inside ``inject_hyperparams``'s update)."""
+  parts = [optax.clip_by_global_norm(grad_clip)] if clip else []
+  parts.append(optax.adamw(learning_rate_schedule(lr, total_steps, warmup_steps, decay, end_factor), b1=b1, b2=b2,
+                           eps=eps, weight_decay=weight_decay, mask=_matrices))
+  return optax.chain(*parts)
+
+
 @functools.lru_cache(maxsize=64)
 def _optimizer(settings: tuple, total_steps: int) -> optax.GradientTransformation:
   cfg = dict(settings)
-  schedule = learning_rate_schedule(cfg["lr"], total_steps, cfg.get("warmup_steps", 0),
-                                    cfg.get("schedule", "cosine"), cfg.get("end_factor", 0.1))
-  parts = []
-  if cfg.get("grad_clip", 0.0):
-    parts.append(optax.clip_by_global_norm(cfg["grad_clip"]))
-  parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8),
-                           weight_decay=cfg.get("weight_decay", 0.0), mask=_matrices))
-  return optax.chain(*parts)
+  decay = cfg.get("schedule", "cosine")
+  if decay not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
+  numbers = dict(lr=float(cfg["lr"]), total_steps=int(total_steps), warmup_steps=int(cfg.get("warmup_steps", 0)),
+                 end_factor=float(cfg.get("end_factor", 0.1)), b1=float(cfg.get("b1", 0.9)),
+                 b2=float(cfg.get("b2", 0.95)), eps=float(cfg.get("eps", 1e-8)),
+                 weight_decay=float(cfg.get("weight_decay", 0.0)), grad_clip=float(cfg.get("grad_clip", 0.0)))
+  # float32 hyperparameters whatever the params' dtype: a bf16 learning rate would lose most of its digits.
+  return optax.inject_hyperparams(_adamw, static_args=("decay", "clip"), hyperparam_dtype=jnp.float32)(
+      **numbers, decay=decay, clip=numbers["grad_clip"] > 0)
 
 
 def _matrices(params: PyTree) -> PyTree:
@@ -146,6 +179,31 @@ def _sharded_opt_init(tx: optax.GradientTransformation, treedef, leaves: tuple) 
   """Jitted ``tx.init`` placing the state in the shardings ``(treedef, leaves)``; one per transformation and
   layout in a process."""
   return jax.jit(tx.init, out_shardings=jax.tree.unflatten(treedef, leaves))
+
+
+def _injected(opt_state: Any) -> bool:
+  return isinstance(opt_state, optax.InjectStatefulHyperparamsState)
+
+
+def legacy_opt_layout(state: TrainState) -> TrainState:
+  """``state`` with each optimizer state as rlhf_jax checkpointed it before its numbers moved into the state
+  (``make_optimizer``): the bare inner transformation's state. A restore target for such checkpoints."""
+  return state.replace(opt_state={k: v.inner_state if _injected(v) else v for k, v in state.opt_state.items()})
+
+
+def from_legacy_opt_layout(fresh: TrainState, restored: TrainState) -> TrainState:
+  """A state restored in ``legacy_opt_layout`` put back in today's layout: each inner optimizer state in
+  ``fresh``'s wrapper (whose numbers come from this run's config, which the workdir's config check keeps equal
+  to the checkpoint's), its update count set to the inner state's."""
+  opt_state = {}
+  for name, value in restored.opt_state.items():
+    wrapper = fresh.opt_state[name]
+    if _injected(wrapper):
+      counts = [c for _, c in optax.tree_utils.tree_get_all_with_path(value, "count")]
+      count = counts[0] if counts else wrapper.count
+      value = wrapper._replace(count=jnp.asarray(count, wrapper.count.dtype), inner_state=value)
+    opt_state[name] = value
+  return restored.replace(opt_state=opt_state)
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:

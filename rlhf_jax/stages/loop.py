@@ -27,6 +27,10 @@ PROGRESS_METRICS = ("train/loss", "train/accuracy", "train/policy_loss", "rollou
                     "rollout/gold_score")
 
 
+class CheckpointLayoutError(StageError):
+  """A stage's checkpoint holds another state layout than the stage builds (the checkpoint is left as it is)."""
+
+
 class NonFiniteError(StageError):
   """A loss or metric became NaN/inf; the last good checkpoint is kept."""
 
@@ -60,6 +64,22 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
+def _restore_legacy_layout(ckpt: Checkpointer, state: TrainState, state_shardings: TrainState, step: int,
+                           error: ValueError) -> tuple[TrainState, dict]:
+  """Restores a checkpoint written before optimizer numbers moved into the optimizer state; re-raises
+  ``error`` (naming the checkpoint) when the checkpoint is not of that layout either."""
+  legacy = state_lib.legacy_opt_layout(state)
+  if jax.tree.structure(legacy) == jax.tree.structure(state):  # nothing to translate
+    raise CheckpointLayoutError(f"{ckpt.directory} step {step} does not match this stage's state: {error}") from error
+  try:
+    restored, extra = ckpt.restore(state_lib.abstract_like(legacy, state_lib.legacy_opt_layout(state_shardings)),
+                                   step=step)
+  except ValueError:
+    raise CheckpointLayoutError(f"{ckpt.directory} step {step} does not match this stage's state (written by "
+                                f"another model, optimizer or rlhf_jax): {error}") from error
+  return state_lib.from_legacy_opt_layout(state, restored), extra
+
+
 def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: TrainState,
              step_fn: Callable[[TrainState, Any, Any], tuple[TrainState, Any]],
              make_batch: Callable[[int, TrainState], tuple[Any, dict[str, float]]],
@@ -81,7 +101,11 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   # Cumulative compute counters (``compute/*`` increments from make_batch), restored with the state.
   totals = {k: 0.0 for k in compute.KEYS}
   if start:
-    state, extra = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
+    try:
+      restored, extra = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
+    except ValueError as error:
+      restored, extra = _restore_legacy_layout(ckpt, state, state_shardings, start, error)
+    state = restored
     totals.update({k: float(v) for k, v in (extra or {}).get("compute", {}).items()})
   # Lines a killed run wrote after its last checkpoint (or before its first) are replayed below.
   ctx.metrics.truncate_after(stage, start)
