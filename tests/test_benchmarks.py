@@ -30,6 +30,8 @@ KEYS = {
     "reward_step_kwise": {"per_row_ms_per_step", "shared_ms_per_step", "speedup"},
     "reward_step_varlen": {"shared_ms_per_step", "shared_fill", "packed_1x_ms_per_step", "packed_1x_fill",
                            "packed_1x_speedup", "packed_2x_speedup"},
+    "dpo_step_varlen": {"shared_ms_per_step", "shared_fill", "packed_1x_ms_per_step", "packed_1x_fill",
+                        "packed_1x_speedup", "packed_2x_speedup"},
     "dpo_step": {"pairs_per_s", "ms_per_step", "compile_s", "precomputed_ms_per_step"},
     "rl_iter": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},

@@ -155,3 +155,75 @@ def test_a_packed_direct_score_step_matches_the_unpacked_step():
   packed = _train_once(graphdef, params, packed_batch, "direct_sigmoid")
   np.testing.assert_allclose(packed[1]["train/loss"], plain[1]["train/loss"], rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), packed[0], plain[0])
+
+
+# ----------------------------------------------------------------------------- DPO on packed comparisons
+
+def test_comparison_targets_name_each_response_token_and_the_column_predicting_it():
+  batch = demo_comparisons()
+  packed = packing.pack_comparisons(batch, 64, PAD)
+  targets = packing.comparison_targets(packed)
+  n = targets["targets"].shape[1]
+  assert n % 16 == 0 and targets["sources"].shape == targets["target_slots"].shape == (len(packed["tokens"]), n)
+  real = batch["mask"].astype(bool)
+  # Every real response token is a target once; a response's first token is predicted by its prompt's last.
+  assert (targets["target_slots"] >= 0).sum() == sum(
+      real[i, j, 16:].sum() for i in range(5) for j in range(4) if batch["response_mask"][i, j])
+  for r in range(len(packed["tokens"])):
+    for t, src, slot in zip(targets["targets"][r], targets["sources"][r], targets["target_slots"][r]):
+      if slot < 0:
+        continue
+      e, j = divmod(int(slot), 4)
+      assert packed["segments"][r, t] == packed["segments"][r, src] == e + 1 and packed["branches"][r, t] == j + 1
+      assert packed["positions"][r, src] == packed["positions"][r, t] - 1
+      assert packed["branches"][r, src] in (0, j + 1)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_dpo_log_ratios_equal_the_unpacked_rows(average):
+  from rlhf_jax.algorithms import dpo
+  from rlhf_jax.generate import SamplingConfig
+  from rlhf_jax.models import Decoder
+  graphdef, params = nnx.split(Decoder(tiny("gpt2"), rngs=nnx.Rngs(4)))
+  reference = jax.tree.map(lambda x: x * 0.9, params)
+  batch = demo_comparisons()
+  packed = packing.pack_comparisons(batch, 64, PAD)
+  packed.update(packing.comparison_targets(packed))
+  sampling = SamplingConfig(max_new_tokens=24, temperature=0.7)
+  plain = np.asarray(dpo.log_ratios(graphdef, params, reference, {k: jnp.asarray(v) for k, v in batch.items()}, 16,
+                                    sampling, average))
+  got = np.asarray(dpo.log_ratios(graphdef, params, reference, {k: jnp.asarray(v) for k, v in packed.items()}, 16,
+                                  sampling, average)).reshape(packed["reads"].shape)
+  matched = 0
+  for r, e in zip(*np.nonzero(packed["response_mask"].any(axis=-1))):
+    i = next(i for i in range(5) if np.array_equal(packed["ranks"][r, e], batch["ranks"][i]))
+    real = batch["response_mask"][i] == 1
+    # Each ratio is a difference of two sums of up to 23 token log-probs of ~-4: float32 rounding ~1e-5.
+    np.testing.assert_allclose(got[r, e][real], plain[i][real], atol=1e-4)
+    matched += 1
+  assert matched == 5
+  assert np.abs(plain).max() > 0.05  # the two policies differ: the ratios are not all ~0
+
+
+def test_a_packed_dpo_step_matches_the_unpacked_step():
+  from rlhf_jax.algorithms import dpo
+  from rlhf_jax.generate import SamplingConfig
+  from rlhf_jax.models import Decoder
+  graphdef, params = nnx.split(Decoder(tiny("llama"), rngs=nnx.Rngs(5)))
+  reference = jax.tree.map(lambda x: x * 0.9, params)
+  batch = demo_comparisons()
+  packed = packing.pack_comparisons(batch, 64, PAD)
+  packed.update(packing.comparison_targets(packed))
+  mesh = sharding.make_mesh({"data": 1})
+  tx = optax.sgd(0.1)
+  settings, sampling = dpo.DPOSettings(beta=0.1), SamplingConfig(max_new_tokens=24, temperature=1.0)
+  step = jax.jit(dpo.make_dpo_step(graphdef, tx, settings, 16, sampling, mesh))
+  results = []
+  for b in (batch, packed):
+    rep = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+    state, _ = state_lib.create_train_state({"policy": params}, {"policy": tx}, {"policy": rep}, mesh, seed=0)
+    state, metrics = step(state, {k: jnp.asarray(v) for k, v in b.items()}, {"reference": reference})
+    results.append((state.params["policy"], metrics))
+  for key in ("train/loss", "train/log_ratio", "train/grad_norm"):
+    np.testing.assert_allclose(results[1][1][key], results[0][1][key], rtol=2e-5, atol=1e-7, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][0], results[0][0])

@@ -19,6 +19,7 @@ READ_ONLY_WHEN = {"data.scored_file": "reward.loss = direct_sigmoid or direct_ms
                   "rft.kl_beta": "rft.selection = kl_aware",
                   "dpo.samples_per_prompt": "dpo.online = True",
                   "dpo_pre.samples_per_prompt": "dpo_pre.online = True",
+                  "dpo_packed.samples_per_prompt": "dpo_packed.online = True",
                   "grpo.value_init": "grpo.advantage = gae (a value model)"}
 
 
@@ -60,13 +61,16 @@ def tiny_config():
   # The same offline DPO with the reference's log-probs computed before the first step.
   c.dpo_pre = defaults.stage("dpo", steps=2, batch_size=4, log_every=1, eval_every=0, checkpoint_every=1,
                              reward="reward", label_smoothing=0.1, precompute_reference=True)
+  # The same on packed comparisons (each prompt once, then its responses), with the precomputed table.
+  c.dpo_packed = defaults.stage("dpo", steps=2, batch_size=4, log_every=1, eval_every=0, checkpoint_every=1,
+                                reward="reward", label_smoothing=0.1, precompute_reference=True, pack_width=96)
   c.dpo_online = defaults.stage("dpo", online=True, comparisons=(), reward="reward", loss="ipo",
                                 average_log_probs=True, steps=2, batch_size=2, log_every=1, checkpoint_every=2)
   # The critic-free estimators on the ppo path (GRPO: group advantages, k3 KL in the loss, dropped groups).
   c.grpo = defaults.stage("ppo", advantage="grpo", samples_per_prompt=2, drop_zero_variance_groups=True,
                           iterations=2, prompts_per_iteration=2, log_every=1, checkpoint_every=2,
                           kl_adaptive=True, ptx_coef=0.1, ptx_batch_size=2)
-  c.stages += ",rft,bon,dpo,dpo_pre,dpo_online,grpo"
+  c.stages += ",rft,bon,dpo,dpo_pre,dpo_packed,dpo_online,grpo"
   return c
 
 
@@ -118,13 +122,17 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
   assert summary["dpo"]["compute/grad_steps"] == 2 and "eval/preference_accuracy" in summary["dpo"]
   # Precomputed reference log-probs: the same steps, one reference pass over the data instead of one a step.
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  train = {name: [r for r in rows if r["stage"] == name and "train/loss" in r] for name in ("dpo", "dpo_pre")}
+  names = ("dpo", "dpo_pre", "dpo_packed")
+  train = {name: [r for r in rows if r["stage"] == name and "train/loss" in r] for name in names}
   assert [r["step"] for r in train["dpo"]] == [r["step"] for r in train["dpo_pre"]] == [1, 2]
-  for a, b in zip(train["dpo"], train["dpo_pre"]):
+  assert [r["step"] for r in train["dpo_packed"]] == [1, 2]
+  for a, b, c in zip(train["dpo"], train["dpo_pre"], train["dpo_packed"]):
     # At step 1 policy == reference: every log-ratio is 0 in-step (a tie, half right) but a rounding error
     # away from 0 against a table computed in other batches, so only the accuracy may differ there.
     for k in (k for k in a if k.startswith("train/") and (a["step"] > 1 or k != "train/accuracy")):
       assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+      assert c[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), (a["step"], k, "packed")
+    assert 0.0 < c["data/fill"] <= 1.0  # packed slots: here one ~70-token example per 96-token row
   assert summary["dpo_pre"]["compute/grad_steps"] == 2
   # 2 steps x 4 prompts are one epoch of the label stage's 8 comparisons: either way each one's reference
   # pass is counted exactly once.

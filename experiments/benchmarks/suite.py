@@ -323,14 +323,16 @@ def reward_step_kwise(env: Env) -> Record:
   return common("reward_step_kwise", env, **record, prompts=prompts, k=k, prompt_len=p, rows=prompts * k)
 
 
-def reward_step_varlen(env: Env) -> Record:
-  """``reward_step`` on K-wise comparisons of varied real length, laid out as the reward stage builds them:
-  rm_pairs / 2 prompts x K = 4 responses, a left-padded prompt of rm_len / 2 columns (real length uniform in
-  [rm_len / 8, rm_len / 2]) then a right-padded response of rm_len / 2 (real length uniform in [rm_len / 16,
-  rm_len / 2]). ``shared``: the stage's default, cut to its bucket with each prompt computed once
-  (``prompt_mask``); ``packed_1x`` and ``packed_2x``: ``packing.pack_comparisons`` into rows of one longest
-  example (rm_len / 2 + K * rm_len / 2 tokens) and of two, then cut to a bucket (a library without it reports
-  none). ``*_speedup``: against ``shared``; ``*_fill``: real tokens over the token slots the step computes."""
+def _varlen_comparisons(env: Env, targets: bool = False) -> tuple[dict, dict]:
+  """K-wise comparisons of varied real length as the reward and DPO stages build them: rm_pairs / 2 prompts x
+  K = 4 responses, a left-padded prompt of rm_len / 2 columns (real length uniform in [rm_len / 8, rm_len / 2])
+  then a right-padded response of rm_len / 2 (real length uniform in [rm_len / 16, rm_len / 2]).
+
+  Returns (layouts, facts): layouts name -> (host batch, fill): ``shared``, the stages' default, cut to its
+  bucket with each prompt computed once (``prompt_mask``); ``packed_1x`` and ``packed_2x``,
+  ``packing.pack_comparisons`` into rows of one longest example (rm_len / 2 + K * rm_len / 2 tokens) and of two,
+  cut to a bucket, with the response tokens' targets when ``targets`` (a library without packed comparisons
+  gives ``shared`` only); fill: real tokens over the token slots the step computes."""
   s = env.size
   k, prompts, p = 4, max(s.rm_pairs // 2, 1), s.rm_len // 2
   r = s.rm_len - p
@@ -346,35 +348,72 @@ def reward_step_varlen(env: Env) -> Record:
           "response_mask": np.ones((prompts, k), np.int32), "prompt_mask": mask[:, 0, :p].copy()}
   smallest = min(16, s.rm_len // 8)
   fill = library.find("comparison_fill", "rlhf_jax.data.packing")
-  shared = library.find("trim_pairs", "rlhf_jax.data.bucketing")(full, p, smallest)
-  batches = {"shared": (shared, fill(shared, shared["prompt_mask"].shape[1]))}
+  # DPO splits rows at the prompt's width, so its batches keep it (``left=False``).
+  shared = library.find("trim_pairs", "rlhf_jax.data.bucketing")(full, p, smallest, left=not targets)
+  layouts = {"shared": (shared, fill(shared, shared["prompt_mask"].shape[1]))}
   try:
-    pack = library.find("pack_comparisons", "rlhf_jax.data.packing")
-    trim = library.find("trim_texts", "rlhf_jax.data.bucketing")
+    rows = library.find("comparison_training_rows", "rlhf_jax.data.packing")
     for times in (1, 2):
-      packed = trim(pack(full, times * (p + k * r), 0), smallest)
+      packed = rows(full, times * (p + k * r), 0, smallest, targets=targets)
       # Padded with empty rows to fit the data axes, as the stages' ``ctx.put`` does.
-      batches[f"packed_{times}x"] = (shd.pad_batch(packed, shd.data_parallel_size(env.mesh, env.rules))[0],
+      layouts[f"packed_{times}x"] = (shd.pad_batch(packed, shd.data_parallel_size(env.mesh, env.rules))[0],
                                      float(packed["mask"].mean()))
   except ImportError:  # a library from before packed comparisons
     pass
-  graphdef, params, shardings = init_params(
-      env, lambda rngs: ScalarModel(env.model, reward_head_std(env.model), rngs=rngs), 0, "rm")
-  tx = optimizer(1e-5, 1.0)
+  facts = dict(prompts=prompts, k=k, prompt_len=p, real_tokens=int(mask[:, 0, :p].sum() + mask[:, :, p:].sum()))
+  return layouts, facts
+
+
+def _layout_record(env: Env, layouts: dict, train_once: Callable) -> dict:
+  """Per layout of ``_varlen_comparisons``: ms a step (``train_once(batch) -> _train stats``), fill, shape and
+  the speedup against ``shared``."""
   record = {}
-  for name, (batch, batch_fill) in batches.items():
-    state, state_sh = state_lib.create_train_state({"reward": jax.tree.map(jnp.copy, params)}, {"reward": tx},
-                                                   {"reward": shardings}, env.mesh, seed=0)
-    make_step = library.make_reward_step()
-    step = make_step(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(make_step, env))
-    stats = _train(env, step, state, state_sh, put_batch(env, batch))
+  for name, (batch, batch_fill) in layouts.items():
+    stats = train_once(put_batch(env, batch))
     record[f"{name}_ms_per_step"] = round(1e3 * stats["median_s"], 2)
     record[f"{name}_fill"] = round(batch_fill, 3)  # of the rows before any padding to the data axes
     record[f"{name}_shape"] = list(np.shape(batch["tokens"]))
     if name != "shared":
       record[f"{name}_speedup"] = round(record["shared_ms_per_step"] / record[f"{name}_ms_per_step"], 3)
-  return common("reward_step_varlen", env, **record, prompts=prompts, k=k, real_tokens=int(mask[:, 0, :p].sum()
-                + mask[:, :, p:].sum()))
+  return record
+
+
+def reward_step_varlen(env: Env) -> Record:
+  """``reward_step`` on ``_varlen_comparisons``: the stage's default layout against packed comparisons
+  (``reward.pack_width``)."""
+  layouts, facts = _varlen_comparisons(env)
+  graphdef, params, shardings = init_params(
+      env, lambda rngs: ScalarModel(env.model, reward_head_std(env.model), rngs=rngs), 0, "rm")
+  tx = optimizer(1e-5, 1.0)
+
+  def train_once(batch):
+    state, state_sh = state_lib.create_train_state({"reward": jax.tree.map(jnp.copy, params)}, {"reward": tx},
+                                                   {"reward": shardings}, env.mesh, seed=0)
+    make_step = library.make_reward_step()
+    return _train(env, make_step(graphdef, tx, "ranking", 0.0, **_mesh_kwargs(make_step, env)), state, state_sh,
+                  batch)
+
+  return common("reward_step_varlen", env, **_layout_record(env, layouts, train_once), **facts)
+
+
+def dpo_step_varlen(env: Env) -> Record:
+  """``dpo_step`` (reference pass in the step) on ``_varlen_comparisons``: the stage's default layout against
+  packed comparisons (``dpo.pack_width``)."""
+  layouts, facts = _varlen_comparisons(env, targets=True)
+  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
+  reference = jax.tree.map(jnp.copy, params)
+  tx = optimizer(1e-6, 1.0)
+  dpo = library.find("make_dpo_step", "rlhf_jax.algorithms.dpo")
+  settings = library.find("DPOSettings", "rlhf_jax.algorithms.dpo")(beta=0.1)
+  sampling = SamplingConfig(max_new_tokens=env.size.rm_len - facts["prompt_len"], temperature=1.0)
+  step = dpo(graphdef, tx, settings, facts["prompt_len"], sampling, **_mesh_kwargs(dpo, env))
+
+  def train_once(batch):
+    state, state_sh = state_lib.create_train_state({"policy": jax.tree.map(jnp.copy, params)}, {"policy": tx},
+                                                   {"policy": shardings}, env.mesh, seed=0)
+    return _train(env, step, state, state_sh, batch, {"reference": reference}, {"reference": shardings})
+
+  return common("dpo_step_varlen", env, **_layout_record(env, layouts, train_once), **facts)
 
 
 def dpo_step(env: Env) -> Record:
@@ -577,6 +616,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "reward_step": reward_step,
     "reward_step_kwise": reward_step_kwise,
     "reward_step_varlen": reward_step_varlen,
+    "dpo_step_varlen": dpo_step_varlen,
     "dpo_step": dpo_step,
     "rl_iter": rl_iter,
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),

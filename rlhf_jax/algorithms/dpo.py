@@ -34,7 +34,7 @@ from rlhf_jax.config_groups import loop_config, sampling_config
 from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl import dpo as dpo_math
-from rlhf_jax.rollout import Rollout, response_log_probs
+from rlhf_jax.rollout import Rollout, picked, policy_log_probs, response_log_probs
 from rlhf_jax.state import TrainState
 
 RANKERS = ("rm", "labeler")
@@ -52,13 +52,15 @@ def dpo_config() -> ConfigDict:
   ``batch_size`` counts prompts (each with its K ranked responses) per step. ``precompute_reference``
   (offline only): the reference's log-probs of every training comparison are computed once before the
   first step instead of in every step (TRL's ``precompute_ref_log_probs``); it pays from the second epoch.
+  ``pack_width`` > 0 (offline only): each step's comparisons are packed into rows of that many tokens, an
+  example's prompt once then its responses (``packing.pack_comparisons``, as the reward stage's).
   """
   c = loop_config(steps=200, batch_size=16, lr=1e-4, log_every=10)
   c.optimizer.schedule = "constant"
   c.update(dict(kind="dpo", policy="sft", reference="sft", comparisons=("label",), reward="",
                 loss="dpo", beta=0.1, label_smoothing=0.0, average_log_probs=False,
                 online=False, ranker="rm", samples_per_prompt=2, sampling=sampling_config(), eval_every=50,
-                precompute_reference=False))
+                precompute_reference=False, pack_width=0))
   return c
 
 
@@ -99,6 +101,31 @@ def comparison_rollout(tokens: jax.Array, mask: jax.Array, prompt_len: int) -> R
                  group=jnp.repeat(jnp.arange(tokens.shape[0] // k, dtype=jnp.int32), k), prompt_group=k)
 
 
+PACKED_ROW_KEYS = ("tokens", "mask", "segments", "branches", "positions", "reads", "targets", "sources",
+                   "target_slots")
+
+
+def packed_sequence_log_probs(graphdef: nnx.GraphDef, params, rows: Mapping[str, jax.Array],
+                              sampling: SamplingConfig, average: bool) -> jax.Array:
+  """Sequence log-prob [R, E, K] (sum, or mean with ``average``) of every response of packed comparison rows
+  (``packing.pack_comparisons`` with ``packing.comparison_targets``); 0 on an empty slot.
+
+  Only the ``sources`` rows (the columns predicting a response token) are queried in the last block and
+  projected to the vocabulary: an example's prompt tokens, but its last, get no logits."""
+  r, e, k = rows["reads"].shape
+  model = nnx.merge(graphdef, params)
+  hidden, _ = model.trunk(rows["tokens"], rows["mask"], None, None, rows["sources"], None, rows["segments"],
+                          rows["branches"], rows["positions"])
+  all_lp = policy_log_probs(model.logits_from_hidden(hidden), sampling)  # [R, N, V]
+  valid = rows["target_slots"] >= 0
+  lp = picked(all_lp, jnp.take_along_axis(rows["tokens"], rows["targets"], axis=1), valid)  # [R, N]
+  slot = (rows["target_slots"][..., None] == jnp.arange(e * k)).astype(jnp.float32)  # [R, N, E * K]
+  total = jnp.einsum("rn,rns->rs", lp.astype(jnp.float32), slot)
+  if average:
+    total = total / jnp.maximum(slot.sum(axis=1), 1.0)
+  return total.reshape(r, e, k)
+
+
 def log_ratios(graphdef: nnx.GraphDef, params, ref_params, batch: Mapping[str, jax.Array], prompt_len: int,
                sampling: SamplingConfig, average: bool, mesh: Mesh | None = None,
                rules: Any = sharding.DEFAULT_RULES) -> jax.Array:
@@ -106,7 +133,21 @@ def log_ratios(graphdef: nnx.GraphDef, params, ref_params, batch: Mapping[str, j
 
   A batch holding ``REFERENCE_KEY`` [B, K] (``reference_log_probs`` of the same rows) takes the reference's
   side from it and runs no reference pass (``ref_params`` unused). ``mesh``: the mesh the step is compiled
-  for; the policy pass is then a ``data_parallel.rows_call``."""
+  for; the policy pass is then a ``data_parallel.rows_call``.
+
+  Packed rows (a batch with ``target_slots``, see ``packed_sequence_log_probs``) give [R * E, K], a slot of
+  the packed layout per example."""
+  if "target_slots" in batch:
+    rows = {name: batch[name] for name in PACKED_ROW_KEYS}
+    own_fn = data_parallel.rows_call(lambda p, x: packed_sequence_log_probs(graphdef, p, x, sampling, average), mesh,
+                                     rules)
+    own = own_fn(params, rows)
+    k = own.shape[-1]
+    if REFERENCE_KEY in batch:
+      ref = batch[REFERENCE_KEY].astype(jnp.float32)
+    else:
+      ref = packed_sequence_log_probs(graphdef, ref_params, rows, sampling, average)
+    return (own - jax.lax.stop_gradient(ref)).reshape(-1, k)
   b, k, _ = batch["tokens"].shape
   rollout = comparison_rollout(batch["tokens"], batch["mask"], prompt_len)
   policy_log_probs = data_parallel.rows_call(lambda p, r: response_log_probs(graphdef, p, r, sampling)[0], mesh,
@@ -143,9 +184,10 @@ def dpo_objective(graphdef: nnx.GraphDef, settings: DPOSettings, prompt_len: int
   def objective(params, ref_params, batch):
     h = log_ratios(graphdef, params, ref_params, batch, prompt_len, sampling, settings.average_log_probs, mesh,
                    rules)
-    loss, aux = dpo_math.preference_loss(h, batch["ranks"], batch["response_mask"], settings.beta, settings.loss,
+    ranks, response_mask = batch["ranks"].reshape(h.shape), batch["response_mask"].reshape(h.shape)
+    loss, aux = dpo_math.preference_loss(h, ranks, response_mask, settings.beta, settings.loss,
                                          settings.label_smoothing)
-    valid = batch["response_mask"].astype(jnp.float32)
+    valid = response_mask.astype(jnp.float32)
     metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
                "train/log_ratio": (h * valid).sum() / jnp.maximum(valid.sum(), 1.0)}
     return loss, metrics

@@ -175,6 +175,60 @@ def pack_comparisons(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -
   return out
 
 
+def comparison_targets(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The next-token targets of packed comparisons' responses (``pack_comparisons``), for a policy's log-probs
+  of each response (DPO): every response token, the column whose logits predict it, and its response.
+
+  Returns {"targets" [R, N]: a response token's column; "sources" [R, N]: the column predicting it (the token
+  before it in its response, or its prompt's last token for a response's first token); "target_slots" [R, N]:
+  its response as e * K + k (slot e of the row, response k), -1 on padding}, N the most response tokens in a
+  row rounded up to a multiple of 16. A response with no prompt token before it has no predicted first token,
+  as in its own row.
+  """
+  segments, branches, mask = (np.asarray(packed[k]) for k in ("segments", "branches", "mask"))
+  k = np.shape(packed["reads"])[-1]
+  rows = []
+  for r in range(len(segments)):
+    targets, sources, slots = [], [], []
+    prompt_last = {}
+    for c in np.flatnonzero(mask[r]):
+      seg, branch = int(segments[r, c]), int(branches[r, c])
+      if branch == 0:
+        prompt_last[seg] = c
+        continue
+      first = c == 0 or segments[r, c - 1] != seg or branches[r, c - 1] != branch
+      source = prompt_last.get(seg) if first else c - 1
+      if source is None:
+        continue
+      targets.append(c)
+      sources.append(source)
+      slots.append((seg - 1) * k + branch - 1)
+    rows.append((targets, sources, slots))
+  n = max([len(t) for t, _, _ in rows] + [1])
+  n = -(-n // 16) * 16
+  out = {"targets": np.zeros((len(rows), n), np.int32), "sources": np.zeros((len(rows), n), np.int32),
+         "target_slots": np.full((len(rows), n), -1, np.int32)}
+  for r, (targets, sources, slots) in enumerate(rows):
+    out["targets"][r, :len(targets)] = targets
+    out["sources"][r, :len(sources)] = sources
+    out["target_slots"][r, :len(slots)] = slots
+  return out
+
+
+def comparison_training_rows(batch: Mapping[str, np.ndarray], width: int, pad_id: int, min_bucket_len: int,
+                             targets: bool = False) -> dict[str, np.ndarray]:
+  """A comparison or scored batch (``batching.comparison_batch``, ``scored_batch``) as a step trains on it with
+  a ``pack_width``: packed (``pack_comparisons``; a scored row is an example of one response), cut to the
+  narrowest bucket that holds its rows (``data.min_bucket_len``), and with ``targets`` the response tokens'
+  next-token targets (``comparison_targets``; a policy's log-probs, DPO)."""
+  if np.ndim(batch["tokens"]) == 2:
+    batch = {"tokens": np.asarray(batch["tokens"])[:, None], "mask": np.asarray(batch["mask"])[:, None],
+             "response_mask": np.ones((len(batch["tokens"]), 1), np.int32),
+             **{k: v for k, v in batch.items() if k not in ("tokens", "mask")}}
+  packed = bucketing.trim_texts(pack_comparisons(batch, width, pad_id), min_bucket_len)
+  return {**packed, **comparison_targets(packed)} if targets else packed
+
+
 def fill(batch: Mapping[str, np.ndarray]) -> float:
   """Real tokens over slots of a batch's ``mask`` [..., W]: 1 - the share of compute spent on padding (the
   ``data/fill`` metric of the next-token stages)."""

@@ -57,6 +57,9 @@ def check(ctx: StageContext, instance) -> dpo.DPOSettings:
     if cfg.precompute_reference:
       raise StageError(f"{instance.name}.precompute_reference applies to offline DPO: online comparisons are "
                        "new samples every step")
+    if cfg.pack_width:
+      raise StageError(f"{instance.name}.pack_width applies to offline DPO: online comparisons are sampled on "
+                       "the devices and trained as they are")
   elif not cfg.comparisons and not ctx.config.data.comparisons_file:
     raise StageError(f"{instance.name}: offline DPO needs comparisons (config.{instance.name}.comparisons names "
                      "label instances, or data.comparisons_file); or set online=True")
@@ -140,17 +143,27 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
       batch, stats = host_comparisons(ctx, [train[int(i)] for i in indices], max_k)
       if table is not None:
         batch[dpo.REFERENCE_KEY] = table[np.asarray(indices, np.int64)]
+      if cfg.pack_width:
+        try:
+          batch = packing.comparison_training_rows(batch, cfg.pack_width, ctx.tokenizer.pad_id, data.min_bucket_len,
+                                                   targets=True)
+        except ValueError as e:
+          raise StageError(f"{instance.name}.pack_width: {e}") from e
       return batch, stats
 
     def make_batch(step, state):
       del state
       batch, stats = host_batch(step)
-      counts = dpo.step_counts(model_cfg, batch["tokens"].shape[0] * max_k, batch["tokens"].shape[-1],
-                               data.prompt_len, max_k, reference=table is None)
+      if cfg.pack_width:
+        counts = dpo.step_counts(model_cfg, *batch["tokens"].shape, reference=table is None)
+        fill = packing.fill(batch)
+      else:
+        counts = dpo.step_counts(model_cfg, batch["tokens"].shape[0] * max_k, batch["tokens"].shape[-1],
+                                 data.prompt_len, max_k, reference=table is None)
+        fill = packing.comparison_fill(batch, data.prompt_len)
       if table is not None and step == 0:  # counted once, as the run's (a resume recomputes it uncounted)
         counts += precompute_counts
-      return ctx.put(batch), {**truncation_metrics(stats), "data/fill": packing.comparison_fill(batch, data.prompt_len),
-                              **counts.metrics()}
+      return ctx.put(batch), {**truncation_metrics(stats), "data/fill": fill, **counts.metrics()}
 
     example = host_batch(0)[0]
 

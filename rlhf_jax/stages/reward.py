@@ -83,7 +83,10 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   def host_batch(step):
     batch, stats = to_batch([train[int(i)] for i in loader.indices_for_step(step)])
     if cfg.pack_width:
-      return packed_rows(batch, cfg.pack_width, tok.pad_id, data.min_bucket_len, instance.name), stats
+      try:
+        return packing.comparison_training_rows(batch, cfg.pack_width, tok.pad_id, data.min_bucket_len), stats
+      except ValueError as e:
+        raise StageError(f"{instance.name}.pack_width: {e}") from e
     return batch, stats
 
   def make_batch(step, state):
@@ -109,20 +112,6 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   ctx.save_params(instance.name, params, {"gain": gain, "bias": bias})
   totals = {k: last_eval.get(k, 0.0) + v for k, v in counts.metrics().items()}
   return {**last_eval, **totals, "reward/gain": gain, "reward/bias": bias}
-
-
-def packed_rows(batch: dict, width: int, pad_id: int, min_bucket_len: int, name: str = "reward") -> dict:
-  """A comparison or scored batch (``batching.comparison_batch``, ``scored_batch``) as the step trains on it
-  with ``pack_width``: packed (``packing.pack_comparisons``; a scored row is an example of one response),
-  then cut to the narrowest bucket that holds its rows."""
-  if np.ndim(batch["tokens"]) == 2:
-    batch = {"tokens": batch["tokens"][:, None], "mask": batch["mask"][:, None],
-             "response_mask": np.ones((len(batch["tokens"]), 1), np.int32), "score": batch["score"]}
-  try:
-    packed = packing.pack_comparisons(batch, width, pad_id)
-  except ValueError as e:
-    raise StageError(f"{name}.pack_width: {e}") from e
-  return bucketing.trim_texts(packed, min_bucket_len)
 
 
 # Host-side uses of the loss maths, each one compiled program (eagerly every jnp op compiles its own).
