@@ -49,14 +49,18 @@ def seed_key_data(seed: int) -> jax.Array:
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+def _check_schedule(decay: str) -> None:
+  if decay not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
+
+
 def schedule_factor(count: jax.Array, total_steps, warmup_steps=0, decay: str = "cosine",
                     end_factor=0.1) -> jax.Array:
   """The learning-rate multiplier [] float32 at optimizer step ``count``: linear warmup from 0 over
   ``warmup_steps``, then ``constant``, ``linear`` or ``cosine`` decay to ``end_factor`` over the remaining
   ``total_steps - warmup_steps`` (at least 1), held there after. ``decay`` is static; the numbers may be traced
   (they ride in the optimizer state, so runs that differ only in them compile the same programs)."""
-  if decay not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
+  _check_schedule(decay)
   count = jnp.asarray(count, jnp.float32)
   warmup = jnp.asarray(warmup_steps, jnp.float32)
   end = jnp.asarray(end_factor, jnp.float32)
@@ -76,8 +80,7 @@ def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
                            decay: str = "cosine", end_factor: float = 0.1) -> optax.Schedule:
   """``count -> lr * schedule_factor(count, ...)``: linear warmup then ``constant``, ``linear`` or ``cosine``
   decay to ``lr * end_factor`` (the numbers may be traced)."""
-  if decay not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
+  _check_schedule(decay)
   return lambda count: lr * schedule_factor(count, total_steps, warmup_steps, decay, end_factor)
 
 
@@ -123,8 +126,7 @@ def _adamw(lr, total_steps, warmup_steps, end_factor, b1, b2, eps, weight_decay,
 def _optimizer(settings: tuple, total_steps: int) -> optax.GradientTransformation:
   cfg = dict(settings)
   decay = cfg.get("schedule", "cosine")
-  if decay not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
+  _check_schedule(decay)
   numbers = dict(lr=float(cfg["lr"]), total_steps=int(total_steps), warmup_steps=int(cfg.get("warmup_steps", 0)),
                  end_factor=float(cfg.get("end_factor", 0.1)), b1=float(cfg.get("b1", 0.9)),
                  b2=float(cfg.get("b2", 0.95)), eps=float(cfg.get("eps", 1e-8)),

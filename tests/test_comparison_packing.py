@@ -1,5 +1,5 @@
-"""Packed comparisons (the reward stage's ``pack_width``): the packer's layout, and that a packed batch scores
-and trains the reward model as its unpacked rows did.
+"""Packed comparisons (the reward and DPO stages' ``pack_width``): the packer's layout, and that a packed batch
+scores and trains the reward model, and gives DPO its log-ratios and step, as its unpacked rows did.
 
 Each example is laid out as its prompt once, then its real responses; a response attends to its prompt and
 itself only (``Trunk(branches=...)``) and continues the prompt's positions, so every reward, the ranking or
@@ -17,24 +17,8 @@ from rlhf_jax import sharding, state as state_lib
 from rlhf_jax.algorithms.reward import comparison_rewards, make_reward_step, packed_comparison_rewards
 from rlhf_jax.data import bucketing, packing
 from rlhf_jax.data.batching import comparison_batch, scored_batch
-from rlhf_jax.models import DecoderConfig, ScalarModel
-
-PAD = 0
-
-
-class CharTokenizer:
-  bos_id, eos_id, pad_id = 1, 2, PAD
-
-  def encode(self, text):
-    return [3 + (ord(c) % 50) for c in text]
-
-
-def tiny(flavour, **kw):
-  base = dict(vocab_size=53, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=64, flavour=flavour,
-              num_kv_heads=2 if flavour == "llama" else 0)
-  base.update(kw)
-  return DecoderConfig(**base)
-
+from rlhf_jax.models import ScalarModel
+from test_packing import PAD, CharTokenizer, tiny
 
 PROMPTS = ["ab", "a longer prompt", "x", "mid prompt", "q"]
 RESPONSES = [["yes", "no", "maybe so"], ["r", "a much longer response"], ["one", "two", "three"],
@@ -44,6 +28,18 @@ RANKINGS = [[2, 0, 1], [1, 0], [0, 2, 1], [0, 1], [3, 1, 0, 2]]
 
 def demo_comparisons():
   return comparison_batch(CharTokenizer(), PROMPTS, RESPONSES, RANKINGS, 16, 24, 4)[0]
+
+
+def assert_same_per_example(got, plain, packed, batch, atol):
+  """``got`` [R, E, K] of the packed layout equals ``plain`` [B, K] of the unpacked batch on every real
+  response, each example found by its ranks (unique in ``demo_comparisons``)."""
+  matched = 0
+  for r, e in zip(*np.nonzero(packed["response_mask"].any(axis=-1))):
+    i = next(i for i in range(len(plain)) if np.array_equal(packed["ranks"][r, e], batch["ranks"][i]))
+    real = batch["response_mask"][i] == 1
+    np.testing.assert_allclose(got[r, e][real], plain[i][real], atol=atol)
+    matched += 1
+  assert matched == len(plain)
 
 
 def test_pack_comparisons_lays_out_each_prompt_once_then_its_real_responses():
@@ -114,13 +110,7 @@ def test_packed_rewards_equal_the_unpacked_rows(flavour, kw):
   packed = packing.pack_comparisons(batch, 64, PAD)
   plain = np.asarray(comparison_rewards(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}))
   got = np.asarray(packed_comparison_rewards(graphdef, params, {k: jnp.asarray(v) for k, v in packed.items()}))
-  matched = 0
-  for r, e in zip(*np.nonzero(packed["response_mask"].any(axis=-1))):
-    i = next(i for i in range(5) if np.array_equal(packed["ranks"][r, e], batch["ranks"][i]))
-    real = batch["response_mask"][i] == 1
-    np.testing.assert_allclose(got[r, e][real], plain[i][real], atol=2e-5)
-    matched += 1
-  assert matched == 5
+  assert_same_per_example(got, plain, packed, batch, atol=2e-5)
 
 
 def _train_once(graphdef, params, batch, loss_kind):
@@ -194,14 +184,8 @@ def test_packed_dpo_log_ratios_equal_the_unpacked_rows(average):
                                     sampling, average))
   got = np.asarray(dpo.log_ratios(graphdef, params, reference, {k: jnp.asarray(v) for k, v in packed.items()}, 16,
                                   sampling, average)).reshape(packed["reads"].shape)
-  matched = 0
-  for r, e in zip(*np.nonzero(packed["response_mask"].any(axis=-1))):
-    i = next(i for i in range(5) if np.array_equal(packed["ranks"][r, e], batch["ranks"][i]))
-    real = batch["response_mask"][i] == 1
-    # Each ratio is a difference of two sums of up to 23 token log-probs of ~-4: float32 rounding ~1e-5.
-    np.testing.assert_allclose(got[r, e][real], plain[i][real], atol=1e-4)
-    matched += 1
-  assert matched == 5
+  # Each ratio is a difference of two sums of up to 23 token log-probs of ~-4: float32 rounding ~1e-5.
+  assert_same_per_example(got, plain, packed, batch, atol=1e-4)
   assert np.abs(plain).max() > 0.05  # the two policies differ: the ratios are not all ~0
 
 

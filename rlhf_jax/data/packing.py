@@ -8,9 +8,10 @@ segment and lets a token attend only within its segment (``Trunk(segments=...)``
 the logits it would get alone and the step's mean loss over target tokens is the same, up to float
 rounding: the same sequences train in the same step, in fewer rows.
 
-``pack_comparisons`` does the same for the reward model's comparisons: an example's prompt once, then each
-of its responses, every response attending to the prompt and itself only (``Trunk(branches=...)``), the
-reward read at each response's last token.
+``pack_comparisons`` does the same for the reward and DPO stages' comparisons: an example's prompt once, then
+each of its responses, every response attending to the prompt and itself only (``Trunk(branches=...)``), a
+reward read at each response's last token (``comparison_targets`` gives DPO each response token's predicting
+column).
 
 The row count is rounded up to a multiple of ``row_granule(rows)`` (a power of two near rows / 8), so a run
 compiles a few row counts and pads at most about an eighth. Packing is deterministic, so every process of a
@@ -102,7 +103,7 @@ def _power_of_two(n: int) -> int:
 
 def pack_comparisons(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
   """Packs a comparison batch's examples, each as its prompt once then its real responses, into rows of
-  ``width`` tokens (the reward stage's ``pack_width``).
+  ``width`` tokens (the reward and DPO stages' ``pack_width``).
 
   batch: {"tokens", "mask" [B, K, T], "response_mask" [B, K], ...}; with a ``prompt_mask`` [B, P]
   (``batching.comparison_batch``) columns [0, P) are the prompt all K rows share, else each row is a whole

@@ -228,8 +228,8 @@ class Trunk(nnx.Module):
                branches: Array | None = None, positions: Array | None = None) -> tuple[Array, KVCache | None]:
     """tokens, mask: [B, T] -> (hidden [B, T, D], updated cache or None).
 
-    ``queries`` (``layers.select_rows``: a static ``(start, length)`` window or one index [B] per row)
-    returns only those rows' hidden states [B, Tq, D], the same values as selecting them from the full
+    ``queries`` (``layers.select_rows``: a static ``(start, length)`` window, one index [B] per row, or Q
+    indices [B, Q] per row) returns only those rows' hidden states [B, Tq, D], the same values as selecting them from the full
     output. The last block then computes its query, attention output and MLP for those rows only
     (every token is still a key): a reward read at the last token, or log-probs and values over the
     response window, skip most of the last layer.
