@@ -211,3 +211,15 @@ def test_a_packed_dpo_step_matches_the_unpacked_step():
   for key in ("train/loss", "train/log_ratio", "train/grad_norm"):
     np.testing.assert_allclose(results[1][1][key], results[0][1][key], rtol=2e-5, atol=1e-7, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1][0], results[0][0])
+
+
+def test_a_direct_score_step_ignores_the_padding_rows_put_adds():
+  """``ctx.put`` pads a batch's rows to fit the data axes with all-zero rows: they are no examples."""
+  graphdef, params = nnx.split(ScalarModel(tiny("gpt2"), 0.5, rngs=nnx.Rngs(6)))
+  batch = scored_batch(CharTokenizer(), PROMPTS, [r[0] for r in RESPONSES], [0.1, 0.9, 0.5, 0.3, 0.7], 16, 24)[0]
+  padded = sharding.pad_batch(batch, 4)[0]
+  assert len(padded["tokens"]) == 8
+  plain = _train_once(graphdef, params, batch, "direct_mse")
+  with_padding = _train_once(graphdef, params, padded, "direct_mse")
+  np.testing.assert_allclose(with_padding[1]["train/loss"], plain[1]["train/loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), with_padding[0], plain[0])

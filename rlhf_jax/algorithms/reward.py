@@ -103,8 +103,8 @@ def reward_objective(graphdef: nnx.GraphDef, loss_kind: str, margin: float, mesh
     kind = "sigmoid_mse" if loss_kind == "direct_sigmoid" else "mse"
     if packed:
       loss = losses.direct_score_loss(rewards[:, 0], batch["score"].reshape(-1), kind, response_mask[:, 0])
-    else:
-      loss = losses.direct_score_loss(rewards, batch["score"], kind)
+    else:  # rows ``ctx.put`` added to fit the data axes are all padding: no example
+      loss = losses.direct_score_loss(rewards, batch["score"], kind, batch["mask"].any(axis=-1))
     return loss, {"train/loss": loss}
 
   return objective
