@@ -54,45 +54,55 @@ def _check_schedule(decay: str) -> None:
     raise ValueError(f"optimizer.schedule must be constant, linear or cosine, got {decay!r}")
 
 
-def schedule_factor(count: jax.Array, total_steps, warmup_steps=0, decay: str = "cosine",
+def schedule_factor(count: jax.Array, total_steps, warmup_steps=0, decay: str | jax.Array = "cosine",
                     end_factor=0.1) -> jax.Array:
   """The learning-rate multiplier [] float32 at optimizer step ``count``: linear warmup from 0 over
   ``warmup_steps``, then ``constant``, ``linear`` or ``cosine`` decay to ``end_factor`` over the remaining
-  ``total_steps - warmup_steps`` (at least 1), held there after. ``decay`` is static; the numbers may be traced
-  (they ride in the optimizer state, so runs that differ only in them compile the same programs)."""
-  _check_schedule(decay)
+  ``total_steps - warmup_steps`` (at least 1), held there after. ``decay``: a name, or its index in
+  ``SCHEDULES`` (may be traced). Every number may be traced: they ride in the optimizer state, so runs that
+  differ only in them compile the same programs."""
+  if isinstance(decay, str):
+    _check_schedule(decay)
   count = jnp.asarray(count, jnp.float32)
   warmup = jnp.asarray(warmup_steps, jnp.float32)
   end = jnp.asarray(end_factor, jnp.float32)
   done = jnp.clip(count - jnp.maximum(warmup, 0.0), 0.0, None) / jnp.maximum(
       jnp.asarray(total_steps, jnp.float32) - jnp.maximum(warmup, 0.0), 1.0)
   done = jnp.minimum(done, 1.0)
-  if decay == "constant":
-    after = jnp.ones_like(done)
-  elif decay == "linear":
-    after = 1.0 + (end - 1.0) * done
+  after = {"constant": jnp.ones_like(done), "linear": 1.0 + (end - 1.0) * done,
+           "cosine": (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * done)) + end}
+  if isinstance(decay, str):
+    chosen = after[decay]
   else:
-    after = (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * done)) + end
-  return jnp.where(count < warmup, count / jnp.maximum(warmup, 1.0), after)
+    chosen = jnp.select([jnp.asarray(decay) == i for i in range(len(SCHEDULES))], [after[k] for k in SCHEDULES])
+  return jnp.where(count < warmup, count / jnp.maximum(warmup, 1.0), chosen)
 
 
 def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
-                           decay: str = "cosine", end_factor: float = 0.1) -> optax.Schedule:
+                           decay: str | jax.Array = "cosine", end_factor: float = 0.1) -> optax.Schedule:
   """``count -> lr * schedule_factor(count, ...)``: linear warmup then ``constant``, ``linear`` or ``cosine``
-  decay to ``lr * end_factor`` (the numbers may be traced)."""
-  _check_schedule(decay)
+  decay to ``lr * end_factor`` (the numbers, and the decay's index in ``SCHEDULES``, may be traced)."""
+  if isinstance(decay, str):
+    _check_schedule(decay)
   return lambda count: lr * schedule_factor(count, total_steps, warmup_steps, decay, end_factor)
+
+
+def learning_rate(opt_state: Any) -> jax.Array:
+  """The learning rate [] float32 the next update of a ``make_optimizer`` state applies (its ``train/lr``)."""
+  h = opt_state.hyperparams
+  return h["lr"] * schedule_factor(opt_state.count, h["total_steps"], h["warmup_steps"], h["schedule"],
+                                   h["end_factor"])
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
   """AdamW with global-norm clipping and a schedule, from ``config.<stage>.optimizer``.
 
   Keys: lr, warmup_steps, schedule, end_factor, b1, b2, eps, weight_decay, grad_clip.
-  Weight decay skips vectors and scalars (norms, biases, heads' bias). The numbers (and ``total_steps``) live
-  in the optimizer state (``optax.inject_hyperparams``), not in the compiled step: runs and stages that differ
-  only in them (a learning-rate sweep's trials, an iterated run's rounds of other lengths) run the same
-  programs, read back from the persistent compilation cache. Only ``schedule`` and whether ``grad_clip`` is
-  on shape the program. Equal settings give the same transformation object within a process, so the step
+  Weight decay skips vectors and scalars (norms, biases, heads' bias). The settings (and ``total_steps``; the
+  schedule as its index in ``SCHEDULES``) live in the optimizer state (``optax.inject_hyperparams``), not in the
+  compiled step: runs and stages that differ only in them (a learning-rate sweep's trials, an iterated run's
+  rounds of other lengths) run the same programs, read back from the persistent compilation cache. Only
+  whether ``grad_clip`` is on shapes the program. ``learning_rate(opt_state)`` reads the current rate. Equal settings give the same transformation object within a process, so the step
   functions built on it (memoised on their arguments) and their compiled programs are shared by every stage
   that trains with those settings.
   """
@@ -113,12 +123,12 @@ def _frozen(cfg: Mapping[str, Any]) -> tuple:
   return tuple(items)
 
 
-def _adamw(lr, total_steps, warmup_steps, end_factor, b1, b2, eps, weight_decay, grad_clip, decay: str,
+def _adamw(lr, total_steps, warmup_steps, end_factor, schedule, b1, b2, eps, weight_decay, grad_clip,
            clip: bool) -> optax.GradientTransformation:
   """The optimizer with its numbers as arguments (traced inside ``inject_hyperparams``'s update)."""
   parts = [optax.clip_by_global_norm(grad_clip)] if clip else []
-  parts.append(optax.adamw(learning_rate_schedule(lr, total_steps, warmup_steps, decay, end_factor), b1=b1, b2=b2,
-                           eps=eps, weight_decay=weight_decay, mask=_matrices))
+  parts.append(optax.adamw(learning_rate_schedule(lr, total_steps, warmup_steps, schedule, end_factor), b1=b1,
+                           b2=b2, eps=eps, weight_decay=weight_decay, mask=_matrices))
   return optax.chain(*parts)
 
 
@@ -128,12 +138,13 @@ def _optimizer(settings: tuple, total_steps: int) -> optax.GradientTransformatio
   decay = cfg.get("schedule", "cosine")
   _check_schedule(decay)
   numbers = dict(lr=float(cfg["lr"]), total_steps=int(total_steps), warmup_steps=int(cfg.get("warmup_steps", 0)),
-                 end_factor=float(cfg.get("end_factor", 0.1)), b1=float(cfg.get("b1", 0.9)),
+                 end_factor=float(cfg.get("end_factor", 0.1)), schedule=SCHEDULES.index(decay),
+                 b1=float(cfg.get("b1", 0.9)),
                  b2=float(cfg.get("b2", 0.95)), eps=float(cfg.get("eps", 1e-8)),
                  weight_decay=float(cfg.get("weight_decay", 0.0)), grad_clip=float(cfg.get("grad_clip", 0.0)))
   # float32 hyperparameters whatever the params' dtype: a bf16 learning rate would lose most of its digits.
-  return optax.inject_hyperparams(_adamw, static_args=("decay", "clip"), hyperparam_dtype=jnp.float32)(
-      **numbers, decay=decay, clip=numbers["grad_clip"] > 0)
+  return optax.inject_hyperparams(_adamw, static_args=("clip",), hyperparam_dtype=jnp.float32)(
+      **numbers, clip=numbers["grad_clip"] > 0)
 
 
 def _matrices(params: PyTree) -> PyTree:
@@ -185,6 +196,14 @@ def _sharded_opt_init(tx: optax.GradientTransformation, treedef, leaves: tuple) 
 
 def _injected(opt_state: Any) -> bool:
   return isinstance(opt_state, optax.InjectStatefulHyperparamsState)
+
+
+def learning_rate_metrics(opt_state: Any, name: str = "train/lr") -> dict[str, jax.Array]:
+  """``{name: learning_rate(opt_state)}`` for a ``make_optimizer`` state (the rate its next update applies);
+  ``{}`` for any other optax state."""
+  if _injected(opt_state) and "schedule" in opt_state.hyperparams:
+    return {name: learning_rate(opt_state)}
+  return {}
 
 
 def legacy_opt_layout(state: TrainState) -> TrainState:

@@ -57,7 +57,8 @@ X = jnp.arange(8.0).reshape(2, 4) / 8
 
 def test_runs_that_differ_only_in_numbers_compile_one_program():
   settings = [dict(lr=1e-3, warmup_steps=2, grad_clip=1.0, weight_decay=0.1),
-              dict(lr=3e-2, warmup_steps=5, grad_clip=0.5, weight_decay=0.0, b1=0.8, end_factor=0.5)]
+              dict(lr=3e-2, warmup_steps=5, grad_clip=0.5, weight_decay=0.0, b1=0.8, end_factor=0.5,
+                   schedule="linear")]
   texts, results = [], []
   for cfg, total in zip(settings, (10, 40)):
     tx = state_lib.make_optimizer(cfg, total)
@@ -68,9 +69,19 @@ def test_runs_that_differ_only_in_numbers_compile_one_program():
     results.append(state.params["m"]["w"])
   assert texts[0] == texts[1]
   assert not np.allclose(results[0], results[1])  # the numbers still act
-  # Only the schedule's kind and whether clipping is on shape the program.
-  other = state_lib.make_optimizer({**settings[0], "schedule": "linear"}, 10)
+  # Only whether clipping is on shapes the program.
+  other = state_lib.make_optimizer({**settings[0], "grad_clip": 0.0}, 10)
   assert jax.jit(_step(other)).lower(_setup(other)[0], X).as_text() != texts[0]
+
+
+@pytest.mark.parametrize("decay", state_lib.SCHEDULES)
+def test_learning_rate_reads_the_schedule_from_the_state(decay):
+  tx = state_lib.make_optimizer(dict(lr=2e-3, warmup_steps=3, schedule=decay, end_factor=0.2), 10)
+  ref = optax_schedule(2e-3, 10, 3, decay, 0.2)
+  state, _ = _setup(tx)
+  for t in range(12):
+    assert float(state_lib.learning_rate(state.opt_state["m"])) == pytest.approx(float(ref(t)), rel=1e-5, abs=1e-12)
+    state = jax.jit(_step(tx))(state, X)
 
 
 def test_steps_equal_optax_adamw_with_the_same_settings():

@@ -105,6 +105,9 @@ def test_packed_reward_stage_trains_as_the_unpacked_one(prepared, tmp_path):
     # Pairs of identical responses tie exactly only when computed in the same layout.
     assert b["train/accuracy"] == pytest.approx(a["train/accuracy"], abs=0.02)
     assert b["data/fill"] > a["data/fill"] + 0.05
+    assert b["train/lr"] == pytest.approx(a["train/lr"], rel=1e-6)
+  # The rate each logged step applied, averaged since the last row: cosine decay over the stage's 10 steps.
+  assert plain[0]["train/lr"] > plain[1]["train/lr"] > 0
   assert json.loads((workdir / "config.json").read_text())["reward"]["pack_width"] == 256
   shutil.rmtree(workdir / "reward")
   proc = cli(workdir, "--config.stages=tokenizer,pretrain,sft,label,reward", "--config.reward.pack_width=32",

@@ -35,7 +35,7 @@ from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl import dpo as dpo_math
 from rlhf_jax.rollout import Rollout, picked, policy_log_probs, response_log_probs
-from rlhf_jax.state import TrainState
+from rlhf_jax.state import TrainState, learning_rate_metrics
 
 RANKERS = ("rm", "labeler")
 # A batch key: each response's reference sequence log-prob [B, K] (``reference_log_probs``), precomputed.
@@ -207,6 +207,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
   def step(state: TrainState, batch, frozen):
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params["policy"], frozen["reference"],
                                                                       batch)
+    metrics.update(learning_rate_metrics(state.opt_state["policy"]))
     updates, opt_state = optimizer.update(grads, state.opt_state["policy"], state.params["policy"])
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1,

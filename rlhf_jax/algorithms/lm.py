@@ -84,6 +84,7 @@ def make_lm_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
       return total, aux
 
     (total, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params[model])
+    metrics.update(state_lib.learning_rate_metrics(state.opt_state[model]))
     updates, opt_state = optimizer.update(grads, state.opt_state[model], state.params[model])
     params = optax.apply_updates(state.params[model], updates)
     metrics["train/grad_norm"] = optax.tree.norm(grads)

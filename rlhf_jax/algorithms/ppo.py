@@ -55,7 +55,7 @@ from rlhf_jax.rl.kl import kl_k3, kl_penalty, sequence_kl, update_kl_coef
 from rlhf_jax.rl.ppo_losses import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhf_jax.rl.whitening import masked_mean, masked_var, masked_whiten
 from rlhf_jax.rollout import Rollout, picked, policy_log_probs, response_hidden, response_log_probs
-from rlhf_jax.state import TrainState, step_key
+from rlhf_jax.state import TrainState, learning_rate_metrics, step_key
 
 Array = jax.Array
 PyTree = Any
@@ -495,8 +495,10 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     params = {"policy": optax.apply_updates(params["policy"], p_updates),
               "value": optax.apply_updates(params["value"], v_updates)}
     metrics["train/policy_grad_norm"] = optax.tree.norm(grads["policy"])
+    metrics.update(learning_rate_metrics(opt_state["policy"]))  # the rate of this minibatch's update
     if value_mode != "none":
       metrics["train/value_grad_norm"] = optax.tree.norm(grads["value"])
+      metrics.update(learning_rate_metrics(opt_state["value"], "train/value_lr"))
     return (params, {"policy": p_opt, "value": v_opt}), metrics
 
   def update(state: TrainState, batch: Mapping[str, Any], frozen: Any = None) -> tuple[TrainState, dict]:

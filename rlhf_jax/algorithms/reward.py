@@ -21,7 +21,7 @@ from rlhf_jax import data_parallel, losses, sharding
 from rlhf_jax.config_groups import loop_config
 from rlhf_jax.data.batching import comparison_shared_prefix
 from rlhf_jax.scoring import reward_scores
-from rlhf_jax.state import TrainState, step_key
+from rlhf_jax.state import TrainState, learning_rate_metrics, step_key
 
 LOSSES = ("ranking", "direct_sigmoid", "direct_mse")
 NORMALIZATIONS = ("gain_bias", "bias", "none")
@@ -122,6 +122,7 @@ def make_reward_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransforma
     del frozen
     key = step_key(state) if use_dropout else None
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params["reward"], batch, key)
+    metrics.update(learning_rate_metrics(state.opt_state["reward"]))
     updates, opt_state = optimizer.update(grads, state.opt_state["reward"], state.params["reward"])
     metrics["train/grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params={"reward": optax.apply_updates(state.params["reward"], updates)},
