@@ -102,9 +102,9 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTr
   schedule as its index in ``SCHEDULES``) live in the optimizer state (``optax.inject_hyperparams``), not in the
   compiled step: runs and stages that differ only in them (a learning-rate sweep's trials, an iterated run's
   rounds of other lengths) run the same programs, read back from the persistent compilation cache. Only
-  whether ``grad_clip`` is on shapes the program. ``learning_rate(opt_state)`` reads the current rate. Equal settings give the same transformation object within a process, so the step
-  functions built on it (memoised on their arguments) and their compiled programs are shared by every stage
-  that trains with those settings.
+  whether ``grad_clip`` is on shapes the program. ``learning_rate(opt_state)`` reads the current rate. Equal
+  settings give the same transformation object within a process, so the step functions built on it (memoised
+  on their arguments) and their compiled programs are shared by every stage that trains with those settings.
   """
   return _optimizer(_frozen(cfg), int(total_steps))
 
@@ -139,8 +139,7 @@ def _optimizer(settings: tuple, total_steps: int) -> optax.GradientTransformatio
   _check_schedule(decay)
   numbers = dict(lr=float(cfg["lr"]), total_steps=int(total_steps), warmup_steps=int(cfg.get("warmup_steps", 0)),
                  end_factor=float(cfg.get("end_factor", 0.1)), schedule=SCHEDULES.index(decay),
-                 b1=float(cfg.get("b1", 0.9)),
-                 b2=float(cfg.get("b2", 0.95)), eps=float(cfg.get("eps", 1e-8)),
+                 b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.95)), eps=float(cfg.get("eps", 1e-8)),
                  weight_decay=float(cfg.get("weight_decay", 0.0)), grad_clip=float(cfg.get("grad_clip", 0.0)))
   # float32 hyperparameters whatever the params' dtype: a bf16 learning rate would lose most of its digits.
   return optax.inject_hyperparams(_adamw, static_args=("clip",), hyperparam_dtype=jnp.float32)(
