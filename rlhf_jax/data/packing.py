@@ -186,34 +186,31 @@ def comparison_targets(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   row rounded up to a multiple of 16. A response with no prompt token before it has no predicted first token,
   as in its own row.
   """
-  segments, branches, mask = (np.asarray(packed[k]) for k in ("segments", "branches", "mask"))
+  segments, branches = np.asarray(packed["segments"]), np.asarray(packed["branches"])
+  mask = np.asarray(packed["mask"]).astype(bool)
   k = np.shape(packed["reads"])[-1]
-  rows = []
-  for r in range(len(segments)):
-    targets, sources, slots = [], [], []
-    prompt_last = {}
-    for c in np.flatnonzero(mask[r]):
-      seg, branch = int(segments[r, c]), int(branches[r, c])
-      if branch == 0:
-        prompt_last[seg] = c
-        continue
-      first = c == 0 or segments[r, c - 1] != seg or branches[r, c - 1] != branch
-      source = prompt_last.get(seg) if first else c - 1
-      if source is None:
-        continue
-      targets.append(c)
-      sources.append(source)
-      slots.append((seg - 1) * k + branch - 1)
-    rows.append((targets, sources, slots))
-  n = max([len(t) for t, _, _ in rows] + [1])
-  n = -(-n // 16) * 16
-  out = {"targets": np.zeros((len(rows), n), np.int32), "sources": np.zeros((len(rows), n), np.int32),
-         "target_slots": np.full((len(rows), n), -1, np.int32)}
-  for r, (targets, sources, slots) in enumerate(rows):
-    out["targets"][r, :len(targets)] = targets
-    out["sources"][r, :len(sources)] = sources
-    out["target_slots"][r, :len(slots)] = slots
-  return out
+  rows, width = segments.shape
+  cols = np.broadcast_to(np.arange(width), (rows, width))
+  response = mask & (branches > 0)
+  # A response's first token: the column before it is another segment or branch (or there is none).
+  first = response.copy()
+  first[:, 1:] &= (segments[:, 1:] != segments[:, :-1]) | (branches[:, 1:] != branches[:, :-1])
+  # A segment's prompt precedes its responses, so the last prompt column seen so far is its prompt's last
+  # token, when that column is of the same segment (a segment without a prompt sees an earlier one's).
+  prompt_last = np.maximum.accumulate(np.where(mask & (branches == 0), cols, -1), axis=1)
+  has_prompt = (prompt_last >= 0) & (np.take_along_axis(segments, np.maximum(prompt_last, 0), axis=1) == segments)
+  keep = response & (~first | has_prompt)
+  sources = np.where(first, prompt_last, cols - 1)
+  n = -(-max(int(keep.sum(axis=1).max(initial=0)), 1) // 16) * 16
+  # Each row's kept columns first, in order (a stable sort of "not kept"), cut or padded to n.
+  order = np.argsort(~keep, axis=1, kind="stable")[:, :n]
+  kept = np.take_along_axis(keep, order, axis=1)
+  pad = ((0, 0), (0, n - order.shape[1]))
+  order, kept = np.pad(order, pad), np.pad(kept, pad)
+  slot = (segments - 1) * k + branches - 1
+  pick = lambda a: np.where(kept, np.take_along_axis(a, order, axis=1), 0).astype(np.int32)  # noqa: E731
+  return {"targets": pick(cols), "sources": pick(sources),
+          "target_slots": np.where(kept, np.take_along_axis(slot, order, axis=1), -1).astype(np.int32)}
 
 
 def comparison_training_rows(batch: Mapping[str, np.ndarray], width: int, pad_id: int, min_bucket_len: int,

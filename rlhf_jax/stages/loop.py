@@ -102,10 +102,9 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   totals = {k: 0.0 for k in compute.KEYS}
   if start:
     try:
-      restored, extra = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
+      state, extra = ckpt.restore(state_lib.abstract_like(state, state_shardings), step=start)
     except ValueError as error:
-      restored, extra = _restore_legacy_layout(ckpt, state, state_shardings, start, error)
-    state = restored
+      state, extra = _restore_legacy_layout(ckpt, state, state_shardings, start, error)
     totals.update({k: float(v) for k, v in (extra or {}).get("compute", {}).items()})
   # Lines a killed run wrote after its last checkpoint (or before its first) are replayed below.
   ctx.metrics.truncate_after(stage, start)
