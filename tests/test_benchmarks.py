@@ -26,6 +26,7 @@ KEYS = {
     "sft_step": {"tokens_per_s", "ms_per_step", "mfu", "compile_s"},
     "sft_step_varlen": {"fixed_real_tokens_per_s", "bucketed_real_tokens_per_s", "speedup", "packed_real_tokens_per_s",
                         "packed_speedup"},
+    "sft_step_long": {"dense_tokens_per_s", "blocked_tokens_per_s", "speedup", "attention_block"},
     "reward_step": {"pairs_per_s", "compile_s"},
     "reward_step_kwise": {"per_row_ms_per_step", "shared_ms_per_step", "speedup"},
     "reward_step_varlen": {"shared_ms_per_step", "shared_fill", "packed_1x_ms_per_step", "packed_1x_fill",

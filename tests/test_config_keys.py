@@ -52,6 +52,7 @@ def tiny_config():
   c.model.dropout = 0.1
   c.data.pack_width = 96  # pretrain and sft (with its ptx rows) on packed rows, under dropout and bf16
   c.model.matmul_dtype = "bfloat16"  # every stage kind through the bf16 weight products (mixed_matmul)
+  c.model.attention_block = 32  # rows of 64 tokens and more attend in causal query blocks
   # The kinds outside the default chain, with the settings that switch their other keys on.
   c.rft = defaults.stage("rft", selection="threshold", rounds=2, prompts_per_round=4, samples_per_prompt=2,
                          improve_passes=2, improve_steps=1, batch_size=4, log_every=1, checkpoint_every=2)
@@ -131,7 +132,9 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
     # away from 0 against a table computed in other batches, so only the accuracy may differ there.
     for k in (k for k in a if k.startswith("train/") and (a["step"] > 1 or k != "train/accuracy")):
       assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
-      assert c[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), (a["step"], k, "packed")
+      # Other rows, other float rounding (bf16 products); Adam's first update is lr * sign(g), so a gradient
+      # element near 0 moves by 2 lr either way, and step 2's log-ratios differ by ~0.2-0.4% between layouts.
+      assert c[k] == pytest.approx(a[k], rel=1e-3 if a["step"] == 1 else 6e-3, abs=1e-4), (a["step"], k, "packed")
     assert 0.0 < c["data/fill"] <= 1.0  # packed slots: here one ~70-token example per 96-token row
   assert summary["dpo_pre"]["compute/grad_steps"] == 2
   # 2 steps x 4 prompts are one epoch of the label stage's 8 comparisons: either way each one's reference

@@ -40,7 +40,9 @@ class Size:
 
 SIZES: dict[str, Size] = {
     "tiny": Size(
-        model=DecoderConfig(vocab_size=128, num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=64),
+        # Query blocks of 16 (the default is 64), so that sft_step_long's rows of 64 take the blocked path.
+        model=DecoderConfig(vocab_size=128, num_layers=2, d_model=32, num_heads=2, d_ff=64, max_len=64,
+                            attention_block=16),
         gen_batch=2, gen_prompt=8, gen_new=8, sft_batch=2, sft_len=16, rm_pairs=2, rm_len=16,
         rl_prompts=2, rl_samples=2, rl_prompt=8, rl_new=8, matmul_n=128),
     "bench-small": Size(

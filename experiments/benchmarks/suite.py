@@ -238,6 +238,37 @@ def sft_step(env: Env) -> Record:
                 mfu_formula="6 * n_params * tokens_per_s / matmul_peak.gflops_max")
 
 
+def sft_step_long(env: Env) -> Record:
+  """``sft_step``'s tokens as rows of the model's ``max_len``: causal attention in query blocks of
+  ``model.attention_block`` (the default, ``blocked``) against one product over all keys (``dense``,
+  attention_block 0); a library without blocks reports ``dense`` only. ``speedup``: blocked over dense."""
+  s = env.size
+  width = env.model.max_len
+  rows = max(s.sft_batch * s.sft_len // width, shd.data_parallel_size(env.mesh, env.rules))
+  arms = {"dense": dataclasses.replace(env.model, attention_block=0), "blocked": env.model} if hasattr(
+      env.model, "attention_block") else {"dense": env.model}
+  loss_mask = np.ones((rows, width), np.float32)
+  loss_mask[:, 0] = 0
+  batch = put_batch(env, {"tokens": random_tokens(env, (rows, width), 1), "mask": np.ones((rows, width), np.int32),
+                          "loss_mask": loss_mask})
+  graphdef, params, shardings = init_params(env, lambda r: Decoder(env.model, rngs=r), 0, "lm")
+  tx = optimizer(1e-4, 0.0)
+  record = {}
+  for name, cfg in arms.items():
+    arm_graphdef = nnx.graphdef(nnx.eval_shape(lambda c=cfg: Decoder(c, rngs=nnx.Rngs(0))))
+    state, state_sh = state_lib.create_train_state({"policy": jax.tree.map(jnp.copy, params)}, {"policy": tx},
+                                                   {"policy": shardings}, env.mesh, seed=0)
+    make_step = library.make_lm_step()
+    stats = _train(env, make_step(arm_graphdef, tx, **_mesh_kwargs(make_step, env)), state, state_sh, batch)
+    record[f"{name}_tokens_per_s"] = round(rows * width / stats["median_s"], 1)
+    record[f"{name}_ms_per_step"] = round(1e3 * stats["median_s"], 2)
+    record[f"{name}_compile_s"] = round(stats["compile_s"], 2)
+  if "blocked" in arms:
+    record["speedup"] = round(record["blocked_tokens_per_s"] / record["dense_tokens_per_s"], 3)
+    record["attention_block"] = env.model.attention_block
+  return common("sft_step_long", env, **record, rows=rows, width=width)
+
+
 def sft_step_varlen(env: Env) -> Record:
   """``sft_step`` on rows of varied real length (uniform in [sft_len / 8, sft_len / 2]) built at the full
   ``sft_len``: padded to it (``fixed``), cut by the library's length bucketing (``bucketed``,
@@ -613,6 +644,7 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "generate_top_p": lambda env: generate(env, name="generate_top_p", top_p=0.9),
     "sft_step": sft_step,
     "sft_step_varlen": sft_step_varlen,
+    "sft_step_long": sft_step_long,
     "reward_step": reward_step,
     "reward_step_kwise": reward_step_kwise,
     "reward_step_varlen": reward_step_varlen,

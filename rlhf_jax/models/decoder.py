@@ -47,6 +47,9 @@ class DecoderConfig:
   matmul_dtype: Any = None
   remat: bool = False
   scan_layers: bool = False
+  # Causal attention over rows of at least twice this many tokens runs in blocks of this many queries, each
+  # reading only the keys up to its last one (layers.causal_blocks); 0: one product over all keys.
+  attention_block: int = 128
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   # Output projection shares the embedding table; None: the flavour's default (GPT-2 tied, Llama untied).

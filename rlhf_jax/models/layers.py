@@ -17,6 +17,10 @@ from rlhf_jax.models.mixed_matmul import heads_major, mixed_batched_matmul, mixe
 
 Array = jax.Array
 
+# Causal attention over long rows runs in at most this many query blocks (``causal_blocks``): more would
+# add products (and compile time) for little: n blocks already skip (n - 1) / 2n of the scores.
+MAX_ATTENTION_BLOCKS = 16
+
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
   """Creates an ``nnx.Param`` from ``init(key, shape, dtype)`` tagged with logical axes."""
@@ -264,28 +268,73 @@ class Attention(nnx.Module):
         k, v = ck.astype(dt), cv.astype(dt)
     if mixed is None and (cache_kv is None or fresh_cache):
       k, v = rounded(k, mm), rounded(v, mm)
-    # Queries grouped by their KV head: [B, KV, G * T, Dh] (G = H / KV), one batched product per KV head.
-    q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, (h // kvh) * t, hd)
-    if mixed is None:
-      scores = jnp.einsum("bkqd,bksd->bkqs", rounded(q, mm), k).astype(jnp.float32)
+    # Queries grouped by their KV head: [B, KV, G, T, Dh] (G = H / KV), one batched product per KV head.
+    q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)
+    q_segments = None if segments is None else select_rows(segments, queries)
+    q_branches = None if branches is None else select_rows(branches, queries)
+    # Keys are this call's tokens at slots 0..T-1 (no cache, or a fresh one): blocks of queries can skip the
+    # keys after their last slot. Other queries (a decode step, rows picked by index) take one product.
+    q_start = None
+    if cache_kv is None or fresh_cache:
+      q_start = 0 if queries is None else queries[0] if isinstance(queries, tuple) else None
+    blocks = causal_blocks(t, k.shape[2], q_start, cfg.attention_block)
+    if len(blocks) == 1:
+      mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid, q_segments, segments, q_branches, branches)
+      out = _attend(q, k, v, mask, dt, mm, mixed)
     else:
-      scores = mixed_batched_matmul(q, k, mixed, jnp.float32, b_contracting=-1)
-    scores = (scores / math.sqrt(hd)).reshape(b, kvh, h // kvh, t, -1)
-    mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid,
-                          None if segments is None else select_rows(segments, queries), segments,
-                          None if branches is None else select_rows(branches, queries), branches)
-    # A finite fill keeps fully-masked rows (pad queries) NaN-free.
-    scores = jnp.where(mask, scores, -1e9)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, (h // kvh) * t, -1)
-    if mixed is None:
-      out = jnp.einsum("bkqs,bksd->bkqd", rounded(probs, mm), v)  # [B, KV, G * T, Dh]
-    else:
-      out = mixed_batched_matmul(probs, v, mixed, dt)
-    out = out.reshape(b, kvh, h // kvh, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+      outs = []
+      for r0, r1, n in blocks:
+        mask = attention_mask(q_slots[r0:r1], jnp.arange(n), key_valid[:, :n],
+                              *_sliced(q_segments, segments, r0, r1, n), *_sliced(q_branches, branches, r0, r1, n))
+        outs.append(_attend(q[:, :, :, r0:r1], k[:, :, :n], v[:, :, :n], mask, dt, mm, mixed))
+      out = jnp.concatenate(outs, axis=3)  # [B, KV, G, T, Dh]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
     y = dense(out, self.wo[...].reshape(h * hd, -1), dt, cfg.matmul_dtype)
     if cfg.use_bias:
       y = y + self.bo[...].astype(dt)
     return y, new_cache
+
+
+def causal_blocks(t: int, keys: int, q_start: int | None, block: int) -> list[tuple[int, int, int]]:
+  """How causal attention splits its T query rows: ``(r0, r1, n)`` per block, query rows [r0, r1) against keys
+  [0, n).
+
+  The queries sit at key slots ``q_start .. q_start + T - 1`` (``None``: unknown, e.g. a decode step's), so
+  a block's queries need no key after ``q_start + r1 - 1``: the masked triangle above the diagonal is
+  skipped. Blocks are ``block`` rows (``model.attention_block``), more when that would make over
+  ``MAX_ATTENTION_BLOCKS``; one block ``[(0, T, keys)]`` when ``block`` is 0, the slots are unknown or T < 2 *
+  ``block``.
+  """
+  if not block or q_start is None or t < 2 * block:
+    return [(0, t, keys)]
+  block = max(block, -(-t // MAX_ATTENTION_BLOCKS))
+  return [(r0, min(r0 + block, t), min(keys, q_start + min(r0 + block, t))) for r0 in range(0, t, block)]
+
+
+def _sliced(q_ids: Array | None, k_ids: Array | None, r0: int, r1: int, n: int) -> tuple:
+  """Per-token ids of a query block's rows [r0, r1) and of its keys [0, n) (None stays None)."""
+  return (None, None) if q_ids is None else (q_ids[:, r0:r1], k_ids[:, :n])
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array, dt, mm, mixed) -> Array:
+  """Masked softmax attention of q [B, KV, G, Tq, Dh] over k, v [B, KV, S, Dh] with ``mask`` [B, 1, 1, Tq, S]
+  -> [B, KV, G, Tq, Dh] in ``dt``. ``mm``: operands rounded to it; ``mixed``: products through
+  ``mixed_batched_matmul`` in that dtype (else einsums in the compute dtype)."""
+  b, kvh, g, t, hd = q.shape
+  q = q.reshape(b, kvh, g * t, hd)
+  if mixed is None:
+    scores = jnp.einsum("bkqd,bksd->bkqs", rounded(q, mm), k).astype(jnp.float32)
+  else:
+    scores = mixed_batched_matmul(q, k, mixed, jnp.float32, b_contracting=-1)
+  scores = (scores / math.sqrt(hd)).reshape(b, kvh, g, t, -1)
+  # A finite fill keeps fully-masked rows (pad queries) NaN-free.
+  scores = jnp.where(mask, scores, -1e9)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, g * t, -1)
+  if mixed is None:
+    out = jnp.einsum("bkqs,bksd->bkqd", rounded(probs, mm), v)
+  else:
+    out = mixed_batched_matmul(probs, v, mixed, dt)
+  return out.reshape(b, kvh, g, t, hd)
 
 
 class MLP(nnx.Module):
