@@ -122,7 +122,7 @@ def test_rerun_skips_finished_stages(pipeline_workdir):
   assert (pipeline_workdir / "metrics.jsonl").read_text() == before
 
 
-def test_bad_input_is_named_and_nothing_is_lost(pipeline_workdir, tmp_path):
+def test_bad_input_is_named_and_nothing_is_lost(prepared, pipeline_workdir, tmp_path):
   before = (pipeline_workdir / "config.json").read_text()
   proc = cli(pipeline_workdir, "--config.stages=pretrain", "--config.pretrain.steps=31", check=False)
   assert proc.returncode == 2 and "different config" in proc.stderr and "pretrain.steps" in proc.stderr
@@ -134,6 +134,10 @@ def test_bad_input_is_named_and_nothing_is_lost(pipeline_workdir, tmp_path):
   assert proc.returncode == 2 and "stage 'sft' needs 'pretrain' (config.sft.init_from)" in proc.stderr
   proc = cli(tmp_path / "c", "--config.pretrain.stepz=3", check=False)
   assert proc.returncode == 2 and "pretrain.stepz" in proc.stderr
+  shutil.copytree(prepared, tmp_path / "d")
+  proc = cli(tmp_path / "d", "--config.stages=ppo", "--config.ppo.ptx_coef=0.5", "--config.ppo.ptx_batch_size=3",
+             "--config.ppo.minibatches=2", check=False)
+  assert proc.returncode == 2 and "ppo.ptx_batch_size=3 does not split into ppo.minibatches=2" in proc.stderr
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):

@@ -89,6 +89,9 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   if pcfg.critic_free and cfg.samples_per_prompt < 2:
     raise StageError(f"{instance.name}.advantage={pcfg.advantage!r} compares samples of a prompt: "
                      f"{instance.name}.samples_per_prompt must be >= 2, got {cfg.samples_per_prompt}")
+  if cfg.ptx_coef and cfg.ptx_batch_size % cfg.minibatches:
+    raise StageError(f"{instance.name}.ptx_batch_size={cfg.ptx_batch_size} does not split into "
+                     f"{instance.name}.minibatches={cfg.minibatches} equal minibatches")
   lm_graphdef, scalar_graphdef = ctx.graphdef("lm"), ctx.graphdef("scalar")
 
   # Models: trained policy and value; frozen reference and reward model.
