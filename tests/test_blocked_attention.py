@@ -120,6 +120,37 @@ def test_prefill_into_a_fresh_cache_and_decoding_after_it_equal_the_dense_attent
   np.testing.assert_allclose(keys[1], keys[0], atol=2e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_shared_prompt_passes_equal_the_dense_attention(scan):
+  """``shared_prefix`` (PPO's k samples of one prompt): the responses run against the prompt's cache, in
+  query blocks that read the cache only up to each block's end; values and gradients as dense."""
+  dense = ScalarModel(config("llama", 0, scan_layers=scan), 0.02, rngs=nnx.Rngs(6))
+  # Blocks of 8: the prompt's prefill (8 columns) is one product, the 16 response columns two blocks.
+  blocked = ScalarModel(config("llama", 8, scan_layers=scan), 0.02, rngs=nnx.Rngs(6))
+  prompt_tokens, prompt_mask = left_padded(rows=2, width=8, seed=3)
+  k, n = 2, 16
+  response = jax.random.randint(jax.random.key(7), (4, n), 4, 61)
+  response_mask = (jnp.arange(n)[None] < jnp.asarray([16, 9, 12, 3])[:, None]).astype(jnp.int32)
+  tokens = jnp.concatenate([jnp.repeat(prompt_tokens, k, 0), response], 1)
+  mask = jnp.concatenate([jnp.repeat(prompt_mask, k, 0), response_mask], 1)
+  for queries in [None, (7, 17), (10, 6)]:
+    def values(model, q=queries):
+      return model.values(tokens, mask, queries=q, shared_prefix=(8, k))
+
+    real = mask if queries is None else mask[:, queries[0]:queries[0] + queries[1]]
+    assert_real_equal(values(blocked), values(dense), real)
+    grads = [nnx.grad(lambda m: jnp.sum(values(m) * real))(m) for m in (dense, blocked)]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+      np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-4)
+  # The responses' 16 queries in 2 blocks read 8 + 8 and 8 + 16 of the cache's 24 slots, not all 24.
+  flops = []
+  for model in (dense, blocked):
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, g=graphdef: nnx.merge(g, st).values(tokens, mask, shared_prefix=(8, k)))
+    flops.append(fn.lower(state).compile().cost_analysis()["flops"])
+  assert flops[1] < flops[0]
+
+
 def test_the_blocked_pass_skips_the_keys_after_each_block():
   """The compiled forward of the blocked model does fewer score FLOPs: only the triangle's blocks."""
   cfg_dense, cfg_blocked = config("gpt2", 0, num_layers=1), config("gpt2", 8, num_layers=1)

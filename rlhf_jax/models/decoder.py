@@ -137,7 +137,10 @@ class KVCache:
   its own buffer in place; with ``scan_layers`` they are stacked arrays [L, B, KV, S, Dh] carried
   through the scan. valid: [B, S] (slot holds a real token); index: scalar, next slot to write;
   next_pos: [B], position id of the next real token. fresh (static): nothing written yet, so the first
-  call (a prefill) attends to its own keys without reading the S slots.
+  call (a prefill) attends to its own keys without reading the S slots. start (static): ``index``'s value
+  when known where the cache is made (a shared prompt's prefill), so that the next call attends in query
+  blocks (``layers.causal_blocks``); a call's returned cache does not keep it (a decode loop's carry keeps
+  one structure).
   """
 
   k: Any
@@ -146,6 +149,7 @@ class KVCache:
   index: Array
   next_pos: Array
   fresh: bool = struct.field(pytree_node=False, default=False)
+  start: int | None = struct.field(pytree_node=False, default=None)
 
   def layer(self, i: int) -> tuple[Array, Array]:
     """Layer ``i``'s (k, v), each [B, KV, S, Dh]."""
@@ -278,6 +282,7 @@ class Trunk(nnx.Module):
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask.astype(bool), cache.index, axis=1)
       cache_index = cache.index
     fresh = cache is not None and cache.fresh
+    first_slot = 0 if cache is None or fresh else cache.start
     # Gather, then cast: casting the whole table first costs a [V, D] pass per call (per decode step).
     x = self.embed[...][tokens].astype(cfg.dtype)
     if cfg.flavour == "gpt2":
@@ -289,7 +294,7 @@ class Trunk(nnx.Module):
       def run(state, x, ckv, key):
         block = nnx.merge(graphdef, state)
         return block(x, positions, q_slots, key_valid, ckv, cache_index, key, block_queries, fresh, segments,
-                     branches)
+                     branches, first_slot)
 
       return (jax.checkpoint(run) if cfg.remat else run)(state, x, ckv, key)
 
@@ -363,7 +368,7 @@ class Trunk(nnx.Module):
       return self(tokens, mask, queries=queries)[0]
     cache = init_cache(self.cfg, b // k, t)
     head, cache = self(tokens[::k, :p], mask[::k, :p], cache, queries=None if queries is None else (p - 1, 1))
-    cache = cache.repeat_rows(k)
+    cache = cache.repeat_rows(k).replace(start=p)  # the tail's slots are known: it attends in query blocks
     head = jnp.repeat(head, k, axis=0)  # [B, P or 1, D]
     if queries is None:
       tail, _ = self(tokens[:, p:], mask[:, p:], cache)

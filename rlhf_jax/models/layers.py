@@ -220,7 +220,7 @@ class Attention(nnx.Module):
   def __call__(self, x: Array, positions: Array, q_slots: Array, key_valid: Array,
                cache_kv: tuple[Array, Array] | None, cache_index: Array | None,
                queries=None, fresh_cache: bool = False, segments: Array | None = None,
-               branches: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+               branches: Array | None = None, first_slot: int | None = 0) -> tuple[Array, tuple[Array, Array] | None]:
     """x: [B, T, D]; positions: [B, T]; q_slots: [T] slot of each token.
 
     Without a cache, keys are this call's tokens and ``key_valid`` is [B, T].
@@ -233,6 +233,9 @@ class Attention(nnx.Module):
     ``queries`` (see ``select_rows``): only those rows are queried; the output is [B, Tq, D]. Every
     token is still a key. ``segments`` [B, T] (no cache): packed rows, each token attends within its own
     segment only; ``branches`` [B, T] with them: packed comparisons (see ``attention_mask``).
+    ``first_slot`` (static): the key slot of this call's first token when known (0 without a cache or
+    with a fresh one; a cache's ``start``), None when not (a decode step): known, long calls attend in
+    query blocks (``causal_blocks``).
     """
     cfg = self.cfg
     dt = cfg.dtype
@@ -272,11 +275,11 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)
     q_segments = None if segments is None else select_rows(segments, queries)
     q_branches = None if branches is None else select_rows(branches, queries)
-    # Keys are this call's tokens at slots 0..T-1 (no cache, or a fresh one): blocks of queries can skip the
-    # keys after their last slot. Other queries (a decode step, rows picked by index) take one product.
+    # Where the queries' slots are known statically, blocks of queries skip the keys after their last slot.
+    # Others (a decode step, rows picked by index) take one product.
     q_start = None
-    if cache_kv is None or fresh_cache:
-      q_start = 0 if queries is None else queries[0] if isinstance(queries, tuple) else None
+    if first_slot is not None:
+      q_start = first_slot if queries is None else first_slot + queries[0] if isinstance(queries, tuple) else None
     blocks = causal_blocks(t, k.shape[2], q_start, cfg.attention_block)
     if len(blocks) == 1:
       mask = attention_mask(q_slots, jnp.arange(k.shape[2]), key_valid, q_segments, segments, q_branches, branches)
@@ -380,11 +383,12 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x, positions, q_slots, key_valid, cache_kv, cache_index, dropout_key, queries=None,
-               fresh_cache: bool = False, segments: Array | None = None, branches: Array | None = None):
+               fresh_cache: bool = False, segments: Array | None = None, branches: Array | None = None,
+               first_slot: int | None = 0):
     """Returns (x of the ``queries`` rows [B, Tq, D], updated layer cache or None); see ``Attention``."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     a, new_cache = self.attn(self.norm_attn(x), positions, q_slots, key_valid, cache_kv, cache_index, queries,
-                             fresh_cache, segments, branches)
+                             fresh_cache, segments, branches, first_slot)
     x = select_rows(x, queries) + dropout(a, self.cfg.dropout, k1)
     x = x + dropout(self.mlp(self.norm_mlp(x)), self.cfg.dropout, k2)
     return x, new_cache
