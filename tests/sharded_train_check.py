@@ -1,7 +1,7 @@
 """Run by test_sharding.py in a subprocess with 8 fake CPU devices; prints one JSON line.
 
 Trains the same tiny LM for a few steps on a data=2, fsdp=2, tensor=2 mesh and on one device (both flavours,
-and llama with bf16 products), and compares
+and llama with bf16 products; llama's attention in query blocks), and compares
 the work (XLA's FLOP count of the compiled per-device program) of one PPO update on a data=4 x fsdp=2 mesh
 with one device's.
 """
@@ -30,7 +30,8 @@ def train(mesh, flavour, steps=3, matmul_dtype=""):
   rules = sharding.DEFAULT_RULES
   cfg = DecoderConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32,
                       flavour=flavour, num_kv_heads=2 if flavour == "llama" else 0,
-                      scan_layers=flavour == "llama", matmul_dtype=matmul_dtype)
+                      scan_layers=flavour == "llama", matmul_dtype=matmul_dtype,
+                      attention_block=4 if flavour == "llama" else 0)  # llama: rows of 16 in 4 query blocks
   graphdef, params = sharding.init_sharded(lambda r: Decoder(cfg, rngs=r), jax.random.key(0), mesh, rules)
   abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1]
   p_sh = state_lib.param_shardings(abstract, mesh, rules)
