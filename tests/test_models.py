@@ -193,6 +193,9 @@ def test_bad_model_config_is_named():
     tiny("gpt2", d_model=30)
   with pytest.raises(ValueError, match="unknown model config keys"):
     DecoderConfig.from_mapping({"vocab_size": 10, "n_layers": 2})
+  for bad in (-1, 64.0):
+    with pytest.raises(ValueError, match="model.attention_block must be a whole number >= 0"):
+      tiny("gpt2", attention_block=bad)
 
 
 def test_yarn_rope_scaling_config():

@@ -87,6 +87,9 @@ class DecoderConfig:
           also = "'' (the compute dtype) or " if name == "matmul_dtype" else ""
           raise ValueError(f"model.{name} must be {also}one of {sorted(_DTYPES)}, got {value!r}")
         object.__setattr__(self, name, _DTYPES[value])
+    if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) or self.attention_block < 0:
+      raise ValueError(f"model.attention_block must be a whole number >= 0 (0: one product over all keys), got "
+                       f"{self.attention_block!r}")
     if self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
     if self.num_heads % self.kv_heads:
