@@ -132,3 +132,15 @@ def test_gradient_sum_times_both_versions_across_processes():
   records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   assert [r["name"] for r in records] == ["reward_step"]
   assert all(r["processes"] == 2 and r["rows_call_ms"] > 0 and r["plain_ms"] > 0 for r in records)
+
+
+def test_size_overrides_change_the_named_fields_and_name_bad_keys():
+  base = sizes.SIZES["bench-small"]
+  size = sizes.with_overrides(base, "rl_new=448, model.attention_block=0,model.dropout=0.1,model.remat=true")
+  assert size.rl_new == 448 and size.model.attention_block == 0 and size.model.dropout == 0.1 and size.model.remat
+  assert size.model.d_model == base.model.d_model and sizes.with_overrides(base, "") == base
+  for spec, message in [("rl_neww=4", "unknown key 'rl_neww'"), ("model.widht=4", "unknown key 'model.widht'"),
+                        ("rl_new", "is not key=value"), ("rl_new=many", "rl_new='many' is not a valid int"),
+                        ("model.scan_layers=yes", "is not a valid bool")]:
+    with pytest.raises(ValueError, match=message):
+      sizes.with_overrides(base, spec)

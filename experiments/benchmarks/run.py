@@ -2,6 +2,7 @@
 
   python experiments/benchmarks/run.py [--only=generate,sft_step] [--size=bench-small|tiny|gpu-350m] [--reps=5]
                                       [--cpu_devices=0] [--matmul_dtype=bfloat16] [--decode=auto]
+                                      [--set=rl_new=448,model.attention_block=0]
 
 Names: matmul_peak, mem_bandwidth, generate, sft_step, reward_step, rl_iter, rl_iter_shared. The ceilings
 (matmul_peak, mem_bandwidth) are always measured first: MFU and the generation bound are relative to them.
@@ -33,6 +34,8 @@ MATMUL_DTYPE = flags.DEFINE_enum("matmul_dtype", "", ["", "float32", "bfloat16"]
                                  "times matmul_peak as a bf16 x bf16 -> f32 product")
 DECODE = flags.DEFINE_enum("decode", "auto", ["auto", "tensor", "as_trained"],
                            "config.sharding.decode for the samplers: where the weights sit while decoding")
+OVERRIDES = flags.DEFINE_string("set", "", "comma-separated key=value changes to the size: its fields "
+                                "(rl_new=448) or its model's (model.attention_block=0)")
 CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "JAX CPU devices, as the config key cpu_devices: 0 one "
                                    "per core (the command line's default), n: n")
 
@@ -51,7 +54,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   cpu_devices.configure(CPU_DEVICES.value)  # the devices a run of the command line would have
-  size = sizes.with_matmul_dtype(sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
+  try:
+    size = sizes.with_overrides(sizes.with_matmul_dtype(sizes.SIZES[SIZE.value], MATMUL_DTYPE.value), OVERRIDES.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   env = suite.make_env(size, REPS.value)
   env.decode = DECODE.value
   matmul_dtype = jnp.dtype(size.model.matmul_dtype or size.model.dtype).name
@@ -59,8 +65,8 @@ def main(argv: list[str]) -> None:
     # The library memoises its jitted steps, so a program an earlier benchmark compiled would read as free here.
     jax.clear_caches()
     record = suite.BENCHMARKS[name](env)
-    print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype, "decode": DECODE.value}),
-          flush=True)
+    print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype, "decode": DECODE.value,
+                      **({"set": OVERRIDES.value} if OVERRIDES.value else {})}), flush=True)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,36 @@ def with_matmul_dtype(size: Size, matmul_dtype: str) -> Size:
     return size
   return dataclasses.replace(size, model=dataclasses.replace(size.model, matmul_dtype=matmul_dtype),
                              matmul_dtype=matmul_dtype)
+
+
+def with_overrides(size: Size, spec: str) -> Size:
+  """``size`` with ``key=value`` pairs (comma-separated) applied: a field of ``Size`` (``rl_new=448``) or of its
+  model with a ``model.`` prefix (``model.attention_block=0``). Values take the field's current type."""
+  fields, model_fields = {}, {}
+  for item in filter(None, (part.strip() for part in spec.split(","))):
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set: {item!r} is not key=value")
+    target, name = (model_fields, key[len("model."):]) if key.startswith("model.") else (fields, key)
+    owner = size.model if target is model_fields else size
+    known = {f.name for f in dataclasses.fields(owner)} - {"model"}
+    if name not in known:
+      where = "model." if target is model_fields else ""
+      raise ValueError(f"--set: unknown key {key!r}; known: {sorted(where + k for k in known)}")
+    target[name] = _typed(getattr(owner, name), text, key)
+  model = dataclasses.replace(size.model, **model_fields) if model_fields else size.model
+  return dataclasses.replace(size, model=model, **fields)
+
+
+def _typed(current, text: str, key: str):
+  """``text`` as the type of ``current`` (bool from true/false, str for dtypes and None-valued fields)."""
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+      return text.lower() == "true"
+    if isinstance(current, (int, float)):
+      return type(current)(text)
+  except ValueError:
+    raise ValueError(f"--set: {key}={text!r} is not a valid {type(current).__name__}") from None
+  return text
