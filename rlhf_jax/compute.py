@@ -7,7 +7,8 @@ multiplies as 2 x multiply-adds, as XLA runs them: a forward pass over T
 tokens that attend to C positions costs ``2 * T * (weights + 2 * L * C * d)``
 (plus the LM head where logits are computed); a training step costs 3 forward
 passes (forward + backward). Attention is counted over the positions actually
-computed (the full sequence, or the whole KV cache while decoding).
+computed: the keys each query block reads (``layers.causal_blocks``; the full
+sequence for rows under two blocks), or the KV cache of each decode phase.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 from rlhf_jax.models import DecoderConfig
+from rlhf_jax.models.decoder import decode_cache_lengths
+from rlhf_jax.models.layers import causal_blocks
 
 KEYS = ("compute/samples", "compute/tokens_generated", "compute/grad_steps", "compute/flops")
 
@@ -34,25 +37,39 @@ def forward_flops(cfg: DecoderConfig, tokens: int, context: int, lm_head: bool =
   return 2.0 * tokens * (matmul_weights(cfg, lm_head) + attention)
 
 
+def causal_context(cfg: DecoderConfig, queries: int, keys: int, first_slot: int = 0) -> float:
+  """Mean keys a query reads in a causal pass of ``queries`` tokens at slots ``first_slot ..`` over ``keys``
+  slots: ``keys`` for one product, less where the pass runs in query blocks (``model.attention_block``)."""
+  blocks = causal_blocks(queries, keys, first_slot, cfg.attention_block)
+  return sum((r1 - r0) * n for r0, r1, n in blocks) / max(queries, 1)
+
+
 def sequence_flops(cfg: DecoderConfig, batch: int, length: int, lm_head: bool = True, train: bool = False,
                    shared_prefix: tuple[int, int] | None = None) -> float:
   """FLOPs of a full-sequence pass over [batch, length] (x3 with ``train``: forward and backward).
 
   ``shared_prefix`` (P, k): the first P columns are computed once per k rows (``Trunk(shared_prefix=...)``).
   """
-  tokens = batch * length
-  if shared_prefix is not None:
-    p, k = shared_prefix
-    tokens = batch // k * p + batch * (length - p)
-  return (3.0 if train else 1.0) * forward_flops(cfg, tokens, length, lm_head)
+  passes = 3.0 if train else 1.0
+  if shared_prefix is None:
+    return passes * forward_flops(cfg, batch * length, causal_context(cfg, length, length), lm_head)
+  p, k = shared_prefix
+  tail = forward_flops(cfg, batch * (length - p), causal_context(cfg, length - p, length, p), lm_head)
+  return passes * (forward_flops(cfg, batch // k * p, length, lm_head) + tail)
 
 
 def generation_flops(cfg: DecoderConfig, batch: int, prompt_len: int, decode_steps: int, cache_len: int,
                      prompt_group: int = 1) -> float:
   """FLOPs of sampling: prefill [batch, prompt_len] (once per ``prompt_group`` rows: ``generate``) then
-  ``decode_steps`` one-token steps over the cache."""
-  prefill = forward_flops(cfg, batch // prompt_group * prompt_len, cache_len)
-  return prefill + decode_steps * forward_flops(cfg, batch, cache_len)
+  ``decode_steps`` one-token steps, each over the cache of its phase (``decode_cache_lengths``; ``cache_len``
+  is the last phase's, ``prompt_len + max_new_tokens - 1``)."""
+  flops = forward_flops(cfg, batch // prompt_group * prompt_len, cache_len)
+  done = 0
+  for length in decode_cache_lengths(prompt_len, cache_len - prompt_len + 1):
+    steps = max(min(decode_steps, length - prompt_len) - done, 0)
+    flops += steps * forward_flops(cfg, batch, length)
+    done += steps
+  return flops
 
 
 @dataclasses.dataclass

@@ -1,15 +1,18 @@
-"""Sampling from a decoder with a preallocated KV cache, in one compiled loop.
+"""Sampling from a decoder with a preallocated KV cache, in one compiled function.
 
 Prompts are left-padded rows [B, P] with a mask. The prompt is prefilled in
-one forward pass, then tokens are decoded one at a time inside a
-``lax.while_loop`` that stops after ``max_new_tokens`` or, with
-``stop_at_eos``, once every row has produced EOS. Responses come back
-right-padded: after a row's EOS its tokens are ``pad_id`` and its mask is 0.
+one forward pass, then tokens are decoded one at a time inside
+``lax.while_loop``s that stop after ``max_new_tokens`` or, with
+``stop_at_eos``, once every row has produced EOS. Long generations decode in
+phases, each with a cache only as long as it needs (``models.decoder.decode_cache_lengths``).
+Responses come back right-padded: after a row's EOS its tokens are ``pad_id``
+and its mask is 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -19,6 +22,7 @@ from flax import nnx, struct
 
 from rlhf_jax.decode_layout import DecodeLayout
 from rlhf_jax.models import Decoder, init_cache
+from rlhf_jax.models.decoder import decode_cache_lengths, grow_cache
 
 Array = jax.Array
 
@@ -196,7 +200,8 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
   n = cfg.max_new_tokens
   if b % prompt_group:
     raise ValueError(f"prompt_group={prompt_group} does not divide the {b} prompt rows")
-  cache = init_cache(model.cfg, b // prompt_group, p + n - 1)
+  lengths = decode_cache_lengths(p, n)
+  cache = init_cache(model.cfg, b // prompt_group, lengths[0])
   # Only the last column's logits are needed (left padding puts every prompt's last token there):
   # the LM head over the whole prompt would be ~1/4 of the prefill's FLOPs at bench-small.
   # The last block queries that column alone too (every prompt token is still a key and fills the cache).
@@ -218,9 +223,9 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
       done = done | (token == cfg.eos_id)
     return token, alive, tokens, log_probs, mask, done
 
-  def cond(carry):
+  def cond(carry, steps):
     i, done = carry[0], carry[4]
-    going = i < n - 1  # the last token is emitted after the loop, with no forward pass after it
+    going = i < steps  # the last token is emitted after the loop, with no forward pass after it
     if cfg.stop_at_eos:
       going &= ~jnp.all(done)
     return going
@@ -231,9 +236,14 @@ def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg:
     hidden, cache = model.trunk(token[:, None], alive[:, None].astype(jnp.int32), cache)
     return i + 1, tokens, log_probs, mask, done, model.logits_from_hidden(hidden[:, 0]), cache
 
-  init = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-          jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), bool), last, cache)
-  i, tokens, log_probs, mask, done, last, _ = jax.lax.while_loop(cond, body, init)
+  carry = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+           jnp.zeros((b, n), jnp.int32), jnp.zeros((b,), bool), last, cache)
+  # One loop per cache length: step i writes slot p + i, so a cache of L slots takes steps i < L - p.
+  for phase, length in enumerate(lengths):
+    if phase:
+      carry = (*carry[:-1], grow_cache(carry[-1], length))
+    carry = jax.lax.while_loop(functools.partial(cond, steps=min(n - 1, length - p)), body, carry)
+  i, tokens, log_probs, mask, done, last, _ = carry
   # If every row stopped early this writes padding at column i, which is padding already.
   _, _, tokens, log_probs, mask, _ = emit(i, tokens, log_probs, mask, done, last)
   return Sample(tokens=tokens, log_probs=log_probs, mask=mask)

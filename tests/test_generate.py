@@ -1,11 +1,14 @@
 """Sampler: returned log-probs equal teacher-forced ones; EOS stopping; greedy and top-k/top-p behaviour."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from rlhf_jax.models import decoder as decoder_lib
 from rlhf_jax.generate import SamplingConfig, inverse_cdf_sample, make_sampler, sampling_log_probs, sampling_logits
 from rlhf_jax.models import Decoder, DecoderConfig
 
@@ -166,3 +169,34 @@ def test_bfloat16_sampler_log_probs_match_teacher_forcing():
   p = PROMPT.shape[1]
   forced = jnp.take_along_axis(sampling_log_probs(logits[:, p - 1:-1], sampling), sample.tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(sample.log_probs, forced, atol=2e-2)
+
+
+def test_decode_cache_lengths_split_the_steps_into_phases():
+  assert decoder_lib.decode_cache_lengths(64, 64) == [127]  # fewer than two phases' worth: one loop
+  assert decoder_lib.decode_cache_lengths(64, 256) == [64 + 128, 64 + 255]
+  assert decoder_lib.decode_cache_lengths(64, 448) == [64 + 149, 64 + 298, 64 + 447]
+  assert decoder_lib.decode_cache_lengths(8, 4096) == [8 + 1024, 8 + 2048, 8 + 3072, 8 + 4095]
+  assert decoder_lib.decode_cache_lengths(8, 1) == [8]
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(max_new_tokens=16, temperature=1.0, eos_id=EOS, stop_at_eos=False),
+    SamplingConfig(max_new_tokens=16, temperature=3.0, eos_id=EOS),  # rows stop early, some in the first phase
+])
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoding_in_phases_samples_what_one_loop_samples(model, sampling, scan, monkeypatch):
+  """Phases grow the cache between loops (``grow_cache``); the tokens, log-probs and masks are those of one
+  loop over the whole cache, for a layer loop's per-layer caches and a layer scan's stacked one."""
+  if scan:
+    model = Decoder(dataclasses.replace(model.cfg, scan_layers=True), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  samples = []
+  for tokens_per_phase in (1000, 4):  # one loop; four phases of 15 steps / 4 (cache 10, 14, 18, 21)
+    monkeypatch.setattr(decoder_lib, "DECODE_PHASE_TOKENS", tokens_per_phase)
+    assert len(decoder_lib.decode_cache_lengths(PROMPT.shape[1], 16)) == (1 if tokens_per_phase == 1000 else 4)
+    samples.append(make_sampler(graphdef, sampling)(params, PROMPT, PROMPT_MASK, jax.random.key(7)))
+  one, phased = samples
+  np.testing.assert_array_equal(phased.tokens, one.tokens)
+  np.testing.assert_array_equal(phased.mask, one.mask)
+  np.testing.assert_allclose(phased.log_probs, one.log_probs, atol=1e-6)
+  assert 0 < int(one.mask.sum()) and (sampling.stop_at_eos or int(one.mask.sum()) == one.mask.size)

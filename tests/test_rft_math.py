@@ -1,5 +1,7 @@
 """RFT selection rules, best-of-n maths and compute accounting against hand-made numbers."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -7,6 +9,7 @@ from ml_collections import ConfigDict
 from rlhf_jax import compute
 from rlhf_jax.algorithms import rft
 from rlhf_jax.models import DecoderConfig
+from rlhf_jax.models import decoder as decoder_lib
 from rlhf_jax.rl import best_of_n as bon
 from rlhf_jax.rl import selection
 
@@ -95,3 +98,19 @@ def test_flops_against_hand_counts():
   total = counts + compute.Counts(grad_steps=1, flops=1.0)
   assert total.metrics() == {"compute/samples": 2.0, "compute/tokens_generated": 4.0, "compute/grad_steps": 1.0,
                              "compute/flops": counts.flops + 1.0}
+
+
+def test_flops_count_the_keys_that_query_blocks_and_decode_phases_read():
+  blocked = dataclasses.replace(CFG, attention_block=4)
+  # 8 queries in blocks of 4 read 4 and 8 keys (mean 6); a tail at slots 4..11 reads 8 and 12 (mean 10).
+  assert compute.causal_context(blocked, 8, 8) == 6 and compute.causal_context(blocked, 8, 12, 4) == 10
+  assert compute.causal_context(CFG, 8, 8) == 8  # rows under two blocks of 128: every key
+  assert compute.sequence_flops(blocked, 2, 8) == compute.forward_flops(CFG, 16, 6)
+  assert compute.sequence_flops(blocked, 4, 12, shared_prefix=(4, 2)) == (
+      compute.forward_flops(CFG, 2 * 4, 12) + compute.forward_flops(CFG, 4 * 8, 10))
+  # 600 new tokens decode in 4 phases of caches 8 + 150, 8 + 300, 8 + 450, 8 + 599 slots; a run that stops
+  # after 200 steps went through the first two.
+  assert decoder_lib.decode_cache_lengths(8, 600) == [158, 308, 458, 607]
+  prefill = compute.forward_flops(CFG, 2 * 8, 607)
+  assert compute.generation_flops(CFG, 2, 8, 200, 607) == (
+      prefill + 150 * compute.forward_flops(CFG, 2, 158) + 50 * compute.forward_flops(CFG, 2, 308))

@@ -167,6 +167,34 @@ class KVCache:
                         valid=jnp.repeat(self.valid, k, axis=0), next_pos=jnp.repeat(self.next_pos, k))
 
 
+# A sampler's decode loop runs in phases, one per this many new tokens (at most MAX_DECODE_PHASES), each with a
+# KV cache just long enough for it: a step reads the slots filled by then, not the whole sequence's. At
+# 64 + 448 tokens (bench-small) 2-4 phases sampled 1.09-1.21x faster; at 64 + 64, 2 phases were within noise.
+DECODE_PHASE_TOKENS = 128
+MAX_DECODE_PHASES = 4
+
+
+def decode_cache_lengths(prompt_len: int, new_tokens: int) -> list[int]:
+  """The KV cache's length in each phase of a decode loop: one phase per ``DECODE_PHASE_TOKENS`` new tokens
+  (1 to ``MAX_DECODE_PHASES``), equal shares of the forward steps, each phase's cache just long enough for
+  its steps; the last one is ``prompt_len + new_tokens - 1``, the whole sequence but its last token."""
+  steps = new_tokens - 1
+  phases = max(1, min(MAX_DECODE_PHASES, new_tokens // DECODE_PHASE_TOKENS, steps))
+  return [prompt_len + -(-steps * (j + 1) // phases) for j in range(phases)]
+
+
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+  """``cache`` with room for ``length`` slots: the same keys, values and bookkeeping, empty slots appended (one
+  copy). A sampler decodes into a short cache while few slots are filled, so each step reads fewer."""
+  extra = length - cache.valid.shape[1]
+  if extra < 0:
+    raise ValueError(f"grow_cache: the cache has {cache.valid.shape[1]} slots, more than {length}")
+  slot_axis = lambda x: x.ndim - 2  # noqa: E731  (k, v: [..., S, Dh])
+  pad = lambda x: jnp.pad(x, [(0, extra if a == slot_axis(x) else 0) for a in range(x.ndim)])  # noqa: E731
+  return cache.replace(k=jax.tree.map(pad, cache.k), v=jax.tree.map(pad, cache.v),
+                       valid=jnp.pad(cache.valid, ((0, 0), (0, extra))))
+
+
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> KVCache:
   """An empty cache for ``batch`` rows and ``length`` slots, in the compute dtype."""
   shape = (batch, cfg.kv_heads, length, cfg.head_dim)
