@@ -1,7 +1,7 @@
 """In-process A/B timing of the working tree against a git revision, for a loaded machine.
 
   python experiments/benchmarks/ab.py [--base=HEAD] [--only=sft_step,reward_step] [--pairs=7] [--size=bench-small]
-                                     [--matmul_dtype=bfloat16]
+                                     [--matmul_dtype=bfloat16] [--set=gen_new=448]
 
 The base revision's ``rlhf_jax`` and ``experiments/benchmarks`` are exported (``git archive``) to a temporary
 directory and imported under other names, so both libraries live in one process. Each benchmark of both
@@ -41,6 +41,8 @@ ONLY = flags.DEFINE_string("only", "sft_step,reward_step",
 PAIRS = flags.DEFINE_integer("pairs", 7, "timed A/B pairs per benchmark")
 SIZE = flags.DEFINE_string("size", "bench-small", "benchmark size")
 MATMUL_DTYPE = flags.DEFINE_string("matmul_dtype", "", "model.matmul_dtype on both sides ('': the size's own)")
+OVERRIDES = flags.DEFINE_string("set", "", "comma-separated key=value changes to the size on both sides "
+                                "(rl_new=448, model.attention_block=0; see run.py)")
 
 
 def export_base(rev: str, into: pathlib.Path) -> None:
@@ -96,10 +98,13 @@ def run_pairs():
   for spec in [n for n in ONLY.value.split(",") if n]:
     # "NEW=BASE" times benchmark NEW of the working tree against BASE of the base revision.
     name, _, base_name = spec.partition("=")
-    # The working tree's with_matmul_dtype sets either side's size (a base revision may not have it).
-    base_size = new_sizes.with_matmul_dtype(base_sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
+    # The working tree's with_matmul_dtype and with_overrides set either side's size (a base revision may not
+    # have them); a key the base's size lacks is named.
+    base_size = new_sizes.with_overrides(
+        new_sizes.with_matmul_dtype(base_sizes.SIZES[SIZE.value], MATMUL_DTYPE.value), OVERRIDES.value)
     base = capture(base_suite, base_suite.make_env(base_size, 1), base_name or name)
-    new_size = new_sizes.with_matmul_dtype(new_sizes.SIZES[SIZE.value], MATMUL_DTYPE.value)
+    new_size = new_sizes.with_overrides(
+        new_sizes.with_matmul_dtype(new_sizes.SIZES[SIZE.value], MATMUL_DTYPE.value), OVERRIDES.value)
     new = capture(new_suite, new_suite.make_env(new_size, 1), name)
     for fn in (base, new, base, new):
       timed(fn)
@@ -115,7 +120,7 @@ def run_pairs():
       loads.append(os.getloadavg()[0])
     ratios = [b / n for b, n in zip(times["base"], times["new"])]
     cpu_ratios = [b / n for b, n in zip(cpu["base"], cpu["new"])]
-    print(json.dumps({"name": spec, "base": BASE.value, "base_s": round(statistics.median(times["base"]), 4),
+    print(json.dumps({"name": spec, "base": BASE.value, **({"set": OVERRIDES.value} if OVERRIDES.value else {}), "base_s": round(statistics.median(times["base"]), 4),
                       "new_s": round(statistics.median(times["new"]), 4),
                       "speedup": round(statistics.median(ratios), 3),
                       "speedup_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
