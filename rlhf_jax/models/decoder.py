@@ -141,9 +141,9 @@ class KVCache:
   through the scan. valid: [B, S] (slot holds a real token); index: scalar, next slot to write;
   next_pos: [B], position id of the next real token. fresh (static): nothing written yet, so the first
   call (a prefill) attends to its own keys without reading the S slots. start (static): ``index``'s value
-  when known where the cache is made (a shared prompt's prefill), so that the next call attends in query
-  blocks (``layers.causal_blocks``); a call's returned cache does not keep it (a decode loop's carry keeps
-  one structure).
+  when known where the cache is made (0 for a fresh cache, P after a shared prompt's prefill), so that the
+  next call attends in query blocks (``layers.causal_blocks``); a call's returned cache does not keep it (a
+  decode loop's carry keeps one structure).
   """
 
   k: Any
@@ -189,8 +189,10 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
   extra = length - cache.valid.shape[1]
   if extra < 0:
     raise ValueError(f"grow_cache: the cache has {cache.valid.shape[1]} slots, more than {length}")
-  slot_axis = lambda x: x.ndim - 2  # noqa: E731  (k, v: [..., S, Dh])
-  pad = lambda x: jnp.pad(x, [(0, extra if a == slot_axis(x) else 0) for a in range(x.ndim)])  # noqa: E731
+
+  def pad(x):  # k, v: [..., S, Dh]
+    return jnp.pad(x, [(0, extra if axis == x.ndim - 2 else 0) for axis in range(x.ndim)])
+
   return cache.replace(k=jax.tree.map(pad, cache.k), v=jax.tree.map(pad, cache.v),
                        valid=jnp.pad(cache.valid, ((0, 0), (0, extra))))
 
@@ -205,7 +207,7 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int) -> KVCache:
     k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
     v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
   return KVCache(k=k, v=v, valid=jnp.zeros((batch, length), jnp.bool_),
-                 index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32), fresh=True)
+                 index=jnp.zeros((), jnp.int32), next_pos=jnp.zeros((batch,), jnp.int32), fresh=True, start=0)
 
 
 def positions_from_mask(mask: Array, offset: Array | None = None) -> Array:
@@ -313,7 +315,7 @@ class Trunk(nnx.Module):
       key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask.astype(bool), cache.index, axis=1)
       cache_index = cache.index
     fresh = cache is not None and cache.fresh
-    first_slot = 0 if cache is None or fresh else cache.start
+    first_slot = 0 if cache is None else cache.start
     # Gather, then cast: casting the whole table first costs a [V, D] pass per call (per decode step).
     x = self.embed[...][tokens].astype(cfg.dtype)
     if cfg.flavour == "gpt2":
