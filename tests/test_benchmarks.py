@@ -38,6 +38,7 @@ KEYS = {
     "rl_iter_shared": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_sampler_lp": {"s_per_iter", "phases", "compile_s"},
     "rl_iter_rloo": {"s_per_iter", "phases", "compile_s"},
+    "rl_iter_unfused": {"s_per_iter", "phases", "compile_s", "fused_experience"},
 }
 PHASES = {"generate", "reference", "reward", "value", "update"}
 
@@ -92,7 +93,10 @@ def test_benchmarks_drive_library_functions(results):
   _, calls = results
   called = {name for name, _ in calls}
   assert {"compile_step", "make_lm_step", "make_reward_step", "make_dpo_step", "make_ppo_update",
-          "make_experience_fn"} <= called
+          "make_experience_fn", "make_experience_inputs_fn"} <= called
+  # One epoch of one minibatch: the update finishes the experience, unless told not to.
+  assert results[0]["rl_iter"]["fused_experience"] and not results[0]["rl_iter_unfused"]["fused_experience"]
+  assert results[0]["rl_iter"]["phases"]["value"] == 0 < results[0]["rl_iter_unfused"]["phases"]["value"]
   assert "make_sampler" in called or "make_rollout_fn" in called
   assert "trim_texts" in called and "pack" in called
   varlen = results[0]["sft_step_varlen"]

@@ -67,9 +67,10 @@ def tiny_config():
                                 reward="reward", label_smoothing=0.1, precompute_reference=True, pack_width=96)
   c.dpo_online = defaults.stage("dpo", online=True, comparisons=(), reward="reward", loss="ipo",
                                 average_log_probs=True, steps=2, batch_size=2, log_every=1, checkpoint_every=2)
-  # The critic-free estimators on the ppo path (GRPO: group advantages, k3 KL in the loss, dropped groups).
+  # The critic-free estimators on the ppo path (GRPO: group advantages, k3 KL in the loss, dropped groups),
+  # in one minibatch: the update finishes the experience (fuse_experience) and reports its rollout/* metrics.
   c.grpo = defaults.stage("ppo", advantage="grpo", samples_per_prompt=2, drop_zero_variance_groups=True,
-                          iterations=2, prompts_per_iteration=2, log_every=1, checkpoint_every=2,
+                          iterations=2, prompts_per_iteration=2, minibatches=1, log_every=1, checkpoint_every=2,
                           kl_adaptive=True, ptx_coef=0.1, ptx_batch_size=2)
   c.stages += ",rft,bon,dpo,dpo_pre,dpo_packed,dpo_online,grpo"
   return c
@@ -146,6 +147,11 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
   grpo_rows = [r for r in grpo_rows if r["stage"] == "grpo" and "train/kl_loss" in r]
   assert len(grpo_rows) == 2 and all("train/value_loss" not in r for r in grpo_rows)
   assert all(0.0 <= r["rollout/zero_variance_fraction"] <= 1.0 for r in grpo_rows)
+  ppo_rows = [r for r in rows if r["stage"] == "ppo" and "train/policy_loss" in r]
+  rollout_keys = {k for k in ppo_rows[0] if k.startswith("rollout/")} - {"rollout/value", "rollout/return"}
+  assert len(rollout_keys) > 10 and all(rollout_keys <= set(r) for r in grpo_rows)
+  # The adaptive controller moved the coefficient with the KL the update reported.
+  assert 0 < grpo_rows[1]["train/kl_coef"] != grpo_rows[0]["train/kl_coef"]
 
 
 def c_sampled(section):

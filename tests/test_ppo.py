@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rlhf_jax import sharding, state as state_lib
+from rlhf_jax import compute, sharding, state as state_lib
 from rlhf_jax.algorithms import ppo as ppo_lib
 from rlhf_jax.algorithms.ppo import (PPOConfig, make_experience, make_experience_fn, make_ppo_step,
                                      make_ppo_update, truncate_after_stop, truncate_rollout, value_head_params)
@@ -438,3 +438,68 @@ def test_trimmed_response_width_gives_the_same_experience_and_update(models, val
   counts = [ppo_lib.iteration_counts(MODEL, cfg, 4, PROMPT.shape[1], lengths, value_mode, response_width=w).flops
             for w in (None, 4)]
   assert counts[1] < counts[0]
+
+
+FUSED_CASES = [("gae", "separate", "teacher_forced", 1), ("gae", "separate", "teacher_forced", 2),
+               ("gae", "shared", "teacher_forced", 1), ("gae", "separate", "sampler", 1),
+               ("rloo", "none", "teacher_forced", 1), ("grpo", "none", "teacher_forced", 2)]
+
+
+@pytest.mark.parametrize("advantage, value_mode, old_log_probs, epochs", FUSED_CASES)
+def test_fused_update_equals_experience_then_update(models, advantage, value_mode, old_log_probs, epochs):
+  """With one minibatch the update finishes ``ExperienceInputs`` from its own first forward pass: the same
+  experience metrics, train metrics, new params and KL-coefficient move as the separate experience pass."""
+  prompt = jnp.repeat(PROMPT[:2], 2, axis=0)
+  group = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 2)
+  r = rollout_fn(models["policy_g"], SAMPLING)(models["policy"], prompt, jnp.repeat(PROMPT_MASK[:2], 2, axis=0),
+                                               group, jax.random.key(6))
+  cfg = PPOConfig(sampling=SAMPLING, advantage=advantage, epochs=epochs, minibatches=1, entropy_coef=0.01,
+                  old_log_probs=old_log_probs, no_eos_penalty=-1.0)
+  assert cfg.fuses_experience and not dataclasses.replace(cfg, fuse_experience=False).fuses_experience
+  r = ppo_lib.share_prompts(r, cfg, 2)
+  value_g, value = {"separate": (models["value_g"], models["value"]), "shared": (None, value_head_params(MODEL)),
+                    "none": (None, {})}[value_mode]
+  value = jax.tree.map(lambda x: x + 0.01, value)  # non-zero values, so GAE's baseline is compared too
+  score = rm_score(models, r)
+  exp, exp_metrics = make_experience_fn(models["policy_g"], value_g, cfg, value_mode)(
+      models["policy"], models["ref"], value, r, score, 0.1)
+  inputs = ppo_lib.make_experience_inputs_fn(models["policy_g"], cfg)(models["ref"], r, score)
+  np.testing.assert_allclose(inputs.ref_log_probs, exp.ref_log_probs, atol=1e-6)
+
+  tx = optax.sgd(0.5)  # the step is the gradient: rounding is not amplified into signs as by Adam
+  kl_config = {"kl_adaptive": True, "kl_target": 0.01, "kl_horizon": 100}
+  step = jax.jit(make_ppo_step(make_ppo_update(models["policy_g"], value_g, tx, tx, cfg, value_mode), kl_config, 4))
+  params = {"policy": models["policy"], "value": value}
+  state = make_state(params, {"policy": tx, "value": tx}).replace(scalars={"kl_coef": jnp.float32(0.1)})
+  new0, m0 = step(state, {"experience": exp, "ptx": None, "kl": exp_metrics["rollout/kl"]}, None)
+  new1, m1 = step(state, {"experience": inputs, "ptx": None, "kl": None}, None)
+  assert set(m1) == set(m0) | set(exp_metrics)
+  for key, want in {**m0, **exp_metrics}.items():
+    np.testing.assert_allclose(m1[key], want, rtol=1e-4, atol=2e-5, err_msg=key)
+  moved = 0.0
+  for a, b, before in zip(jax.tree.leaves(new1.params), jax.tree.leaves(new0.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    moved = max(moved, float(np.abs(np.asarray(b) - before).max()))
+  assert moved > 1e-3
+  np.testing.assert_allclose(new1.scalars["kl_coef"], new0.scalars["kl_coef"], rtol=1e-6)
+  assert float(new0.scalars["kl_coef"]) != 0.1  # the adaptive controller moved, from the same KL
+
+
+def test_fused_experience_needs_one_minibatch_and_counts_two_passes_less(models):
+  cfg = PPOConfig(sampling=SAMPLING, epochs=1, minibatches=2)
+  assert not cfg.fuses_experience
+  r = rollout(models, SAMPLING, key=7)
+  inputs = ppo_lib.make_experience_inputs_fn(models["policy_g"], cfg)(models["ref"], r, rm_score(models, r))
+  tx = optax.sgd(0.1)
+  state = make_state({"policy": models["policy"], "value": models["value"]}, {"policy": tx, "value": tx})
+  update = make_ppo_update(models["policy_g"], models["value_g"], tx, tx, cfg)
+  with pytest.raises(ValueError, match="needs ppo.minibatches=1, got 2"):
+    jax.eval_shape(update, state, {"experience": inputs, "ptx": None})
+
+  lengths = np.asarray(r.response_mask).sum(1)
+  one = dataclasses.replace(cfg, minibatches=1)
+  flops = {fuse: ppo_lib.iteration_counts(MODEL, dataclasses.replace(one, fuse_experience=fuse), 4,
+                                          PROMPT.shape[1], lengths, "separate").flops for fuse in (False, True)}
+  width = PROMPT.shape[1] + SAMPLING.max_new_tokens
+  saved = compute.sequence_flops(MODEL, 4, width) + compute.sequence_flops(MODEL, 4, width, lm_head=False)
+  assert flops[False] - flops[True] == pytest.approx(saved)

@@ -37,7 +37,8 @@ def make_reward_step():
 
 
 def ppo(name: str):
-  """``PPOConfig``, ``make_experience_fn``, ``make_ppo_update`` or ``value_head_params``."""
+  """``PPOConfig``, ``make_experience_fn``, ``make_experience_inputs_fn``, ``make_ppo_update`` or
+  ``value_head_params``."""
   return find(name, "rlhf_jax.algorithms.ppo", "rlhf_jax.rl.ppo")
 
 

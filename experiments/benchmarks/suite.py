@@ -513,7 +513,11 @@ def _rl_pipeline(env: Env, lm_gd, sc_gd, value_gd, reward, ref, sampling, pcfg, 
       rollout_fn = rollout_lib.make_rollout_fn(lm_gd, sampling)
     group = jnp.repeat(jnp.arange(env.size.rl_prompts, dtype=jnp.int32), env.size.rl_samples)
     scorer = scoring.RewardModelScorer(sc_gd, reward)
-    exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, pcfg, value_mode)
+    if getattr(pcfg, "fuses_experience", False):  # the update finishes the experience (one minibatch)
+      inputs_fn = library.ppo("make_experience_inputs_fn")(lm_gd, pcfg)
+      exp_fn = lambda policy, ref_params, value, rollout, score, beta: (inputs_fn(ref_params, rollout, score),)  # noqa: E731
+    else:
+      exp_fn = library.ppo("make_experience_fn")(lm_gd, value_gd, pcfg, value_mode)
     try:  # as the ppo stage marks the rollout: k samples of a prompt share its pass (``ppo.share_prompt``)
       share = library.ppo("share_prompts")
     except ImportError:  # a library from before prompt sharing
@@ -536,14 +540,16 @@ def _full_sequence(rollout, prompt, prompt_mask):
 
 
 def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teacher_forced",
-            advantage: str = "gae") -> Record:
+            advantage: str = "gae", fuse: bool = True) -> Record:
   """One PPO iteration through the library: rollout (KV-cache sampler) -> reward-model score -> experience
   (policy, reference and value forwards, KL penalty beta 0.05, GAE) -> ``make_ppo_update`` under
   ``compile_step`` (1 epoch, 1 minibatch, clip 1.0).
 
   ``phases``: generate, reward, experience and update are the library's compiled functions each timed
   alone; reference and value are the forward passes inside ``experience``, timed as standalone model
-  calls (value is 0 with a shared value head). ``old_log_probs="sampler"`` (``rl_iter_sampler_lp``) takes
+  calls (value is 0 with a shared value head, and when the update finishes the experience: with one
+  minibatch, ``ppo.fuse_experience``, whose record says ``fused_experience``; ``rl_iter_unfused`` turns it
+  off, so experience runs the policy and value passes). ``old_log_probs="sampler"`` (``rl_iter_sampler_lp``) takes
   PPO's old log-probs from the rollout instead of a policy forward pass. ``advantage="rloo"``
   (``rl_iter_rloo``, value mode "none") is the peer's algorithm: no value model, the leave-one-out baseline.
   """
@@ -568,6 +574,8 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
   extra = {} if old_log_probs == "teacher_forced" else {"old_log_probs": old_log_probs}
   if advantage != "gae":
     extra["advantage"] = advantage
+  if not fuse:
+    extra["fuse_experience"] = False
   pcfg = library.ppo("PPOConfig")(sampling=sampling, epochs=1, minibatches=1, **extra)
   policy_tx, value_tx = optimizer(1e-6, 1.0), optimizer(1e-5, 1.0)
   state, state_sh = state_lib.create_train_state({"policy": policy, "value": value},
@@ -586,6 +594,7 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
     update = library.ppo("make_ppo_update")(lm_gd, value_gd, policy_tx, value_tx, pcfg, value_mode)
   rollout0 = rollout_fn(policy, jax.random.key(0))
   exp0 = experience_fn(policy, value, rollout0, score_fn(rollout0))
+  fused = bool(getattr(pcfg, "fuses_experience", False))
   exp_sh = batch_shardings(env, {"experience": exp0, "ptx": None})
   step = state_lib.compile_step(update, state_sh, exp_sh, None, env.mesh)
   holder = {"state": state, "i": 0}
@@ -619,7 +628,7 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
                           env.reps)["median_s"],
       "reference": _forward_timer(env, lambda p, t, m: nnx.merge(lm_gd, p)(t, m)[0], ref, tokens, mask),
       "value": (_forward_timer(env, lambda p, t, m: nnx.merge(sc_gd, p).values(t, m), params("value"), tokens, mask)
-                if value_mode == "separate" else 0.0),
+                if value_mode == "separate" and not fused else 0.0),
   }
 
   def update_once():
@@ -630,9 +639,11 @@ def rl_iter(env: Env, value_mode: str = "separate", old_log_probs: str = "teache
   name = {"separate": "rl_iter", "shared": "rl_iter_shared", "none": f"rl_iter_{advantage}"}[value_mode]
   if old_log_probs != "teacher_forced":
     name += "_sampler_lp"
+  if not fuse:
+    name += "_unfused"
   return common(name, env, s_per_iter=round(whole["median_s"], 3), compile_s=round(whole["compile_s"], 2),
                 phases={k: round(v, 4) for k, v in phases.items()}, value_mode=value_mode,
-                old_log_probs=old_log_probs, rows=rows,
+                old_log_probs=old_log_probs, fused_experience=fused, rows=rows,
                 prompt_len=s.rl_prompt, new_tokens=s.rl_new)
 
 
@@ -654,4 +665,5 @@ BENCHMARKS: dict[str, Callable[[Env], Record]] = {
     "rl_iter_shared": lambda env: rl_iter(env, "shared"),
     "rl_iter_sampler_lp": lambda env: rl_iter(env, "separate", "sampler"),
     "rl_iter_rloo": lambda env: rl_iter(env, "none", advantage="rloo"),
+    "rl_iter_unfused": lambda env: rl_iter(env, fuse=False),
 }

@@ -92,6 +92,12 @@ class PPOConfig:
     samples, and minibatches hold whole groups. The same values up to float rounding, for (1 - 1/k) less
     of the prompt columns' compute. When the prompts per iteration do not divide by ``minibatches``, the
     update runs per row.
+  fuse_experience: with ``minibatches == 1``, the experience's policy and value passes are left to the
+    update, whose first epoch runs at the same params: its forward pass gives the old log-probs and
+    values (held constant, so every ratio starts at 1, as PPO's does) before the same pass's gradient
+    (``ExperienceInputs``; the same numbers up to float rounding, one policy and one value forward pass
+    less per iteration). The ``rollout/*`` metrics then come out of the update. No effect with
+    ``minibatches > 1``: the later minibatches need the old policy's numbers for their rows.
   """
 
   sampling: SamplingConfig
@@ -115,6 +121,7 @@ class PPOConfig:
   stop_token: int = -1
   old_log_probs: str = "teacher_forced"
   share_prompt: bool = True
+  fuse_experience: bool = True
 
   def __post_init__(self):
     if self.advantage not in ADVANTAGES:
@@ -152,6 +159,12 @@ class PPOConfig:
   @property
   def stop_id(self) -> int:
     return self.sampling.eos_id if self.stop_token < 0 else self.stop_token
+
+  @property
+  def fuses_experience(self) -> bool:
+    """Whether the update computes the policy's and value model's experience numbers itself
+    (``fuse_experience`` with one minibatch): the stage then hands it ``ExperienceInputs``."""
+    return self.fuse_experience and self.minibatches == 1
 
 
 def ppo_config() -> ConfigDict:
@@ -202,6 +215,21 @@ class Experience:
   def loss_mask(self) -> Array:
     """[B, N] the tokens the losses average over: real response tokens of kept rows."""
     return self.rollout.response_mask * self.keep[:, None].astype(self.rollout.response_mask.dtype)
+
+
+@struct.dataclass
+class ExperienceInputs:
+  """What an experience needs besides the trained params: the rollout, the reference log-probs [B, N] and
+  the score [B] (before the no-EOS penalty). ``make_ppo_update`` finishes it with its first forward pass
+  (``PPOConfig.fuses_experience``)."""
+
+  rollout: Rollout
+  ref_log_probs: Array
+  score: Array
+
+  @property
+  def mask(self) -> Array:
+    return self.rollout.response_mask
 
 
 def value_head_params(cfg: DecoderConfig) -> dict[str, Array]:
@@ -270,46 +298,34 @@ def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, val
   return token_lp, all_lp, values
 
 
-def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_params: PyTree,
-                    value_graphdef: nnx.GraphDef | None, value_params: PyTree, rollout: Rollout,
-                    score: Array, beta: Array | float, cfg: PPOConfig,
-                    value_mode: ValueMode = "separate") -> tuple[Experience, dict[str, Array]]:
-  """Builds the PPO batch from a rollout (pure; jit with the graphdefs, ``cfg`` and ``value_mode`` static).
+def experience_inputs(policy_graphdef: nnx.GraphDef, ref_params: PyTree, rollout: Rollout, score: Array,
+                      cfg: PPOConfig) -> ExperienceInputs:
+  """The experience's numbers that do not depend on the trained params: the reference log-probs [B, N]
+  (0 off the response mask) of ``rollout`` and its score [B]."""
+  ref_log_probs, _ = response_log_probs(policy_graphdef, ref_params, rollout, cfg.sampling)
+  return ExperienceInputs(rollout=rollout, ref_log_probs=ref_log_probs, score=score.astype(jnp.float32))
 
-  Args:
-    policy_graphdef, policy_params: the sampling policy (a ``Decoder``); ref_params: the reference
-      policy, same graphdef.
-    value_graphdef, value_params: a ``ScalarModel`` (``"separate"``) or, for ``"shared"``, None and the
-      head ``{"head", "head_bias"}`` on the policy trunk; for ``"none"`` (rloo, grpo) None and ``{}``.
-    rollout: the rollout as trained on (already through ``truncate_rollout``).
-    score: [B] scorer output on that rollout (the normalised RM score). The no-EOS penalty is added here.
-    beta: scalar KL coefficient.
 
-  Returns:
-    (experience, metrics) with scalar metrics ``rollout/*``: ``rm_score`` (scorer output),
-    ``score`` (with penalty), ``kl`` (mean summed log-ratio, nats), ``kl_penalty`` (mean summed
-    beta * estimator), ``total_reward``, ``response_length``, ``no_eos_fraction``, ``entropy``
-    (nats/token), ``logprob_diff`` (mean |sampler - teacher-forced| log-prob of the sampling
-    distribution), ``value``, ``return``, ``advantage_std`` (before whitening) and, for grpo,
-    ``zero_variance_fraction`` (rows whose group scored all equal).
+def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, all_lp: Array | None, values: Array,
+                      beta: Array | float, cfg: PPOConfig) -> tuple[Experience, dict[str, Array]]:
+  """The experience from its inputs and the policy's and value model's numbers on the rollout (pure).
+
+  log_probs [B, N], all_lp [B, N, V]: the policy's teacher-forced log-probs (None with
+  ``old_log_probs="sampler"``: the rollout's are used); values [B, N] (zeros without a value model).
+  Returns (experience, metrics) as ``make_experience``.
   """
-  _check_value_mode(value_mode)
-  if cfg.critic_free != (value_mode == "none"):
-    raise ValueError(f"ppo.advantage={cfg.advantage!r} does not go with value mode {value_mode!r}")
+  rollout = inputs.rollout
   s = cfg.sampling
   mask = rollout.response_mask.astype(jnp.int32)
   fmask = mask.astype(jnp.float32)
-  from_sampler = cfg.old_log_probs == "sampler"
-  log_probs, all_lp, values = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params,
-                                                 rollout, cfg, value_mode, with_log_probs=not from_sampler)
-  if from_sampler:
+  if cfg.old_log_probs == "sampler":
     # Drawn from the policy's own distribution (no top-k/top-p, checked by PPOConfig) by the same params:
     # the teacher-forced forward would give these numbers up to float rounding (tests/test_ppo.py).
-    log_probs = rollout.log_probs * fmask
+    log_probs, all_lp = rollout.log_probs * fmask, None
   values = values * fmask
-  ref_log_probs, _ = response_log_probs(policy_graphdef, ref_params, rollout, s)
+  ref_log_probs = inputs.ref_log_probs
 
-  raw_score = score.astype(jnp.float32)
+  raw_score = inputs.score
   ended = response_ended(rollout.response, mask, cfg)
   score = raw_score + cfg.no_eos_penalty * (~ended).astype(jnp.float32)
 
@@ -369,6 +385,43 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
   return experience, metrics
 
 
+def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_params: PyTree,
+                    value_graphdef: nnx.GraphDef | None, value_params: PyTree, rollout: Rollout,
+                    score: Array, beta: Array | float, cfg: PPOConfig,
+                    value_mode: ValueMode = "separate") -> tuple[Experience, dict[str, Array]]:
+  """Builds the PPO batch from a rollout (pure; jit with the graphdefs, ``cfg`` and ``value_mode`` static).
+
+  Args:
+    policy_graphdef, policy_params: the sampling policy (a ``Decoder``); ref_params: the reference
+      policy, same graphdef.
+    value_graphdef, value_params: a ``ScalarModel`` (``"separate"``) or, for ``"shared"``, None and the
+      head ``{"head", "head_bias"}`` on the policy trunk; for ``"none"`` (rloo, grpo) None and ``{}``.
+    rollout: the rollout as trained on (already through ``truncate_rollout``).
+    score: [B] scorer output on that rollout (the normalised RM score). The no-EOS penalty is added here.
+    beta: scalar KL coefficient.
+
+  Returns:
+    (experience, metrics) with scalar metrics ``rollout/*``: ``rm_score`` (scorer output),
+    ``score`` (with penalty), ``kl`` (mean summed log-ratio, nats), ``kl_penalty`` (mean summed
+    beta * estimator), ``total_reward``, ``response_length``, ``no_eos_fraction``, ``entropy``
+    (nats/token), ``logprob_diff`` (mean |sampler - teacher-forced| log-prob of the sampling
+    distribution), ``value``, ``return``, ``advantage_std`` (before whitening) and, for grpo,
+    ``zero_variance_fraction`` (rows whose group scored all equal).
+  """
+  _check_experience_mode(cfg, value_mode)
+  log_probs, all_lp, values = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params,
+                                                 rollout, cfg, value_mode,
+                                                 with_log_probs=cfg.old_log_probs != "sampler")
+  inputs = experience_inputs(policy_graphdef, ref_params, rollout, score, cfg)
+  return finish_experience(inputs, log_probs, all_lp, values, beta, cfg)
+
+
+def _check_experience_mode(cfg: PPOConfig, value_mode: ValueMode) -> None:
+  _check_value_mode(value_mode)
+  if cfg.critic_free != (value_mode == "none"):
+    raise ValueError(f"ppo.advantage={cfg.advantage!r} does not go with value mode {value_mode!r}")
+
+
 @functools.lru_cache(maxsize=16)
 def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                        value_mode: ValueMode = "separate") -> Callable:
@@ -384,6 +437,14 @@ def make_experience_fn(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphD
   return experience
 
 
+@functools.lru_cache(maxsize=16)
+def make_experience_inputs_fn(policy_graphdef: nnx.GraphDef, cfg: PPOConfig) -> Callable:
+  """Jitted ``inputs(ref_params, rollout, score) -> ExperienceInputs`` (``experience_inputs``): the
+  experience's part before a fused update (``PPOConfig.fuses_experience``)."""
+  return jax.jit(lambda ref_params, rollout, score: experience_inputs(policy_graphdef, ref_params, rollout,
+                                                                       score, cfg))
+
+
 def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                value_mode: ValueMode, params: dict[str, PyTree], exp: Experience,
                ptx: dict[str, Array] | None, beta: Array | float = 0.0, mesh: jax.sharding.Mesh | None = None,
@@ -396,11 +457,34 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
   (+ beta * mean k3(policy, reference) for grpo). Token means are over ``exp.loss_mask``. ``mesh``: the
   mesh the update is compiled for; the policy and value passes are then a ``data_parallel.rows_call``.
   """
-  def outputs(p, rollout):
-    return _policy_and_values(policy_graphdef, p["policy"], value_graphdef, p["value"], rollout, cfg, value_mode)
+  outputs = _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, exp.rollout, mesh, rules)
+  return _losses_of_outputs(policy_graphdef, cfg, value_mode, params, outputs, exp, ptx, beta, mesh, rules)
 
-  outputs = data_parallel.rows_call(outputs, mesh, rules, row_group=exp.rollout.prompt_group)
-  log_probs, all_lp, values = outputs(params, exp.rollout)
+
+def fused_ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
+                     value_mode: ValueMode, params: dict[str, PyTree], inputs: ExperienceInputs,
+                     ptx: dict[str, Array] | None, beta: Array | float, mesh: jax.sharding.Mesh | None = None,
+                     rules: Any = sharding.DEFAULT_RULES) -> tuple[Array, tuple[dict[str, Array], Experience]]:
+  """``ppo_losses`` on the experience that ``params`` themselves give (``PPOConfig.fuses_experience``): one
+  forward pass yields the old log-probs and values (held constant: ``finish_experience``) and the loss.
+  Returns (total loss, (metrics with the ``rollout/*`` ones, the experience))."""
+  outputs = _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, inputs.rollout, mesh, rules)
+  old = jax.lax.stop_gradient(outputs)
+  exp, rollout_metrics = finish_experience(inputs, *old, beta, cfg)
+  total, metrics = _losses_of_outputs(policy_graphdef, cfg, value_mode, params, outputs, exp, ptx, beta, mesh, rules)
+  return total, ({**metrics, **rollout_metrics}, exp)
+
+
+def _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, rollout, mesh, rules):
+  """(token log-probs, all log-probs, values) of ``params`` on the rollout, rows split over ``mesh``."""
+  def outputs(p, rows):
+    return _policy_and_values(policy_graphdef, p["policy"], value_graphdef, p["value"], rows, cfg, value_mode)
+
+  return data_parallel.rows_call(outputs, mesh, rules, row_group=rollout.prompt_group)(params, rollout)
+
+
+def _losses_of_outputs(policy_graphdef, cfg, value_mode, params, outputs, exp, ptx, beta, mesh, rules):
+  log_probs, all_lp, values = outputs
   mask = exp.loss_mask
   policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, mask, cfg.clip_eps)
   entropy = masked_mean(_entropy(all_lp), mask)
@@ -479,17 +563,23 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
   ``train/*`` are means over all minibatches. ``mesh`` (and its ``rules``): the mesh the step is compiled
   for; each minibatch's rows are then split over its data axes as the batch's are (without it XLA may
   replicate the permuted minibatches, and every device computes all of them).
+
+  With ``ExperienceInputs`` in place of the experience (``cfg.fuses_experience``: one minibatch), the first
+  epoch's forward pass also gives the old log-probs and values (``fused_ppo_losses``, KL coefficient
+  ``state.scalars["kl_coef"]``, 0 without one); the metrics then hold the experience's ``rollout/*`` too.
   """
   _check_value_mode(value_mode)
   objective = jax.value_and_grad(
       lambda params, exp, ptx, beta: ppo_losses(policy_graphdef, value_graphdef, cfg, value_mode, params, exp,
                                                 ptx, beta, mesh, rules),
       has_aux=True)
+  fused_objective = jax.value_and_grad(
+      lambda params, inputs, ptx, beta: fused_ppo_losses(policy_graphdef, value_graphdef, cfg, value_mode, params,
+                                                         inputs, ptx, beta, mesh, rules),
+      has_aux=True)
 
-  def minibatch_step(carry, xs, beta):
+  def apply_grads(carry, grads, metrics):
     params, opt_state = carry
-    exp, ptx = xs
-    (_, metrics), grads = objective(params, exp, ptx, beta)
     p_updates, p_opt = policy_tx.update(grads["policy"], opt_state["policy"], params["policy"])
     v_updates, v_opt = value_tx.update(grads["value"], opt_state["value"], params["value"])
     params = {"policy": optax.apply_updates(params["policy"], p_updates),
@@ -501,19 +591,28 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
       metrics.update(learning_rate_metrics(opt_state["value"], "train/value_lr"))
     return (params, {"policy": p_opt, "value": v_opt}), metrics
 
+  def minibatch_step(carry, xs, beta):
+    exp, ptx = xs
+    (_, metrics), grads = objective(carry[0], exp, ptx, beta)
+    return apply_grads(carry, grads, metrics)
+
   def update(state: TrainState, batch: Mapping[str, Any], frozen: Any = None) -> tuple[TrainState, dict]:
     del frozen
-    exp: Experience = batch["experience"]
+    exp: Experience | ExperienceInputs = batch["experience"]
     ptx = batch.get("ptx") if cfg.ptx_coef else None
     m = cfg.minibatches
     rows = exp.mask.shape[0]
     beta = state.scalars["kl_coef"] if "kl_coef" in state.scalars else 0.0
+    fused = isinstance(exp, ExperienceInputs)
+    if fused and m != 1:
+      raise ValueError(f"ExperienceInputs are finished by the update's first pass, which needs "
+                       f"ppo.minibatches=1, got {m}: give the update an Experience (make_experience)")
     group = exp.rollout.prompt_group
     if group > 1 and not update_shares_prompts(cfg, rows // group, group):
       # Groups do not split evenly into minibatches: row-level minibatches, each row its own prompt pass.
       exp, group = exp.replace(rollout=exp.rollout.replace(prompt_group=1)), 1
 
-    def epoch(carry, key):
+    def epoch(carry, key, exp):
       idx = _split_rows(jax.random.fold_in(key, 0), rows, m, "experience", group)
       mb_exp = jax.tree.map(lambda x: x[idx], exp)  # [M, B/M, ...]
       mb_ptx = None
@@ -525,18 +624,32 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
       return jax.lax.scan(lambda c, xs: minibatch_step(c, xs, beta), carry, (mb_exp, mb_ptx))
 
     keys = jax.random.split(step_key(state), cfg.epochs)
-    init = ({"policy": state.params["policy"], "value": state.params["value"]},
-            {"policy": state.opt_state["policy"], "value": state.opt_state["value"]})
-    (params, opt_state), metrics = jax.lax.scan(epoch, init, keys)
+    carry = ({"policy": state.params["policy"], "value": state.params["value"]},
+             {"policy": state.opt_state["policy"], "value": state.opt_state["value"]})
+    if fused:
+      # The first epoch is one minibatch of all rows (in any order: the losses are means), at the params
+      # the experience is taken from; the later epochs train on the experience it finished.
+      (_, (first, exp)), grads = fused_objective(carry[0], exp, ptx, beta)
+      rollout_metrics = {k: first.pop(k) for k in list(first) if k.startswith("rollout/")}
+      carry, first = apply_grads(carry, grads, first)
+      metrics = jax.tree.map(lambda x: x[None, None], first)  # as one epoch of one minibatch
+      if cfg.epochs > 1:
+        carry, rest = jax.lax.scan(functools.partial(epoch, exp=exp), carry, keys[1:])
+        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), metrics, rest)
+    else:
+      rollout_metrics = {}
+      carry, metrics = jax.lax.scan(functools.partial(epoch, exp=exp), carry, keys)
+    params, opt_state = carry
     new_state = state.replace(step=state.step + 1, params={**state.params, **params},
                               opt_state={**state.opt_state, **opt_state})
-    return new_state, jax.tree.map(jnp.mean, metrics)
+    return new_state, {**jax.tree.map(jnp.mean, metrics), **rollout_metrics}
 
   return update
 
 
 def make_ppo_step(update: Callable, section: Mapping[str, Any], rows: int) -> Callable:
-  """Wraps a PPO ``update``: also moves ``state.scalars["kl_coef"]`` with the rollout's KL (``batch["kl"]``).
+  """Wraps a PPO ``update``: also moves ``state.scalars["kl_coef"]`` with the rollout's KL (``batch["kl"]``,
+  or with ``ExperienceInputs``, where ``batch["kl"]`` is None, the update's ``rollout/kl``).
 
   section: the instance's config (kl_adaptive, kl_target, kl_horizon); rows: samples per iteration.
   """
@@ -553,7 +666,8 @@ def _kl_controlled_step(update: Callable, rows: int, kind: str, target: float | 
 
   def step(state: TrainState, batch, frozen):
     new_state, metrics = update(state, batch, frozen)
-    beta = update_kl_coef(state.scalars["kl_coef"], batch["kl"], rows, kind=kind, target=target, horizon=horizon)
+    kl = metrics["rollout/kl"] if batch.get("kl") is None else batch["kl"]
+    beta = update_kl_coef(state.scalars["kl_coef"], kl, rows, kind=kind, target=target, horizon=horizon)
     metrics["train/kl_coef"] = state.scalars["kl_coef"]
     return new_state.replace(scalars={**new_state.scalars, "kl_coef": beta}), metrics
 
@@ -564,7 +678,8 @@ def iteration_counts(model_cfg: DecoderConfig, cfg: PPOConfig, rows: int, prompt
                      value_mode: ValueMode, ptx_shape: tuple[int, int] | None = None,
                      samples_per_prompt: int = 1, response_width: int | None = None) -> compute.Counts:
   """Compute of one PPO iteration: the rollout, the scoring passes over [rows, P + W] (policy unless
-  ``old_log_probs="sampler"`` skips it, reference, value model if separate, RM), and ``epochs`` training
+  ``old_log_probs="sampler"`` skips it, reference, value model if separate, RM; neither policy nor value
+  when the update finishes the experience, ``cfg.fuses_experience``), and ``epochs`` training
   passes of the policy and value model (+ the ptx rows). W is ``response_width`` (the rollout's response
   columns after ``rollout.trim_response_width``), by default the sampler's N. With ``share_prompt`` each
   prompt's columns count once per ``samples_per_prompt`` rows, in the sampler's prefill too."""
@@ -581,10 +696,10 @@ def iteration_counts(model_cfg: DecoderConfig, cfg: PPOConfig, rows: int, prompt
 
   lm, scalar = passes(cfg.share_prompt and k > 1)
   lm_train, scalar_train = passes(update_shares_prompts(cfg, rows // k, k))
-  value = scalar if value_mode == "separate" else 0.0
+  value = scalar if value_mode == "separate" and not cfg.fuses_experience else 0.0
   value_train = scalar_train if value_mode == "separate" else 0.0
   ptx = compute.sequence_flops(model_cfg, *ptx_shape) if ptx_shape and cfg.ptx_coef else 0.0
-  policy_pass = 0 if cfg.old_log_probs == "sampler" and value_mode != "shared" else 1
+  policy_pass = 0 if cfg.fuses_experience or (cfg.old_log_probs == "sampler" and value_mode != "shared") else 1
   counts.flops += (policy_pass + 1) * lm + value + scalar + cfg.epochs * 3 * (lm_train + value_train + ptx)
   counts.grad_steps = float(cfg.epochs * cfg.minibatches)
   return counts

@@ -85,12 +85,15 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
              make_batch: Callable[[int, TrainState], tuple[Any, dict[str, float]]],
              total_steps: int, loop_cfg: Mapping[str, Any], frozen: Any = None,
              evaluate: Callable[[TrainState, int], dict[str, float]] | None = None,
-             checkpoint_extra: Callable[[TrainState], dict] | None = None) -> tuple[TrainState, dict[str, float]]:
+             checkpoint_extra: Callable[[TrainState], dict] | None = None,
+             per_step_metrics: tuple[str, ...] = ()) -> tuple[TrainState, dict[str, float]]:
   """Runs ``step_fn`` from the last checkpoint (if any) to ``total_steps``.
 
   make_batch(step, state) -> (device batch, host-side metrics such as truncation counts), the latter
   averaged over the steps since the last log line, except ``compute/*`` increments, which are summed
   into cumulative totals (logged with every row, saved with checkpoints, and returned);
+  step metrics whose names start with one of ``per_step_metrics`` are read every step and averaged the same
+  way (numbers of each step's batch that the step itself computes, such as PPO's fused ``rollout/*``);
   evaluate(state, step) -> eval metrics, called every ``eval_every`` steps and at the end.
   Returns the final state and the last eval metrics.
   """
@@ -123,6 +126,9 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
           pending_host[k] = pending_host.get(k, 0.0) + v
       pending_steps += 1
       state, metrics = step_fn(state, batch, frozen)
+      if per_step_metrics:
+        for k, v in to_floats({k: v for k, v in metrics.items() if k.startswith(per_step_metrics)}).items():
+          pending_host[k] = pending_host.get(k, 0.0) + v
       done = step + 1
       will_save = done % ckpt.save_every == 0 or done == total_steps
       if done % log_every == 0 or will_save:

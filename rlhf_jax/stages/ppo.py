@@ -7,7 +7,9 @@ Per iteration (``collect`` then the compiled ``step``): a rollout of the policy
 on the iteration's prompts (``samples_per_prompt`` each), truncation, the RM
 score, the experience (reference log-probs, values, rewards, advantages),
 then E epochs x M minibatches of updates and the KL-coefficient update in one
-compiled step. Prompts and keys are functions of the iteration, so a resumed
+compiled step (with one minibatch the step's first forward pass also gives the
+experience's policy log-probs and values: ``ppo.fuse_experience``). Prompts and
+keys are functions of the iteration, so a resumed
 run replays the same data. Reference and reward params are frozen and never
 donated.
 """
@@ -117,6 +119,9 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
                              ctx.decode_layout)
   truncate = _truncate_fn(pcfg)
   experience_fn = ppo.make_experience_fn(lm_graphdef, value_graphdef, pcfg, value_mode)
+  # One minibatch: the update's forward pass gives the policy's and value model's numbers (pcfg.fuse_experience).
+  fused = pcfg.fuses_experience
+  inputs_fn = ppo.make_experience_inputs_fn(lm_graphdef, pcfg)
   gold = GoldScorer(ctx.task)
   rollout_key = ctx.key("rollout", instance.name)
   rows = cfg.prompts_per_iteration * cfg.samples_per_prompt
@@ -140,8 +145,9 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
 
   def collect(params, prompt, key, kl_coef, trim=False):
     """One iteration's experience: rollout -> real rows -> truncation -> (with ``trim``, response columns cut
-    to the longest response's bucket: a host read, so not under ``eval_shape``) -> RM score -> experience.
-    Returns the rollout, experience, metrics and (with ``trim``) the rows' response lengths [rows]."""
+    to the longest response's bucket: a host read, so not under ``eval_shape``) -> RM score -> experience
+    (``ExperienceInputs`` and no metrics when the update finishes it). Returns the rollout, experience,
+    metrics and (with ``trim``) the rows' response lengths [rows]."""
     rollout = rollout_fn(params["policy"], prompt["tokens"], prompt["mask"], prompt["group"], key)
     if rollout.prompt.shape[0] != rows:
       rollout = compact(rollout, prompt["valid"])
@@ -150,6 +156,8 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     if trim:
       lengths = response_lengths(rollout)
       rollout = trim_response_width(rollout, ctx.config.data.min_bucket_len, lengths)
+    if fused:
+      return rollout, inputs_fn(reference, rollout, scorer(rollout)), {}, lengths
     exp, metrics = experience_fn(params["policy"], reference, params["value"], rollout, scorer(rollout), kl_coef)
     return rollout, exp, metrics, lengths
 
@@ -162,7 +170,7 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     host = {k: float(v) for k, v in jax.device_get(rollout_metrics).items()}
     # The gold score is read for monitoring only; nothing trains on it.
     host["rollout/gold_score"] = float(gold(rollout, texts, response_texts(tok, rollout)).mean())
-    batch = {"experience": exp, "kl": rollout_metrics["rollout/kl"], "ptx": None}
+    batch = {"experience": exp, "kl": None if fused else rollout_metrics["rollout/kl"], "ptx": None}
     ptx_shape = None
     if cfg.ptx_coef:
       ptx, ptx_stats = host_ptx(step)
@@ -177,13 +185,13 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   # Batch shapes by abstract evaluation: no throw-away rollout just to learn them.
   example = {**host_prompts(0)[1], "valid": np.ones(rows, np.int32)}
   _, exp_shape, metrics_shape, _ = jax.eval_shape(collect, state.params, example, rollout_key, state.scalars["kl_coef"])
-  batch_shape = {"experience": exp_shape, "kl": metrics_shape["rollout/kl"],
+  batch_shape = {"experience": exp_shape, "kl": None if fused else metrics_shape["rollout/kl"],
                  "ptx": {**host_ptx(0)[0], "valid": np.zeros(1, np.int32)} if cfg.ptx_coef else None}
   update = ppo.make_ppo_update(lm_graphdef, value_graphdef, policy_tx, value_tx, pcfg, value_mode, ctx.mesh,
                                ctx.rules)
   step_fn = _real_ptx_rows(ppo.make_ppo_step(update, cfg, rows), cfg.ptx_batch_size)
   batch_shardings = {"experience": ctx.device_batch_shardings(exp_shape),
-                     "kl": ctx.device_batch_shardings(metrics_shape["rollout/kl"]),
+                     "kl": ctx.device_batch_shardings(batch_shape["kl"]),
                      "ptx": ctx.batch_shardings(batch_shape["ptx"])}
   step = state_lib.compile_step(step_fn, shardings, batch_shardings, None, ctx.mesh)
 
@@ -198,6 +206,6 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
     return result.metrics
 
   state, last_eval = run_loop(ctx, instance.name, state, shardings, step, make_batch, cfg.iterations, cfg,
-                              evaluate=evaluate)
+                              evaluate=evaluate, per_step_metrics=("rollout/",) if fused else ())
   ctx.save_params(instance.name, state.params["policy"], {"kl_coef": float(state.scalars["kl_coef"])})
   return {**last_eval, "ppo/kl_coef": float(state.scalars["kl_coef"])}
