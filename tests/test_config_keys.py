@@ -132,9 +132,11 @@ def test_every_default_key_is_read_by_a_run(tmp_path, monkeypatch):
     # At step 1 policy == reference: every log-ratio is 0 in-step (a tie, half right) but a rounding error
     # away from 0 against a table computed in other batches, so only the accuracy may differ there.
     for k in (k for k in a if k.startswith("train/") and (a["step"] > 1 or k != "train/accuracy")):
-      assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
-      # Other rows, other float rounding (bf16 products); Adam's first update is lr * sign(g), so a gradient
-      # element near 0 moves by 2 lr either way, and step 2's log-ratios differ by ~0.2-0.4% between layouts.
+      # Adam's first update is lr * sign(g), so a gradient element near 0 moves by 2 lr either way: after
+      # step 1, other float rounding (bf16 products) makes step 2's log-ratios differ by ~0.2-0.4%.
+      assert b[k] == pytest.approx(a[k], rel=1e-4 if a["step"] == 1 else 6e-3, abs=1e-5 if a["step"] == 1 else 1e-4), (
+          a["step"], k)
+      # Other rows too (packed): other rounding from step 1 on.
       assert c[k] == pytest.approx(a[k], rel=1e-3 if a["step"] == 1 else 6e-3, abs=1e-4), (a["step"], k, "packed")
     assert 0.0 < c["data/fill"] <= 1.0  # packed slots: here one ~70-token example per 96-token row
   assert summary["dpo_pre"]["compute/grad_steps"] == 2

@@ -313,3 +313,38 @@ def test_explained_variance():
   const = np.ones_like(returns)
   assert float(explained_variance(const, const, mask)) == 1.0
   assert float(explained_variance(values, const, mask)) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_log_probs_and_entropy_through_the_normaliser(temperature):
+  """``rollout.token_log_probs`` (no [B, N, V] log-probs) against plain-loop numpy: log p(token) at the
+  sampling temperature, 0 off the mask, the entropy of every row, and the gradient of both through jit."""
+  from rlhf_jax.generate import SamplingConfig
+  from rlhf_jax.rollout import policy_log_probs, token_log_probs
+  sampling = SamplingConfig(4, temperature=temperature)
+  rng = np.random.default_rng(10)
+  logits = (rng.normal(size=(3, 5, 7)) * 4).astype(np.float32)
+  tokens = rng.integers(0, 7, (3, 5))
+  mask = _prefix_mask(rng, 3, 5)
+  lp, entropy = jax.jit(token_log_probs, static_argnums=3)(logits, tokens, mask, sampling)
+  for b in range(3):
+    for t in range(5):
+      scaled = [float(v) / temperature for v in logits[b, t]]
+      z = sum(math.exp(v) for v in scaled)
+      probs = [math.exp(v) / z for v in scaled]
+      want = math.log(probs[tokens[b, t]]) if mask[b, t] else 0.0
+      np.testing.assert_allclose(lp[b, t], want, rtol=1e-5, atol=1e-6)
+      # lse - E[logits]: a difference of two numbers ~10x the entropy, so absolute rounding ~1e-6.
+      np.testing.assert_allclose(entropy[b, t], -sum(p * math.log(p) for p in probs), rtol=1e-5, atol=1e-5)
+
+  def through_log_softmax(x):
+    all_lp = policy_log_probs(x, sampling)
+    chosen = jnp.take_along_axis(all_lp, jnp.asarray(tokens)[..., None], -1)[..., 0] * mask
+    return chosen.sum() + 0.3 * (-(jnp.exp(all_lp) * all_lp).sum(-1)).sum()
+
+  def through_normaliser(x):
+    chosen, ent = token_log_probs(x, tokens, mask, sampling)
+    return chosen.sum() + 0.3 * ent.sum()
+
+  np.testing.assert_allclose(jax.jit(jax.grad(through_normaliser))(logits),
+                             jax.jit(jax.grad(through_log_softmax))(logits), atol=1e-5)

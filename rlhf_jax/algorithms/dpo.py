@@ -34,7 +34,7 @@ from rlhf_jax.config_groups import loop_config, sampling_config
 from rlhf_jax.generate import SamplingConfig
 from rlhf_jax.models import DecoderConfig
 from rlhf_jax.rl import dpo as dpo_math
-from rlhf_jax.rollout import Rollout, picked, policy_log_probs, response_log_probs
+from rlhf_jax.rollout import Rollout, response_log_probs, token_log_probs
 from rlhf_jax.state import TrainState, learning_rate_metrics
 
 RANKERS = ("rm", "labeler")
@@ -116,9 +116,9 @@ def packed_sequence_log_probs(graphdef: nnx.GraphDef, params, rows: Mapping[str,
   model = nnx.merge(graphdef, params)
   hidden, _ = model.trunk(rows["tokens"], rows["mask"], None, None, rows["sources"], None, rows["segments"],
                           rows["branches"], rows["positions"])
-  all_lp = policy_log_probs(model.logits_from_hidden(hidden), sampling)  # [R, N, V]
   valid = rows["target_slots"] >= 0
-  lp = picked(all_lp, jnp.take_along_axis(rows["tokens"], rows["targets"], axis=1), valid)  # [R, N]
+  targets = jnp.take_along_axis(rows["tokens"], rows["targets"], axis=1)
+  lp, _ = token_log_probs(model.logits_from_hidden(hidden), targets, valid, sampling)  # [R, N]
   slot = (rows["target_slots"][..., None] == jnp.arange(e * k)).astype(jnp.float32)  # [R, N, E * K]
   total = jnp.einsum("rn,rns->rs", lp.astype(jnp.float32), slot)
   if average:

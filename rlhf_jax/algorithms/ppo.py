@@ -54,7 +54,8 @@ from rlhf_jax.rl.group_advantages import GROUP_ESTIMATORS, grpo_advantages, rloo
 from rlhf_jax.rl.kl import kl_k3, kl_penalty, sequence_kl, update_kl_coef
 from rlhf_jax.rl.ppo_losses import clipped_policy_loss, clipped_value_loss, explained_variance
 from rlhf_jax.rl.whitening import masked_mean, masked_var, masked_whiten
-from rlhf_jax.rollout import Rollout, picked, policy_log_probs, response_hidden, response_log_probs
+from rlhf_jax.rollout import (Rollout, picked, policy_log_probs, response_hidden, response_log_probs,
+                              token_log_probs)
 from rlhf_jax.state import TrainState, learning_rate_metrics, step_key
 
 Array = jax.Array
@@ -263,11 +264,6 @@ def response_ended(tokens: Array, mask: Array, cfg: PPOConfig) -> Array:
   return ended
 
 
-def _entropy(log_probs: Array) -> Array:
-  """Entropy [...] (nats) of log-probs [..., V]."""
-  return -(jnp.exp(log_probs) * log_probs).sum(axis=-1)
-
-
 def _check_value_mode(value_mode: str) -> None:
   if value_mode not in VALUE_MODES:
     raise ValueError(f"value_mode must be one of {VALUE_MODES}, got {value_mode!r}")
@@ -275,17 +271,18 @@ def _check_value_mode(value_mode: str) -> None:
 
 def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, value_graphdef: nnx.GraphDef | None,
                        value_params: PyTree, rollout: Rollout, cfg: PPOConfig,
-                       value_mode: ValueMode, with_log_probs: bool = True) -> tuple[Array, Array, Array]:
-  """(token log-probs [B, N], all log-probs [B, N, V], values [B, N]) of the current policy and value.
+                       value_mode: ValueMode, with_log_probs: bool = True) -> tuple[Array, Array, Array, Array]:
+  """(token log-probs [B, N], entropy [B, N], logits [B, N, V], values [B, N]) of the current policy and value.
 
-  Without ``with_log_probs`` the first two are None and the policy runs only if the value head sits on its trunk.
+  Without ``with_log_probs`` the first three are None and the policy runs only if the value head sits on its
+  trunk. The logits cost nothing where no caller reads them (under jit).
   """
-  token_lp = all_lp = None
+  token_lp = entropy = logits = None
   if with_log_probs or value_mode == "shared":
     model, hidden = response_hidden(policy_graphdef, policy_params, rollout)
   if with_log_probs:
-    all_lp = policy_log_probs(model.logits_from_hidden(hidden), cfg.sampling)
-    token_lp = picked(all_lp, rollout.response, rollout.response_mask)
+    logits = model.logits_from_hidden(hidden)
+    token_lp, entropy = token_log_probs(logits, rollout.response, rollout.response_mask, cfg.sampling)
   if value_mode == "none":
     values = jnp.zeros(rollout.response.shape, jnp.float32)
   elif value_mode == "shared":
@@ -295,7 +292,7 @@ def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, val
     values = nnx.merge(value_graphdef, value_params).values(
         rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len),
         shared_prefix=rollout.shared_prefix)
-  return token_lp, all_lp, values
+  return token_lp, entropy, logits, values
 
 
 def experience_inputs(policy_graphdef: nnx.GraphDef, ref_params: PyTree, rollout: Rollout, score: Array,
@@ -306,12 +303,14 @@ def experience_inputs(policy_graphdef: nnx.GraphDef, ref_params: PyTree, rollout
   return ExperienceInputs(rollout=rollout, ref_log_probs=ref_log_probs, score=score.astype(jnp.float32))
 
 
-def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, all_lp: Array | None, values: Array,
-                      beta: Array | float, cfg: PPOConfig) -> tuple[Experience, dict[str, Array]]:
+def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, entropy: Array | None,
+                      logits: Array | None, values: Array, beta: Array | float,
+                      cfg: PPOConfig) -> tuple[Experience, dict[str, Array]]:
   """The experience from its inputs and the policy's and value model's numbers on the rollout (pure).
 
-  log_probs [B, N], all_lp [B, N, V]: the policy's teacher-forced log-probs (None with
-  ``old_log_probs="sampler"``: the rollout's are used); values [B, N] (zeros without a value model).
+  log_probs [B, N], entropy [B, N], logits [B, N, V]: the policy's teacher-forced log-probs, its entropy and
+  logits (None with ``old_log_probs="sampler"``: the rollout's log-probs are used); values [B, N] (zeros
+  without a value model).
   Returns (experience, metrics) as ``make_experience``.
   """
   rollout = inputs.rollout
@@ -321,7 +320,7 @@ def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, all_lp:
   if cfg.old_log_probs == "sampler":
     # Drawn from the policy's own distribution (no top-k/top-p, checked by PPOConfig) by the same params:
     # the teacher-forced forward would give these numbers up to float rounding (tests/test_ppo.py).
-    log_probs, all_lp = rollout.log_probs * fmask, None
+    log_probs, entropy, logits = rollout.log_probs * fmask, None, None
   values = values * fmask
   ref_log_probs = inputs.ref_log_probs
 
@@ -359,7 +358,8 @@ def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, all_lp:
 
   # The sampler reports log-probs of the truncated (top-k/top-p) distribution; compare like with like.
   if (s.top_k or s.top_p < 1.0) and not s.is_greedy:
-    # all_lp is log_softmax(logits / T); truncating it at temperature 1 gives the sampler's distribution.
+    # log_softmax(logits / T) truncated at temperature 1 is the sampler's distribution.
+    all_lp = policy_log_probs(logits, s)
     sampled = picked(sampling_log_probs(all_lp, dataclasses.replace(s, temperature=1.0)), rollout.response, mask)
   else:
     sampled = log_probs
@@ -376,7 +376,7 @@ def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, all_lp:
       "rollout/total_reward": total_reward.mean(),
       "rollout/response_length": fmask.sum(axis=1).mean(),
       "rollout/no_eos_fraction": 1.0 - ended.astype(jnp.float32).mean(),
-      "rollout/entropy": masked_mean(-log_probs if all_lp is None else _entropy(all_lp), mask),
+      "rollout/entropy": masked_mean(-log_probs if entropy is None else entropy, mask),
       "rollout/logprob_diff": logprob_diff,
       "rollout/value": masked_mean(values, mask),
       "rollout/return": masked_mean(returns, mask),
@@ -409,11 +409,10 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
     ``zero_variance_fraction`` (rows whose group scored all equal).
   """
   _check_experience_mode(cfg, value_mode)
-  log_probs, all_lp, values = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params,
-                                                 rollout, cfg, value_mode,
-                                                 with_log_probs=cfg.old_log_probs != "sampler")
+  outputs = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params, rollout, cfg,
+                               value_mode, with_log_probs=cfg.old_log_probs != "sampler")
   inputs = experience_inputs(policy_graphdef, ref_params, rollout, score, cfg)
-  return finish_experience(inputs, log_probs, all_lp, values, beta, cfg)
+  return finish_experience(inputs, *outputs, beta, cfg)
 
 
 def _check_experience_mode(cfg: PPOConfig, value_mode: ValueMode) -> None:
@@ -476,7 +475,7 @@ def fused_ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef
 
 
 def _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, rollout, mesh, rules):
-  """(token log-probs, all log-probs, values) of ``params`` on the rollout, rows split over ``mesh``."""
+  """(token log-probs, entropy, logits, values) of ``params`` on the rollout, rows split over ``mesh``."""
   def outputs(p, rows):
     return _policy_and_values(policy_graphdef, p["policy"], value_graphdef, p["value"], rows, cfg, value_mode)
 
@@ -484,10 +483,10 @@ def _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, r
 
 
 def _losses_of_outputs(policy_graphdef, cfg, value_mode, params, outputs, exp, ptx, beta, mesh, rules):
-  log_probs, all_lp, values = outputs
+  log_probs, token_entropy, _, values = outputs
   mask = exp.loss_mask
   policy_loss, pm = clipped_policy_loss(log_probs, exp.log_probs, exp.advantages, mask, cfg.clip_eps)
-  entropy = masked_mean(_entropy(all_lp), mask)
+  entropy = masked_mean(token_entropy, mask)
   total = policy_loss
   metrics = {
       "train/policy_loss": policy_loss,
