@@ -503,3 +503,27 @@ def test_fused_experience_needs_one_minibatch_and_counts_two_passes_less(models)
   width = PROMPT.shape[1] + SAMPLING.max_new_tokens
   saved = compute.sequence_flops(MODEL, 4, width) + compute.sequence_flops(MODEL, 4, width, lm_head=False)
   assert flops[False] - flops[True] == pytest.approx(saved)
+
+
+def test_outputs_outside_the_loss_carry_no_gradient(models):
+  """Under ``rows_call`` every output of the model pass gets a dense cotangent: the entropy (without an
+  entropy bonus) and the logits (read only for a truncated sampler's metric) are cut from the gradient."""
+  r = rollout(models, SAMPLING, key=8)
+
+  def grad_of(cfg, pick):
+    def f(p):
+      out = ppo_lib._policy_and_values(models["policy_g"], p, models["value_g"], models["value"], r, cfg, "separate")
+      return pick(out).sum()
+    return jax.tree.leaves(jax.grad(f)(models["policy"]))
+
+  def norm(leaves):
+    return max(float(jnp.abs(x).max()) for x in leaves)
+
+  entropy = lambda out: out[1]  # noqa: E731
+  assert norm(grad_of(PPOConfig(sampling=SAMPLING), entropy)) == 0.0
+  assert norm(grad_of(PPOConfig(sampling=SAMPLING, entropy_coef=0.01), entropy)) > 1e-4
+  assert norm(grad_of(PPOConfig(sampling=SAMPLING), lambda out: out[0])) > 1e-4
+  assert ppo_lib._policy_and_values(models["policy_g"], models["policy"], models["value_g"], models["value"], r,
+                                    PPOConfig(sampling=SAMPLING), "separate")[2] is None
+  truncated = PPOConfig(sampling=TRUNCATED_SAMPLING)
+  assert norm(grad_of(truncated, lambda out: out[2])) == 0.0

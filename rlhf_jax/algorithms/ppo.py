@@ -275,14 +275,21 @@ def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, val
   """(token log-probs [B, N], entropy [B, N], logits [B, N, V], values [B, N]) of the current policy and value.
 
   Without ``with_log_probs`` the first three are None and the policy runs only if the value head sits on its
-  trunk. The logits cost nothing where no caller reads them (under jit).
+  trunk. The logits are None too unless the sampler truncates (top-k/top-p), whose log-probs the experience
+  compares with them; they carry no gradient, nor does the entropy unless the loss has an entropy bonus.
+  Under ``rows_call`` every output gets a dense cotangent, so an output outside the loss must be cut here
+  or its zero cotangent runs through the backward pass.
   """
   token_lp = entropy = logits = None
   if with_log_probs or value_mode == "shared":
     model, hidden = response_hidden(policy_graphdef, policy_params, rollout)
   if with_log_probs:
-    logits = model.logits_from_hidden(hidden)
-    token_lp, entropy = token_log_probs(logits, rollout.response, rollout.response_mask, cfg.sampling)
+    all_logits = model.logits_from_hidden(hidden)
+    token_lp, entropy = token_log_probs(all_logits, rollout.response, rollout.response_mask, cfg.sampling)
+    if not cfg.entropy_coef:
+      entropy = jax.lax.stop_gradient(entropy)
+    if _truncated(cfg.sampling):
+      logits = jax.lax.stop_gradient(all_logits)
   if value_mode == "none":
     values = jnp.zeros(rollout.response.shape, jnp.float32)
   elif value_mode == "shared":
@@ -293,6 +300,11 @@ def _policy_and_values(policy_graphdef: nnx.GraphDef, policy_params: PyTree, val
         rollout.tokens, rollout.mask, queries=(rollout.prompt_len - 1, rollout.response_len),
         shared_prefix=rollout.shared_prefix)
   return token_lp, entropy, logits, values
+
+
+def _truncated(sampling: SamplingConfig) -> bool:
+  """Whether the sampler draws from a top-k/top-p truncation of the policy's distribution."""
+  return bool(sampling.top_k or sampling.top_p < 1.0) and not sampling.is_greedy
 
 
 def experience_inputs(policy_graphdef: nnx.GraphDef, ref_params: PyTree, rollout: Rollout, score: Array,
@@ -357,7 +369,7 @@ def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, entropy
     advantages = masked_whiten(advantages, loss_mask)
 
   # The sampler reports log-probs of the truncated (top-k/top-p) distribution; compare like with like.
-  if (s.top_k or s.top_p < 1.0) and not s.is_greedy:
+  if _truncated(s) and logits is not None:
     # log_softmax(logits / T) truncated at temperature 1 is the sampler's distribution.
     all_lp = policy_log_probs(logits, s)
     sampled = picked(sampling_log_probs(all_lp, dataclasses.replace(s, temperature=1.0)), rollout.response, mask)
