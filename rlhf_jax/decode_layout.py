@@ -28,11 +28,12 @@ from rlhf_jax import compute, data_parallel, sharding as shd
 MODES = ("auto", "tensor", "as_trained")
 # "auto" re-views only when a decode step does at least this many FLOPs per device (``compute.forward_flops``
 # of its rows per device). Below it the view's per-layer all-reduces cost more than its larger products save. On 2 CPU
-# devices sampling 32 rows, new tokens/s of the view against the data-parallel layout were 0.45-0.50x for
-# the tiny preset (d_model 64, 2 layers: ~5 MFLOP) and, with 4 layers, 0.97-0.99x at d_model 128 (42 MFLOP),
-# 1.02x at 192 (82), 1.09x at 256 (139), 1.02-1.07x at 384 (277) and 1.11-1.14x at 512 (470) (README,
-# Performance).
-AUTO_MIN_STEP_FLOPS = 64e6
+# devices sampling 32 rows, new tokens/s of the view against the data-parallel layout, 4 layers (README,
+# Performance): on an Intel Xeon 0.45-0.50x for the tiny preset (~5 MFLOP), 0.97-0.99x at d_model 128 (42 MFLOP),
+# 1.02x at 192 (82), 1.09x at 256 (139), 1.02-1.07x at 384 (277) and 1.11-1.14x at 512 (470); on an AMD EPYC
+# 0.38x at 128, 0.73-0.79x at 256, 0.82x at 384 and 1.01-1.05x at 512. The threshold takes the view only where
+# it paid on both.
+AUTO_MIN_STEP_FLOPS = 400e6
 
 
 def tensor_ways(cfg: Any, devices_per_process: int) -> int:
