@@ -180,8 +180,8 @@ def token_log_probs(logits: Array, tokens: Array, mask: Array, sampling: Samplin
   from logits [B, N, V]; log-probs are 0 where mask is 0.
 
   As ``picked(policy_log_probs(...))`` and ``-(p * log p).sum(-1)``, through the log-normaliser: no
-  [B, N, V] log-probs are materialised (on a 2-core CPU the PPO update's vocabulary block, forward and
-  backward, ran 2.4x faster this way). An unused entropy costs nothing under jit.
+  [B, N, V] log-probs are materialised (timed alone on a 2-core CPU, the PPO update's vocabulary block,
+  forward and backward, ran 2.4x faster this way). An unused entropy costs nothing under jit.
   """
   logits = logits.astype(jnp.float32)
   if not sampling.is_greedy and sampling.temperature != 1.0:
