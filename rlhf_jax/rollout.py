@@ -169,10 +169,15 @@ def policy_log_probs(logits: Array, sampling: SamplingConfig) -> Array:
 
   Greedy decoding uses temperature 1. Top-k/top-p are not applied (see the module docstring).
   """
+  return jax.nn.log_softmax(_at_temperature(logits, sampling), axis=-1)
+
+
+def _at_temperature(logits: Array, sampling: SamplingConfig) -> Array:
+  """Logits (float32) of the policy's distribution: divided by the sampling temperature (1 when greedy)."""
   logits = logits.astype(jnp.float32)
   if not sampling.is_greedy and sampling.temperature != 1.0:
     logits = logits / sampling.temperature
-  return jax.nn.log_softmax(logits, axis=-1)
+  return logits
 
 
 def token_log_probs(logits: Array, tokens: Array, mask: Array, sampling: SamplingConfig) -> tuple[Array, Array]:
@@ -183,9 +188,7 @@ def token_log_probs(logits: Array, tokens: Array, mask: Array, sampling: Samplin
   [B, N, V] log-probs are materialised (timed alone on a 2-core CPU, the PPO update's vocabulary block,
   forward and backward, ran 2.4x faster this way). An unused entropy costs nothing under jit.
   """
-  logits = logits.astype(jnp.float32)
-  if not sampling.is_greedy and sampling.temperature != 1.0:
-    logits = logits / sampling.temperature
+  logits = _at_temperature(logits, sampling)
   normaliser = jax.nn.logsumexp(logits, axis=-1)
   lp = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0] - normaliser
   probs = jnp.exp(logits - normaliser[..., None])

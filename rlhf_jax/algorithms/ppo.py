@@ -228,10 +228,6 @@ class ExperienceInputs:
   ref_log_probs: Array
   score: Array
 
-  @property
-  def mask(self) -> Array:
-    return self.rollout.response_mask
-
 
 def value_head_params(cfg: DecoderConfig) -> dict[str, Array]:
   """A zero-initialised value head for ``"shared"`` mode: {"head": [D], "head_bias": []}."""
@@ -369,7 +365,7 @@ def finish_experience(inputs: ExperienceInputs, log_probs: Array | None, entropy
     advantages = masked_whiten(advantages, loss_mask)
 
   # The sampler reports log-probs of the truncated (top-k/top-p) distribution; compare like with like.
-  if _truncated(s) and logits is not None:
+  if _truncated(s):  # teacher-forced: PPOConfig allows sampler log-probs only without truncation
     # log_softmax(logits / T) truncated at temperature 1 is the sampler's distribution.
     all_lp = policy_log_probs(logits, s)
     sampled = picked(sampling_log_probs(all_lp, dataclasses.replace(s, temperature=1.0)), rollout.response, mask)
@@ -420,17 +416,13 @@ def make_experience(policy_graphdef: nnx.GraphDef, policy_params: PyTree, ref_pa
     distribution), ``value``, ``return``, ``advantage_std`` (before whitening) and, for grpo,
     ``zero_variance_fraction`` (rows whose group scored all equal).
   """
-  _check_experience_mode(cfg, value_mode)
+  _check_value_mode(value_mode)
+  if cfg.critic_free != (value_mode == "none"):
+    raise ValueError(f"ppo.advantage={cfg.advantage!r} does not go with value mode {value_mode!r}")
   outputs = _policy_and_values(policy_graphdef, policy_params, value_graphdef, value_params, rollout, cfg,
                                value_mode, with_log_probs=cfg.old_log_probs != "sampler")
   inputs = experience_inputs(policy_graphdef, ref_params, rollout, score, cfg)
   return finish_experience(inputs, *outputs, beta, cfg)
-
-
-def _check_experience_mode(cfg: PPOConfig, value_mode: ValueMode) -> None:
-  _check_value_mode(value_mode)
-  if cfg.critic_free != (value_mode == "none"):
-    raise ValueError(f"ppo.advantage={cfg.advantage!r} does not go with value mode {value_mode!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -475,15 +467,16 @@ def ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | Non
 def fused_ppo_losses(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, cfg: PPOConfig,
                      value_mode: ValueMode, params: dict[str, PyTree], inputs: ExperienceInputs,
                      ptx: dict[str, Array] | None, beta: Array | float, mesh: jax.sharding.Mesh | None = None,
-                     rules: Any = sharding.DEFAULT_RULES) -> tuple[Array, tuple[dict[str, Array], Experience]]:
+                     rules: Any = sharding.DEFAULT_RULES
+                     ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array], Experience]]:
   """``ppo_losses`` on the experience that ``params`` themselves give (``PPOConfig.fuses_experience``): one
   forward pass yields the old log-probs and values (held constant: ``finish_experience``) and the loss.
-  Returns (total loss, (metrics with the ``rollout/*`` ones, the experience))."""
+  Returns (total loss, (``train/*`` metrics, the experience's ``rollout/*`` metrics, the experience))."""
   outputs = _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, inputs.rollout, mesh, rules)
   old = jax.lax.stop_gradient(outputs)
   exp, rollout_metrics = finish_experience(inputs, *old, beta, cfg)
   total, metrics = _losses_of_outputs(policy_graphdef, cfg, value_mode, params, outputs, exp, ptx, beta, mesh, rules)
-  return total, ({**metrics, **rollout_metrics}, exp)
+  return total, (metrics, rollout_metrics, exp)
 
 
 def _rollout_outputs(policy_graphdef, value_graphdef, cfg, value_mode, params, rollout, mesh, rules):
@@ -612,7 +605,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     exp: Experience | ExperienceInputs = batch["experience"]
     ptx = batch.get("ptx") if cfg.ptx_coef else None
     m = cfg.minibatches
-    rows = exp.mask.shape[0]
+    rows = exp.rollout.response.shape[0]
     beta = state.scalars["kl_coef"] if "kl_coef" in state.scalars else 0.0
     fused = isinstance(exp, ExperienceInputs)
     if fused and m != 1:
@@ -640,8 +633,7 @@ def make_ppo_update(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef 
     if fused:
       # The first epoch is one minibatch of all rows (in any order: the losses are means), at the params
       # the experience is taken from; the later epochs train on the experience it finished.
-      (_, (first, exp)), grads = fused_objective(carry[0], exp, ptx, beta)
-      rollout_metrics = {k: first.pop(k) for k in list(first) if k.startswith("rollout/")}
+      (_, (first, rollout_metrics, exp)), grads = fused_objective(carry[0], exp, ptx, beta)
       carry, first = apply_grads(carry, grads, first)
       metrics = jax.tree.map(lambda x: x[None, None], first)  # as one epoch of one minibatch
       if cfg.epochs > 1:

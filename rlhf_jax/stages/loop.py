@@ -92,8 +92,9 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   make_batch(step, state) -> (device batch, host-side metrics such as truncation counts), the latter
   averaged over the steps since the last log line, except ``compute/*`` increments, which are summed
   into cumulative totals (logged with every row, saved with checkpoints, and returned);
-  step metrics whose names start with one of ``per_step_metrics`` are read every step and averaged the same
-  way (numbers of each step's batch that the step itself computes, such as PPO's fused ``rollout/*``);
+  step metrics whose names start with one of ``per_step_metrics`` are averaged the same way (numbers of
+  each step's batch that the step itself computes, such as PPO's fused ``rollout/*``; summed on the device
+  and read with the log line, so no step waits on them);
   evaluate(state, step) -> eval metrics, called every ``eval_every`` steps and at the end.
   Returns the final state and the last eval metrics.
   """
@@ -115,6 +116,7 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
   log_every, eval_every = loop_cfg["log_every"], loop_cfg.get("eval_every", 0)
   last_eval: dict[str, float] = {}
   pending_host: dict[str, float] = {}
+  pending_device: dict[str, Any] = {}  # per_step_metrics, summed on the device since the last log line
   pending_steps = 0
   try:
     for step in range(start, total_steps):
@@ -126,17 +128,16 @@ def run_loop(ctx: StageContext, stage: str, state: TrainState, state_shardings: 
           pending_host[k] = pending_host.get(k, 0.0) + v
       pending_steps += 1
       state, metrics = step_fn(state, batch, frozen)
-      if per_step_metrics:
-        for k, v in to_floats({k: v for k, v in metrics.items() if k.startswith(per_step_metrics)}).items():
-          pending_host[k] = pending_host.get(k, 0.0) + v
+      for k in [k for k in metrics if k.startswith(per_step_metrics)]:  # none for ()
+        pending_device[k] = pending_device[k] + metrics[k] if k in pending_device else metrics[k]
       done = step + 1
       will_save = done % ckpt.save_every == 0 or done == total_steps
       if done % log_every == 0 or will_save:
         values = to_floats(metrics)
-        values.update({k: v / pending_steps for k, v in pending_host.items()})
+        values.update({k: v / pending_steps for k, v in {**pending_host, **to_floats(pending_device)}.items()})
         values.update(totals)
         check_finite(stage, done, values)  # rollout metrics (host side) included
-        pending_host, pending_steps = {}, 0
+        pending_host, pending_device, pending_steps = {}, {}, 0
         ctx.metrics.write(stage, done, values)
         progress.update(done, {k: v for k, v in values.items() if k in PROGRESS_METRICS})
       if evaluate is not None and eval_every and done % eval_every == 0 and done != total_steps:
