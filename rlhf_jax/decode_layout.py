@@ -10,30 +10,40 @@ Inside the sampler's jit, ``DecodeLayout.place`` moves the weights to that view 
 already holds, no transfer on a data-parallel mesh) and gathers the prompt rows, and ``back`` hands the
 sampled rows to the training mesh's batch layout, so callers see the same shardings either way. Tokens
 agree with the training layout's up to float rounding of the split sums.
+
+Whether the view pays depends on the host as much as on the model (at bench-small it paid 1.09x on an Intel
+Xeon and lost 0.73-0.79x on an AMD EPYC), so "auto" times a few decode steps in both layouts the first time a
+sampler of a given shape is traced (``view_pays``) and keeps the faster.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rlhf_jax import compute, data_parallel, sharding as shd
+from rlhf_jax import compute, data_parallel, distributed, sharding as shd
+from rlhf_jax.models.decoder import init_cache
 
 MODES = ("auto", "tensor", "as_trained")
-# "auto" re-views only when a decode step does at least this many FLOPs per device (``compute.forward_flops``
-# of its rows per device). Below it the view's per-layer all-reduces cost more than its larger products save. On 2 CPU
-# devices sampling 32 rows, new tokens/s of the view against the data-parallel layout, 4 layers (README,
-# Performance): on an Intel Xeon 0.45-0.50x for the tiny preset (~5 MFLOP), 0.97-0.99x at d_model 128 (42 MFLOP),
-# 1.02x at 192 (82), 1.09x at 256 (139), 1.02-1.07x at 384 (277) and 1.11-1.14x at 512 (470); on an AMD EPYC
-# 0.38x at 128, 0.73-0.79x at 256, 0.82x at 384 and 1.01-1.05x at 512. The threshold takes the view only where
-# it paid on both.
-AUTO_MIN_STEP_FLOPS = 400e6
+# "auto" never re-views a decode step of fewer FLOPs per device than this (``compute.forward_flops`` of its rows
+# per device): there the view's per-layer all-reduces cost more than its larger products save on every host
+# measured. On 2 CPU devices sampling 32 rows, 4 layers, new tokens/s of the view against the data-parallel
+# layout (README, Performance): on an Intel Xeon 0.45-0.50x for the tiny preset (~5 MFLOP) and 0.97-0.99x at
+# d_model 128 (42 MFLOP), on an AMD EPYC 0.38x at 128. Above it the view paid on one host and lost on the
+# other (Intel 1.09x, AMD 0.73-0.79x at d_model 256, 139 MFLOP), so "auto" times both (``view_pays``).
+AUTO_MIN_STEP_FLOPS = 64e6
+# ``view_pays`` times this many decode steps per call, the best of this many calls per layout.
+TIMED_STEPS = 8
+TIMED_CALLS = 3
 
 
 def tensor_ways(cfg: Any, devices_per_process: int) -> int:
@@ -55,17 +65,15 @@ def decode_mesh(mesh: Mesh, rules: Any, cfg: Any, mode: str = "auto", step_flops
   """The devices of ``mesh`` as axes (data=n/t, fsdp=1, tensor=t) for decoding a ``DecoderConfig``, in the
   same device order, each tensor group inside one process (the per-layer all-reduces never cross hosts).
 
-  ``mode``: "tensor" re-views whenever t > 1 changes the layout; "as_trained" never; "auto" re-views a
-  purely data-parallel mesh (``data_parallel.applies``) on the CPU backend when a decode step does
-  ``step_flops`` >= ``AUTO_MIN_STEP_FLOPS`` per device and t divides the vocabulary, where it was measured
-  to pay. Otherwise "auto" keeps the layout: on accelerators a small model's per-layer all-reduces can cost
-  more than the weight reads they save (not yet measured), and a mesh already split over fsdp or tensor
-  keeps the layout it was given. None: decode as the weights sit.
+  ``mode``: "tensor" re-views whenever t > 1 changes the layout; "as_trained" never; "auto" offers the view
+  of a purely data-parallel mesh (``data_parallel.applies``) whose decode step does ``step_flops`` >=
+  ``AUTO_MIN_STEP_FLOPS`` per device, where t divides the vocabulary: ``DecodeLayout`` then takes it only
+  where ``view_pays``. A mesh already split over fsdp or tensor keeps the layout it was given. None: decode
+  as the weights sit.
   """
   if check_mode(mode) == "as_trained":
     return None
-  if mode == "auto" and (jax.default_backend() != "cpu" or not data_parallel.applies(mesh, rules)
-                         or step_flops < AUTO_MIN_STEP_FLOPS):
+  if mode == "auto" and (not data_parallel.applies(mesh, rules) or step_flops < AUTO_MIN_STEP_FLOPS):
     return None
   t = tensor_ways(cfg, mesh.devices.size // shd.mesh_processes(mesh))
   if t <= 1 or (mode == "auto" and cfg.vocab_size % t):
@@ -89,6 +97,119 @@ def _constrain_rows(tree: Any, mesh: Mesh, rules: tuple) -> Any:
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shd.rows_sharding(mesh, rules, x.shape)), tree)
 
 
+def _in_view(model: nnx.Module, view: Mesh, rules: tuple) -> nnx.Module:
+  """``model`` with its weights constrained to ``view``'s layout (inside jit)."""
+  state = nnx.state(model)
+  nnx.update(model, jax.lax.with_sharding_constraint(state, shd.state_shardings(state, view, rules)))
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedChoice:
+  """What ``view_pays`` timed for one sampler shape: ms per decode step in each layout (None where it could
+  not time) and the answer every process took."""
+
+  rows: int
+  slots: int
+  view_shape: dict
+  trained_ms: float | None
+  view_ms: float | None
+  view: bool
+
+
+# (graphdef, rows, slots, mesh, view, rules) -> what was timed, for each shape asked in this process.
+_VIEW_PAYS: dict[tuple, TimedChoice] = {}
+
+
+def timed_choices() -> list[TimedChoice]:
+  """Every choice ``view_pays`` made in this process, in order."""
+  return list(_VIEW_PAYS.values())
+
+
+def view_pays(model: nnx.Module, mesh: Mesh, view: Mesh, rules: tuple, rows: int, slots: int) -> bool:
+  """Whether decode steps of ``model`` (a decoder) for ``rows`` rows (global) reading a KV cache of ``slots``
+  slots run faster with the weights in ``view`` than as they sit on ``mesh``.
+
+  Timed the first time a process asks for a given model structure, shape and meshes (later calls read the
+  answer): ``TIMED_STEPS`` greedy decode steps from a full cache, on zero weights of the model's shapes and
+  training layout, compiled in each layout and run alternately, the best of ``TIMED_CALLS`` calls each.
+  Safe to call while tracing (only ``model``'s shapes are read; the timing runs eagerly). With several
+  processes every one times, and process 0's answer is taken by all, so they compile the same programs.
+  Where a device reports less free memory than twice the weights (``_room_for_copy``), nothing is timed and
+  the answer is no.
+  """
+  graphdef, state = nnx.split(model)
+  key = (graphdef, rows, slots, mesh, view, rules)
+  if key not in _VIEW_PAYS:
+    _VIEW_PAYS[key] = _timed_choice(graphdef, state, mesh, view, rules, rows, slots)
+  return _VIEW_PAYS[key].view
+
+
+def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, rules: tuple, rows: int,
+                  slots: int) -> TimedChoice:
+  with jax.ensure_compile_time_eval():
+    if not distributed.all_processes(_room_for_copy(state, mesh)):
+      logging.info("decode layout: too little free device memory to time a copy of the weights; as trained")
+      return TimedChoice(rows, slots, dict(view.shape), None, None, False)
+    shardings = shd.state_shardings(state, mesh, rules)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                    out_shardings=nnx.to_pure_dict(shardings))()
+    token = jax.device_put(np.zeros(rows, np.int32), shd.rows_sharding(mesh, rules, (rows,)))
+    runs = {name: _decode_steps(graphdef, mesh, v, rules, rows, slots).lower(zeros, token).compile()
+            for name, v in (("trained", None), ("view", view))}
+    best = {name: math.inf for name in runs}
+    for call in range(TIMED_CALLS + 1):  # the first call of each warms up
+      for name, run in runs.items():
+        start = time.perf_counter()
+        run(zeros, token).block_until_ready()
+        seconds = time.perf_counter() - start
+        if call:
+          best[name] = min(best[name], seconds)
+    pays = bool(distributed.from_primary(np.int32(best["view"] < best["trained"])))
+  choice = TimedChoice(rows, slots, dict(view.shape), 1e3 * best["trained"] / TIMED_STEPS,
+                       1e3 * best["view"] / TIMED_STEPS, pays)
+  logging.info("decode layout for %d rows, %d cache slots: as trained %.3f ms/step, tensor view %s %.3f ms/step: "
+               "%s", rows, slots, choice.trained_ms, choice.view_shape, choice.view_ms,
+               "view" if pays else "as trained")
+  return choice
+
+
+def _room_for_copy(state: Any, mesh: Mesh) -> bool:
+  """Whether each device of ``mesh`` here has free memory for twice ``state``'s arrays whole (the timing's
+  zero weights and the view's slices of them); True where the backend reports no limit (CPU)."""
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+  for device in np.asarray(mesh.devices).flat:
+    stats = device.memory_stats() if device.process_index == jax.process_index() else None
+    if stats and "bytes_limit" in stats and stats["bytes_limit"] - stats.get("bytes_in_use", 0) < 2 * weights:
+      return False
+  return True
+
+
+def _decode_steps(graphdef: nnx.GraphDef, mesh: Mesh, view: Mesh | None, rules: tuple, rows: int, slots: int):
+  """Jitted ``(params, token [rows]) -> token [rows]``: ``TIMED_STEPS`` greedy decode steps of the decoder
+  ``graphdef`` from a cache of ``slots`` valid slots, its weights in ``view`` (None: as they sit), the
+  tokens handed back in ``mesh``'s row layout as a sampler's are."""
+
+  def steps(params, token):
+    model = nnx.merge(graphdef, params)
+    if view is not None:
+      model, token = _in_view(model, view, rules), _constrain_rows(token, view, rules)
+    cache = init_cache(model.cfg, rows, slots)
+    cache = cache.replace(valid=jnp.ones_like(cache.valid), fresh=False, start=None)
+    alive = jnp.ones((rows, 1), jnp.int32)
+
+    def body(_, carry):
+      token, cache = carry
+      hidden, cache = model.trunk(token[:, None], alive, cache)
+      return jnp.argmax(model.logits_from_hidden(hidden[:, 0]), axis=-1).astype(jnp.int32), cache
+
+    token, _ = jax.lax.fori_loop(0, TIMED_STEPS, body, (token, cache))
+    return token if view is None else _constrain_rows(_constrain_rows(token, view, rules), mesh, rules)
+
+  return jax.jit(steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeLayout:
   """How a sampler places a decoder while it decodes (``config.sharding.decode``): the training ``mesh``,
@@ -101,22 +222,26 @@ class DecodeLayout:
   def __post_init__(self):
     check_mode(self.mode)
 
-  def view(self, model: nnx.Module, prompt_shape: tuple[int, int]) -> Mesh | None:
-    """The decode view for ``model`` sampling after prompts [B, P] (B global), or None."""
+  def view(self, model: nnx.Module, prompt_shape: tuple[int, int], new_tokens: int) -> Mesh | None:
+    """The decode view for ``model`` sampling ``new_tokens`` tokens after prompts [B, P] (B global), or None.
+    "auto" takes the view ``decode_mesh`` offers only where ``view_pays`` at a cache of P + new_tokens / 2
+    slots, the mean a decode step reads."""
     rows, prompt_len = prompt_shape
     step_flops = compute.forward_flops(model.cfg, rows / shd.data_parallel_size(self.mesh, self.rules), prompt_len)
-    return decode_mesh(self.mesh, self.rules, model.cfg, self.mode, step_flops)
+    view = decode_mesh(self.mesh, self.rules, model.cfg, self.mode, step_flops)
+    if view is None or self.mode != "auto":
+      return view
+    return view if view_pays(model, self.mesh, view, self.rules, rows, prompt_len + new_tokens // 2) else None
 
-  def place(self, model: nnx.Module, *rows: jax.Array) -> tuple[Mesh | None, nnx.Module, tuple[jax.Array, ...]]:
-    """``rows``: the prompt [B, P] first, then other row arrays [B, ...] -> (the view, the decoder with its
-    weights constrained to it, the row arrays split over the view's data axis where it divides them); the
-    view None and everything as it was where there is none."""
-    view = self.view(model, rows[0].shape)
+  def place(self, model: nnx.Module, *rows: jax.Array,
+            new_tokens: int) -> tuple[Mesh | None, nnx.Module, tuple[jax.Array, ...]]:
+    """``rows``: the prompt [B, P] first, then other row arrays [B, ...]; ``new_tokens``: how many the sampler
+    decodes -> (the view, the decoder with its weights constrained to it, the row arrays split over the
+    view's data axis where it divides them); the view None and everything as it was where there is none."""
+    view = self.view(model, rows[0].shape, new_tokens)
     if view is None:
       return None, model, rows
-    state = nnx.state(model)
-    nnx.update(model, jax.lax.with_sharding_constraint(state, shd.state_shardings(state, view, self.rules)))
-    return view, model, _constrain_rows(rows, view, self.rules)
+    return view, _in_view(model, view, self.rules), _constrain_rows(rows, view, self.rules)
 
   def back(self, view: Mesh | None, tree: Any) -> Any:
     """Sampled rows (a pytree of [B, ...] arrays) in the training mesh's batch layout.

@@ -201,6 +201,33 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process_sum(value: Any) -> np.ndarray:
+  """The sum over processes of a small array (the same shape and dtype on every process), on every process.
+
+  A collective (every process calls it at the same point), as ``jax.experimental.multihost_utils``'s, but with
+  its shardings explicit instead of through ``jax.set_mesh``, so it may run while a function is being traced:
+  for a decision made at trace time that every process must make alike."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count()), ("processes", "local"))
+  rows = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("processes")), value[None])
+  total = jax.jit(lambda x: x.sum(axis=0, dtype=x.dtype), out_shardings=NamedSharding(mesh, PartitionSpec()))(rows)
+  return np.asarray(total.addressable_data(0))
+
+
+def from_primary(value: Any) -> np.ndarray:
+  """Process 0's value of a small array, on every process (a collective, as ``process_sum``)."""
+  value = np.asarray(value)
+  return process_sum(value if is_primary() else np.zeros_like(value))
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether ``flag`` is true on every process (a collective, as ``process_sum``)."""
+  return int(process_sum(np.int32(bool(flag)))) == jax.process_count()
+
+
 def to_host(tree: Any) -> Any:
   """The whole value of every array of a pytree as numpy, on every process.
 

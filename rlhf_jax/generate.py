@@ -255,7 +255,7 @@ def layout_generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Arra
   handed back in the training mesh's batch layout; plain ``generate`` for ``layout`` None."""
   if layout is None:
     return generate(model, prompt, prompt_mask, key, cfg, prompt_group)
-  view, model, (prompt, prompt_mask) = layout.place(model, prompt, prompt_mask)
+  view, model, (prompt, prompt_mask) = layout.place(model, prompt, prompt_mask, new_tokens=cfg.max_new_tokens)
   return layout.back(view, generate(model, prompt, prompt_mask, key, cfg, prompt_group))
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import sharding
+from rlhf_jax import decode_layout, sharding
 from rlhf_jax.decode_layout import DecodeLayout, decode_mesh
 from rlhf_jax.generate import SamplingConfig, make_sampler
 from rlhf_jax.models import Decoder, DecoderConfig
@@ -62,4 +62,36 @@ for name, layout in layouts.items():
       "rollout_tokens": np.asarray(rollout.response).tolist(),
       "sharding": str(sample.tokens.sharding.spec), "rollout_sharding": str(rollout.response.sharding.spec),
       "collectives": collectives(sampler, params, batch["tokens"], batch["mask"], key)}
+
+# The programs "auto" times: greedy decode steps in each layout give the same tokens, and only the view's
+# program talks between devices.
+view = decode_mesh(data, rules, cfg, "tensor")
+token = jax.device_put(prompt[:, -1], sharding.rows_sharding(data, rules, (rows,)))
+timed = {}
+for name, v in (("trained", None), ("view", view)):
+  steps = decode_layout._decode_steps(graphdef, data, v, rules, rows, 16)
+  timed[name] = {"tokens": np.asarray(steps(params, token)).tolist(),
+                 "collectives": collectives(steps, params, token)}
+out["timed_steps"] = timed
+
+# "auto" above the threshold: the view only where view_pays says so (forced here), timed once per shape.
+decode_layout.AUTO_MIN_STEP_FLOPS = 0.0
+real_view_pays = decode_layout.view_pays
+forced = {}
+for answer in (True, False):
+  decode_layout.view_pays = lambda *a, answer=answer: answer
+  sampler = make_sampler(graphdef, greedy, k, DecodeLayout(data, rules, "auto"))
+  forced[str(answer)] = {"tokens": np.asarray(sampler(params, batch["tokens"], batch["mask"], key).tokens).tolist(),
+                         "collectives": collectives(sampler, params, batch["tokens"], batch["mask"], key)}
+out["forced"] = forced
+decode_layout.view_pays = real_view_pays
+calls = []
+real_steps = decode_layout._decode_steps
+decode_layout._decode_steps = lambda *a: calls.append((a[2] is None, a[4], a[5])) or real_steps(*a)
+six = SamplingConfig(max_new_tokens=6, greedy=True, stop_at_eos=False)
+sample = make_sampler(graphdef, six, k, DecodeLayout(data, rules, "auto"))(params, batch["tokens"], batch["mask"], key)
+again = make_sampler(graphdef, six, k, DecodeLayout(data, rules, "auto"))(params, batch["tokens"], batch["mask"], key)
+out["measured"] = {"timed": [list(c) for c in calls], "answers": [c.view for c in decode_layout.timed_choices()],
+                   "choices": [[c.rows, c.slots, c.view_shape] for c in decode_layout.timed_choices()],
+                   "tokens": np.asarray(sample.tokens).tolist(), "again": np.asarray(again.tokens).tolist()}
 print(json.dumps(out))

@@ -5,8 +5,9 @@ import types
 
 import numpy as np
 import pytest
+from flax import nnx
 
-from rlhf_jax.decode_layout import DecodeLayout, decode_grid, tensor_ways
+from rlhf_jax.decode_layout import DecodeLayout, _room_for_copy, decode_grid, tensor_ways
 from tests.probes import run_probe
 
 
@@ -73,3 +74,41 @@ def test_tensor_view_splits_the_weights_not_the_rows(probe):
   assert probe["auto"]["collectives"]["all-reduce"] == 0  # the probe's model is far below AUTO_MIN_STEP_FLOPS
   assert probe["auto"]["tokens"] == probe["plain"]["tokens"]
   assert probe["tensor"]["collectives"]["all-reduce"] >= 2 * 2  # >= two per layer (attention out, MLP down)
+
+
+def test_timed_decode_steps_are_the_decode_in_each_layout(probe):
+  trained, view = probe["timed_steps"]["trained"], probe["timed_steps"]["view"]
+  assert view["tokens"] == trained["tokens"] and len(trained["tokens"]) == 8
+  assert trained["collectives"]["all-reduce"] == 0
+  assert view["collectives"]["all-reduce"] >= 2 * 2
+
+
+def test_auto_takes_the_view_only_where_it_pays(probe):
+  taken, declined = probe["forced"]["True"], probe["forced"]["False"]
+  assert taken["collectives"]["all-reduce"] >= 2 * 2
+  assert declined["collectives"]["all-reduce"] == 0
+  assert taken["tokens"] == declined["tokens"] == probe["plain"]["tokens"]
+
+
+def test_auto_times_each_shape_once(probe):
+  measured = probe["measured"]
+  # Two programs timed once (as trained, then the view) for 8 rows at the prompt plus half the new tokens
+  # (6 + 6 // 2 slots), however many samplers of that shape are traced.
+  assert measured["timed"] == [[True, 8, 9], [False, 8, 9]]
+  assert len(measured["answers"]) == 1 and isinstance(measured["answers"][0], bool)
+  assert measured["choices"] == [[8, 9, {"data": 2, "fsdp": 1, "tensor": 2}]]
+  assert measured["again"] == measured["tokens"]
+  assert [row[:5] for row in measured["tokens"]] == probe["plain"]["tokens"]  # greedy: 5 tokens then a sixth
+
+
+def test_no_timing_without_room_for_a_copy_of_the_weights():
+  state = nnx.State({"w": nnx.Param(np.zeros((1000, 250), np.float32))})  # 1 MB
+
+  def mesh(free_bytes):
+    stats = None if free_bytes is None else {"bytes_limit": 10**9, "bytes_in_use": 10**9 - free_bytes}
+    device = types.SimpleNamespace(process_index=0, memory_stats=lambda: stats)
+    return types.SimpleNamespace(devices=np.array([device, device], dtype=object))
+
+  assert _room_for_copy(state, mesh(None))  # CPU: no limit reported
+  assert _room_for_copy(state, mesh(3 * 10**6))
+  assert not _room_for_copy(state, mesh(1.5 * 10**6))

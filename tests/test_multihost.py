@@ -198,6 +198,29 @@ def test_four_processes_match_one(one_process, tmp_path):
   print(f"4 processes x 1 device vs 1 x 4: largest difference {worst:.3g}")
 
 
+def test_processes_take_one_decode_layout(tmp_path):
+  """``sharding.decode: auto`` times the layouts in every process; all take process 0's answer, so they
+  compile the same sampler (tests/view_pays_multihost_check.py fakes clocks that disagree)."""
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "view_pays_multihost_check.py")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
+                                    JAX_PROCESS_ID=i)) for i in range(2)]
+  outs = []
+  try:
+    for proc in procs:
+      stdout, stderr = proc.communicate(timeout=300)
+      assert proc.returncode == 0, stderr[-4000:]
+      outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert [o["own_answer_would_be"] for o in outs] == [False, True]
+  assert [o["answers"] for o in outs] == [[False], [False]]
+  assert outs[0]["tokens"] == outs[1]["tokens"] and len(outs[0]["tokens"]) == 8
+
+
 def test_a_worker_started_alone_stops_with_a_clear_error(tmp_path):
   # The launcher expected 4 processes; this one has no cluster to find the others in: exit 2, one line, no run.
   proc = subprocess.run(command(tmp_path / "alone"), cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -10,6 +10,7 @@ Names: matmul_peak, mem_bandwidth, generate, sft_step, reward_step, rl_iter, rl_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -25,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.benchmarks import sizes, suite  # noqa: E402
+from rlhf_jax.decode_layout import timed_choices  # noqa: E402
 
 FLAGS = flags.DEFINE_string("only", "", "comma-separated benchmark names (default: all)")
 SIZE = flags.DEFINE_enum("size", "bench-small", list(sizes.SIZES), "benchmark size")
@@ -64,8 +66,12 @@ def main(argv: list[str]) -> None:
   for name in selected(FLAGS.value):
     # The library memoises its jitted steps, so a program an earlier benchmark compiled would read as free here.
     jax.clear_caches()
+    timed_before = len(timed_choices())
     record = suite.BENCHMARKS[name](env)
+    # What "auto" timed for this benchmark's samplers (a shape timed earlier in the run is not timed again).
+    choices = [dataclasses.asdict(c) for c in timed_choices()[timed_before:]]
     print(json.dumps({**record, "size": SIZE.value, "model_matmul_dtype": matmul_dtype, "decode": DECODE.value,
+                      **({"decode_timed": choices} if choices else {}),
                       **({"set": OVERRIDES.value} if OVERRIDES.value else {})}), flush=True)
 
 
