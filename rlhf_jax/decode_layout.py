@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -126,12 +126,19 @@ def timed_choices() -> list[TimedChoice]:
   return list(_VIEW_PAYS.values())
 
 
-def view_pays(model: nnx.Module, mesh: Mesh, view: Mesh, rules: tuple, rows: int, slots: int) -> bool:
-  """Whether decode steps of ``model`` (a decoder) for ``rows`` rows (global) reading a KV cache of ``slots``
-  slots run faster with the weights in ``view`` than as they sit on ``mesh``.
+# A sampler's token pick: (logits [B, V] float32, key) -> (token [B] int32, its log-prob [B]); hashable, so a
+# timing is kept per way of sampling (``generate.TokenPicker``).
+Pick = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-  Timed the first time a process asks for a given model structure, shape and meshes (later calls read the
-  answer): ``TIMED_STEPS`` greedy decode steps from a full cache, on zero weights of the model's shapes and
+
+def view_pays(model: nnx.Module, mesh: Mesh, view: Mesh, rules: tuple, rows: int, slots: int,
+              pick: Pick | None = None) -> bool:
+  """Whether decode steps of ``model`` (a decoder) for ``rows`` rows (global) reading a KV cache of ``slots``
+  slots, each picking its token with ``pick`` (None: greedy), run faster with the weights in ``view`` than as
+  they sit on ``mesh``.
+
+  Timed the first time a process asks for a given model structure, shape, pick and meshes (later calls read
+  the answer): ``TIMED_STEPS`` decode steps from a full cache, on zero weights of the model's shapes and
   training layout, compiled in each layout and run alternately, the best of ``TIMED_CALLS`` calls each.
   Safe to call while tracing (only ``model``'s shapes are read; the timing runs eagerly). With several
   processes every one times, and process 0's answer is taken by all, so they compile the same programs.
@@ -139,14 +146,14 @@ def view_pays(model: nnx.Module, mesh: Mesh, view: Mesh, rules: tuple, rows: int
   the answer is no.
   """
   graphdef, state = nnx.split(model)
-  key = (graphdef, rows, slots, mesh, view, rules)
+  key = (graphdef, rows, slots, pick, mesh, view, rules)
   if key not in _VIEW_PAYS:
-    _VIEW_PAYS[key] = _timed_choice(graphdef, state, mesh, view, rules, rows, slots)
+    _VIEW_PAYS[key] = _timed_choice(graphdef, state, mesh, view, rules, rows, slots, pick)
   return _VIEW_PAYS[key].view
 
 
 def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, rules: tuple, rows: int,
-                  slots: int) -> TimedChoice:
+                  slots: int, pick: Pick | None) -> TimedChoice:
   with jax.ensure_compile_time_eval():
     if not distributed.all_processes(_room_for_copy(state, mesh)):
       logging.info("decode layout: too little free device memory to time a copy of the weights; as trained")
@@ -156,7 +163,7 @@ def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, ru
     zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                     out_shardings=nnx.to_pure_dict(shardings))()
     token = jax.device_put(np.zeros(rows, np.int32), shd.rows_sharding(mesh, rules, (rows,)))
-    runs = {name: _decode_steps(graphdef, mesh, v, rules, rows, slots).lower(zeros, token).compile()
+    runs = {name: _decode_steps(graphdef, mesh, v, rules, rows, slots, pick).lower(zeros, token).compile()
             for name, v in (("trained", None), ("view", view))}
     best = {name: math.inf for name in runs}
     for call in range(TIMED_CALLS + 1):  # the first call of each warms up
@@ -186,10 +193,12 @@ def _room_for_copy(state: Any, mesh: Mesh) -> bool:
   return True
 
 
-def _decode_steps(graphdef: nnx.GraphDef, mesh: Mesh, view: Mesh | None, rules: tuple, rows: int, slots: int):
-  """Jitted ``(params, token [rows]) -> token [rows]``: ``TIMED_STEPS`` greedy decode steps of the decoder
-  ``graphdef`` from a cache of ``slots`` valid slots, its weights in ``view`` (None: as they sit), the
-  tokens handed back in ``mesh``'s row layout as a sampler's are."""
+def _decode_steps(graphdef: nnx.GraphDef, mesh: Mesh, view: Mesh | None, rules: tuple, rows: int, slots: int,
+                  pick: Pick | None = None):
+  """Jitted ``(params, token [rows]) -> token [rows]``: ``TIMED_STEPS`` decode steps of the decoder
+  ``graphdef`` from a cache of ``slots`` valid slots, each token picked with ``pick`` (None: greedy), its
+  weights in ``view`` (None: as they sit), the tokens handed back in ``mesh``'s row layout as a sampler's
+  are."""
 
   def steps(params, token):
     model = nnx.merge(graphdef, params)
@@ -199,10 +208,13 @@ def _decode_steps(graphdef: nnx.GraphDef, mesh: Mesh, view: Mesh | None, rules: 
     cache = cache.replace(valid=jnp.ones_like(cache.valid), fresh=False, start=None)
     alive = jnp.ones((rows, 1), jnp.int32)
 
-    def body(_, carry):
+    def body(i, carry):
       token, cache = carry
       hidden, cache = model.trunk(token[:, None], alive, cache)
-      return jnp.argmax(model.logits_from_hidden(hidden[:, 0]), axis=-1).astype(jnp.int32), cache
+      logits = model.logits_from_hidden(hidden[:, 0])
+      if pick is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+      return pick(logits, jax.random.fold_in(jax.random.key(0), i))[0], cache
 
     token, _ = jax.lax.fori_loop(0, TIMED_STEPS, body, (token, cache))
     return token if view is None else _constrain_rows(_constrain_rows(token, view, rules), mesh, rules)
@@ -222,23 +234,26 @@ class DecodeLayout:
   def __post_init__(self):
     check_mode(self.mode)
 
-  def view(self, model: nnx.Module, prompt_shape: tuple[int, int], new_tokens: int) -> Mesh | None:
-    """The decode view for ``model`` sampling ``new_tokens`` tokens after prompts [B, P] (B global), or None.
-    "auto" takes the view ``decode_mesh`` offers only where ``view_pays`` at a cache of P + new_tokens / 2
-    slots, the mean a decode step reads."""
+  def view(self, model: nnx.Module, prompt_shape: tuple[int, int], new_tokens: int,
+           pick: Pick | None = None) -> Mesh | None:
+    """The decode view for ``model`` sampling ``new_tokens`` tokens with ``pick`` after prompts [B, P] (B
+    global), or None. "auto" takes the view ``decode_mesh`` offers only where ``view_pays`` at a cache of
+    P + new_tokens / 2 slots, the mean a decode step reads."""
     rows, prompt_len = prompt_shape
     step_flops = compute.forward_flops(model.cfg, rows / shd.data_parallel_size(self.mesh, self.rules), prompt_len)
     view = decode_mesh(self.mesh, self.rules, model.cfg, self.mode, step_flops)
     if view is None or self.mode != "auto":
       return view
-    return view if view_pays(model, self.mesh, view, self.rules, rows, prompt_len + new_tokens // 2) else None
+    slots = prompt_len + new_tokens // 2
+    return view if view_pays(model, self.mesh, view, self.rules, rows, slots, pick) else None
 
-  def place(self, model: nnx.Module, *rows: jax.Array,
-            new_tokens: int) -> tuple[Mesh | None, nnx.Module, tuple[jax.Array, ...]]:
+  def place(self, model: nnx.Module, *rows: jax.Array, new_tokens: int,
+            pick: Pick | None = None) -> tuple[Mesh | None, nnx.Module, tuple[jax.Array, ...]]:
     """``rows``: the prompt [B, P] first, then other row arrays [B, ...]; ``new_tokens``: how many the sampler
-    decodes -> (the view, the decoder with its weights constrained to it, the row arrays split over the
-    view's data axis where it divides them); the view None and everything as it was where there is none."""
-    view = self.view(model, rows[0].shape, new_tokens)
+    decodes, each picked with ``pick`` -> (the view, the decoder with its weights constrained to it, the row
+    arrays split over the view's data axis where it divides them); the view None and everything as it was
+    where there is none."""
+    view = self.view(model, rows[0].shape, new_tokens, pick)
     if view is None:
       return None, model, rows
     return view, _in_view(model, view, self.rules), _constrain_rows(rows, view, self.rules)

@@ -187,6 +187,17 @@ def _pick(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]
   return inverse_cdf_sample(key, sampling_logits(logits, cfg))
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenPicker:
+  """``_pick`` for one sampling config as a hashable callable ``(logits [B, V], key) -> (token [B], log-prob
+  [B])``: the decode layout times its decode steps with the sampler's own pick (``decode_layout.view_pays``)."""
+
+  cfg: SamplingConfig
+
+  def __call__(self, logits: Array, key: Array) -> tuple[Array, Array]:
+    return _pick(logits, key, self.cfg)
+
+
 def generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Array, cfg: SamplingConfig,
              prompt_group: int = 1) -> Sample:
   """Samples ``cfg.max_new_tokens`` tokens after left-padded ``prompt`` [B, P]; traceable under jit.
@@ -255,7 +266,8 @@ def layout_generate(model: Decoder, prompt: Array, prompt_mask: Array, key: Arra
   handed back in the training mesh's batch layout; plain ``generate`` for ``layout`` None."""
   if layout is None:
     return generate(model, prompt, prompt_mask, key, cfg, prompt_group)
-  view, model, (prompt, prompt_mask) = layout.place(model, prompt, prompt_mask, new_tokens=cfg.max_new_tokens)
+  view, model, (prompt, prompt_mask) = layout.place(model, prompt, prompt_mask, new_tokens=cfg.max_new_tokens,
+                                                    pick=TokenPicker(cfg))
   return layout.back(view, generate(model, prompt, prompt_mask, key, cfg, prompt_group))
 
 
