@@ -50,8 +50,8 @@ def model_config(preset: str = "tiny", vocab_size: int = 1024) -> ConfigDict:
   if preset not in MODEL_PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
   model = dict(vocab_size=vocab_size, flavour="gpt2", dropout=0.0, param_dtype="float32", dtype="float32",
-               matmul_dtype="", remat=False, scan_layers=False, attention_block=128, rope_theta=10000.0, norm_eps=1e-5,
-               num_kv_heads=0)
+               matmul_dtype="", remat=False, scan_layers=False, attention_block=128, attention_impl="xla",
+               rope_theta=10000.0, norm_eps=1e-5, num_kv_heads=0)
   model.update(MODEL_PRESETS[preset])
   return ConfigDict(model)
 

@@ -165,3 +165,60 @@ def test_the_blocked_pass_skips_the_keys_after_each_block():
   predicted = compute.sequence_flops(cfg_dense, 2, 64) - compute.sequence_flops(cfg_blocked, 2, 64)
   assert predicted == 2 * (2 * 64) * 2 * 1 * 32 * (64 - 36)
   assert 0.8 * predicted < flops[0] - flops[1] < 1.2 * predicted
+
+
+def impl_pair(flavour: str, impl: str = "jax", **kw):
+  """The same weights with our attention and with ``model.attention_impl=impl``."""
+  ours = Decoder(config(flavour, 4, **kw), rngs=nnx.Rngs(3))
+  fused = Decoder(config(flavour, 4, attention_impl=impl, **kw), rngs=nnx.Rngs(3))
+  return ours, fused
+
+
+@pytest.mark.parametrize("flavour,kw,tol", [("gpt2", {}, 2e-5), ("llama", {}, 2e-5),
+                                            ("llama", dict(scan_layers=True, remat=True), 2e-5),
+                                            ("gpt2", dict(matmul_dtype="bfloat16"), 3e-2)])
+def test_jax_attention_equals_ours_in_logits_and_gradients(flavour, kw, tol):
+  ours, fused = impl_pair(flavour, **kw)
+  tokens, mask = left_padded()
+  np.testing.assert_allclose(np.asarray(fused(tokens, mask)[0])[np.asarray(mask, bool)],
+                             np.asarray(ours(tokens, mask)[0])[np.asarray(mask, bool)], atol=tol, rtol=tol)
+
+  def loss(model):
+    return jnp.sum(jax.nn.log_softmax(model(tokens, mask)[0])[..., 5] * mask)
+
+  grads = [jax.tree.leaves(nnx.grad(loss)(m)) for m in (ours, fused)]
+  for a, b in zip(*grads):
+    assert np.isfinite(np.asarray(b)).all()  # padding queries see no key, and still no NaN reaches a gradient
+    np.testing.assert_allclose(b, a, atol=tol, rtol=max(tol, 1e-4))
+
+
+def test_jax_attention_equals_ours_for_queries_packing_and_caches():
+  ours, fused = impl_pair("llama")
+  tokens, mask = left_padded()
+  for queries, real in [((16, 8), mask[:, 16:]), (jnp.asarray([23, 20, 17]), jnp.ones((3, 1)))]:
+    assert_real_equal(fused.trunk(tokens, mask, queries=queries)[0], ours.trunk(tokens, mask, queries=queries)[0], real)
+  tree = packing.pack_comparisons(demo_comparisons(), 64, 0)
+  scalars = [ScalarModel(config("llama", 8, attention_impl=impl), 0.02, rngs=nnx.Rngs(4)) for impl in ("xla", "jax")]
+  keys = ("segments", "branches", "positions")
+  values = [m.values(jnp.asarray(tree["tokens"]), jnp.asarray(tree["mask"]), **{x: jnp.asarray(tree[x]) for x in keys})
+            for m in scalars]
+  assert_real_equal(values[1], values[0], tree["mask"])
+  # A KV cache (prefill, decode steps) takes our attention either way.
+  outs = []
+  for model in (ours, fused):
+    cache = init_cache(model.cfg, 3, T + 1)
+    logits, cache = model(tokens, mask, cache)
+    outs.append(jnp.concatenate([logits, model(tokens[:, :1], jnp.ones((3, 1), jnp.int32), cache)[0]], axis=1))
+  np.testing.assert_array_equal(np.asarray(outs[1]), np.asarray(outs[0]))
+
+
+def test_cudnn_attention_is_refused_with_the_reason(monkeypatch):
+  with pytest.raises(ValueError, match="model.attention_impl must be one of"):
+    config("gpt2", 4, attention_impl="flash")
+  _, fused = impl_pair("gpt2", "cudnn")
+  tokens, mask = left_padded()
+  with pytest.raises(ValueError, match="model.attention_impl='cudnn' needs a GPU backend"):
+    fused(tokens, mask)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="takes bfloat16 or float16 operands: set model.dtype or model.matmul_dtype"):
+    fused(tokens, mask)

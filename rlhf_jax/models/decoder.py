@@ -50,6 +50,10 @@ class DecoderConfig:
   # Causal attention over rows of at least twice this many tokens runs in blocks of this many queries, each
   # reading only the keys up to its last one (layers.causal_blocks); 0: one product over all keys.
   attention_block: int = 128
+  # How passes without a KV cache attend (layers.ATTENTION_IMPLS): "xla" our own products (query blocks, mixed
+  # precision); "jax" jax.nn.dot_product_attention on XLA; "cudnn" its cuDNN fused attention (GPU, 16-bit
+  # operands). Decode steps always take "xla".
+  attention_impl: str = "xla"
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   # Output projection shares the embedding table; None: the flavour's default (GPT-2 tied, Llama untied).
@@ -87,6 +91,9 @@ class DecoderConfig:
           also = "'' (the compute dtype) or " if name == "matmul_dtype" else ""
           raise ValueError(f"model.{name} must be {also}one of {sorted(_DTYPES)}, got {value!r}")
         object.__setattr__(self, name, _DTYPES[value])
+    if self.attention_impl not in layers.ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be one of {sorted(layers.ATTENTION_IMPLS)}, got "
+                       f"{self.attention_impl!r}")
     if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) or self.attention_block < 0:
       raise ValueError(f"model.attention_block must be a whole number >= 0 (0: one product over all keys), got "
                        f"{self.attention_block!r}")

@@ -137,7 +137,7 @@ def decoder_config(hf: Mapping[str, Any], **runtime) -> DecoderConfig:
   """Our ``DecoderConfig`` for a checkpoint's ``config.json`` dict.
 
   ``runtime``: keys the checkpoint does not fix (``param_dtype``, ``dtype``, ``matmul_dtype``, ``dropout``,
-  ``remat``, ``scan_layers``, ``attention_block``). Settings our decoder cannot express raise ``HFError`` naming them.
+  ``remat``, ``scan_layers``, ``attention_block``, ``attention_impl``). Settings our decoder cannot express raise ``HFError`` naming them.
   """
   model_type = hf.get("model_type")
   if model_type not in FLAVOURS:

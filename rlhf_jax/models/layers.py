@@ -253,6 +253,12 @@ class Attention(nnx.Module):
     kvh = k.shape[2]
     t_keys = k.shape[1]
     mm = cfg.matmul_dtype
+    q_segments = None if segments is None else select_rows(segments, queries)
+    q_branches = None if branches is None else select_rows(branches, queries)
+    if cfg.attention_impl != "xla" and cache_kv is None:
+      mask = attention_mask(q_slots, jnp.arange(t_keys), key_valid, q_segments, segments, q_branches, branches)
+      out = fused_attention(q, k, v, mask[:, 0], cfg.attention_impl, mm, causal=queries is None)
+      return self._project_out(out.reshape(b, t, h * hd)), None
     # With matmul_dtype the score and mix products round their operands too: as bf16 products with float32
     # sums where there are several queries per row, else in the compute dtype on rounded operands (the
     # same sums; at one query per row, a decode step, XLA:CPU widens bf16 products and they run slower).
@@ -273,8 +279,6 @@ class Attention(nnx.Module):
       k, v = rounded(k, mm), rounded(v, mm)
     # Queries grouped by their KV head: [B, KV, G, T, Dh] (G = H / KV), one batched product per KV head.
     q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)
-    q_segments = None if segments is None else select_rows(segments, queries)
-    q_branches = None if branches is None else select_rows(branches, queries)
     # Where the queries' slots are known statically, blocks of queries skip the keys after their last slot.
     # Others (a decode step, rows picked by index) take one product.
     q_start = None
@@ -291,11 +295,15 @@ class Attention(nnx.Module):
                               *_sliced(q_segments, segments, r0, r1, n), *_sliced(q_branches, branches, r0, r1, n))
         outs.append(_attend(q[:, :, :, r0:r1], k[:, :, :n], v[:, :, :n], mask, dt, mm, mixed))
       out = jnp.concatenate(outs, axis=3)  # [B, KV, G, T, Dh]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-    y = dense(out, self.wo[...].reshape(h * hd, -1), dt, cfg.matmul_dtype)
+    return self._project_out(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)), new_cache
+
+  def _project_out(self, out: Array) -> Array:
+    """The heads' outputs [B, T, H * Dh] -> [B, T, D] (``wo``, and ``bo`` for GPT-2)."""
+    cfg = self.cfg
+    y = dense(out, self.wo[...].reshape(out.shape[-1], -1), cfg.dtype, cfg.matmul_dtype)
     if cfg.use_bias:
-      y = y + self.bo[...].astype(dt)
-    return y, new_cache
+      y = y + self.bo[...].astype(cfg.dtype)
+    return y
 
 
 def causal_blocks(t: int, keys: int, q_start: int | None, block: int) -> list[tuple[int, int, int]]:
@@ -317,6 +325,37 @@ def causal_blocks(t: int, keys: int, q_start: int | None, block: int) -> list[tu
 def _sliced(q_ids: Array | None, k_ids: Array | None, r0: int, r1: int, n: int) -> tuple:
   """Per-token ids of a query block's rows [r0, r1) and of its keys [0, n) (None stays None)."""
   return (None, None) if q_ids is None else (q_ids[:, r0:r1], k_ids[:, :n])
+
+
+# model.attention_impl: "xla" is ``_attend`` (query blocks, mixed products); the others call
+# ``jax.nn.dot_product_attention`` with this implementation (None: JAX's own XLA path, "cudnn": cuDNN's fused
+# flash attention, GPU only) for passes without a KV cache.
+ATTENTION_IMPLS = {"xla": None, "jax": None, "cudnn": "cudnn"}
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, impl: str, matmul_dtype=None,
+                    causal: bool = False) -> Array:
+  """Masked softmax attention through ``jax.nn.dot_product_attention``: q [B, Tq, H, Dh], k, v [B, S, KV, Dh]
+  (H a multiple of KV), mask [B, 1, Tq, S] bool -> [B, Tq, H, Dh] in q's dtype.
+
+  ``impl``: a ``model.attention_impl`` other than "xla". ``matmul_dtype``: the products' operand dtype (cuDNN
+  takes only 16-bit operands: bfloat16 or float16 here or as the compute dtype). ``causal``: the query rows
+  are key slots 0..Tq-1 (a pass over all its tokens), so cuDNN may skip the blocks above the diagonal; the mask
+  says it too. A query row that sees no key (padding) attends to every key, as ``_attend``'s does, so no row
+  is NaN in the pass or its gradient.
+  """
+  mask = mask | ~mask.any(axis=-1, keepdims=True)
+  out_dtype = q.dtype
+  if matmul_dtype is not None:
+    q, k, v = (x.astype(matmul_dtype) for x in (q, k, v))
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"model.attention_impl='cudnn' needs a GPU backend, not {jax.default_backend()!r}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"model.attention_impl='cudnn' takes bfloat16 or float16 operands: set model.dtype or "
+                       f"model.matmul_dtype to one (got {q.dtype})")
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=ATTENTION_IMPLS[impl])
+  return out.astype(out_dtype)
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array, dt, mm, mixed) -> Array:
