@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rlhf_jax import compute, data_parallel, distributed, sharding as shd
-from rlhf_jax.models.decoder import init_cache
+from rlhf_jax.models.decoder import decode_cache_lengths, init_cache
 
 MODES = ("auto", "tensor", "as_trained")
 # "auto" never re-views a decode step of fewer FLOPs per device than this (``compute.forward_flops`` of its rows
@@ -117,7 +117,7 @@ class TimedChoice:
   view: bool
 
 
-# (graphdef, rows, slots, mesh, view, rules) -> what was timed, for each shape asked in this process.
+# (graphdef, rows, slots, pick, mesh, view, rules) -> what was timed, for each shape asked in this process.
 _VIEW_PAYS: dict[tuple, TimedChoice] = {}
 
 
@@ -217,7 +217,7 @@ def _decode_steps(graphdef: nnx.GraphDef, mesh: Mesh, view: Mesh | None, rules: 
       return pick(logits, jax.random.fold_in(jax.random.key(0), i))[0], cache
 
     token, _ = jax.lax.fori_loop(0, TIMED_STEPS, body, (token, cache))
-    return token if view is None else _constrain_rows(_constrain_rows(token, view, rules), mesh, rules)
+    return DecodeLayout(mesh, rules, "tensor").back(view, token)
 
   return jax.jit(steps)
 
@@ -237,14 +237,15 @@ class DecodeLayout:
   def view(self, model: nnx.Module, prompt_shape: tuple[int, int], new_tokens: int,
            pick: Pick | None = None) -> Mesh | None:
     """The decode view for ``model`` sampling ``new_tokens`` tokens with ``pick`` after prompts [B, P] (B
-    global), or None. "auto" takes the view ``decode_mesh`` offers only where ``view_pays`` at a cache of
-    P + new_tokens / 2 slots, the mean a decode step reads."""
+    global), or None. "auto" takes the view ``decode_mesh`` offers only where ``view_pays`` at the cache
+    length a decode step reads on average (``decode_cache_lengths``: one length per phase, each phase an
+    equal share of the steps)."""
     rows, prompt_len = prompt_shape
     step_flops = compute.forward_flops(model.cfg, rows / shd.data_parallel_size(self.mesh, self.rules), prompt_len)
     view = decode_mesh(self.mesh, self.rules, model.cfg, self.mode, step_flops)
     if view is None or self.mode != "auto":
       return view
-    slots = prompt_len + new_tokens // 2
+    slots = round(np.mean(decode_cache_lengths(prompt_len, new_tokens)))
     return view if view_pays(model, self.mesh, view, self.rules, rows, slots, pick) else None
 
   def place(self, model: nnx.Module, *rows: jax.Array, new_tokens: int,

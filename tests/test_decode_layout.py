@@ -92,11 +92,11 @@ def test_auto_takes_the_view_only_where_it_pays(probe):
 
 def test_auto_times_each_shape_once(probe):
   measured = probe["measured"]
-  # Two programs timed once (as trained, then the view) for 8 rows at the prompt plus half the new tokens
-  # (6 + 6 // 2 slots), however many samplers of that shape are traced.
-  assert measured["timed"] == [[True, 8, 9], [False, 8, 9]]
+  # Two programs timed once (as trained, then the view) for 8 rows at the cache a step reads (6 prompt + 6 new
+  # tokens - 1, one phase), however many samplers of that shape are traced.
+  assert measured["timed"] == [[True, 8, 11], [False, 8, 11]]
   assert len(measured["answers"]) == 1 and isinstance(measured["answers"][0], bool)
-  assert measured["choices"] == [[8, 9, {"data": 2, "fsdp": 1, "tensor": 2}]]
+  assert measured["choices"] == [[8, 11, {"data": 2, "fsdp": 1, "tensor": 2}]]
   assert measured["again"] == measured["tokens"]
   assert [row[:5] for row in measured["tokens"]] == probe["plain"]["tokens"]  # greedy: 5 tokens then a sixth
 
