@@ -19,6 +19,8 @@ sampler of a given shape is traced (``view_pays``) and keeps the faster.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
@@ -27,10 +29,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
 from rlhf_jax import compute, data_parallel, distributed, sharding as shd
+from rlhf_jax.atomic_file import write_atomic
 from rlhf_jax.models.decoder import decode_cache_lengths, init_cache
 
 MODES = ("auto", "tensor", "as_trained")
@@ -44,6 +48,9 @@ AUTO_MIN_STEP_FLOPS = 64e6
 # ``view_pays`` times this many decode steps per call, the best of this many calls per layout.
 TIMED_STEPS = 8
 TIMED_CALLS = 3
+# ... and takes the view only where it ran at least this much faster: near a tie the training layout is kept,
+# which needs no resharding and one program less.
+VIEW_MIN_SPEEDUP = 1.05
 
 
 def tensor_ways(cfg: Any, devices_per_process: int) -> int:
@@ -132,29 +139,59 @@ Pick = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def view_pays(model: nnx.Module, mesh: Mesh, view: Mesh, rules: tuple, rows: int, slots: int,
-              pick: Pick | None = None) -> bool:
+              pick: Pick | None = None, record: str = "") -> bool:
   """Whether decode steps of ``model`` (a decoder) for ``rows`` rows (global) reading a KV cache of ``slots``
   slots, each picking its token with ``pick`` (None: greedy), run faster with the weights in ``view`` than as
   they sit on ``mesh``.
 
   Timed the first time a process asks for a given model structure, shape, pick and meshes (later calls read
   the answer): ``TIMED_STEPS`` decode steps from a full cache, on zero weights of the model's shapes and
-  training layout, compiled in each layout and run alternately, the best of ``TIMED_CALLS`` calls each.
-  Safe to call while tracing (only ``model``'s shapes are read; the timing runs eagerly). With several
-  processes every one times, and process 0's answer is taken by all, so they compile the same programs.
-  Where a device reports less free memory than twice the weights (``_room_for_copy``), nothing is timed and
-  the answer is no.
+  training layout, compiled in each layout and run alternately, the best of ``TIMED_CALLS`` calls each; yes
+  where the view was ``VIEW_MIN_SPEEDUP`` times faster. Safe to call while tracing (only ``model``'s shapes
+  are read; the timing runs eagerly). With several processes every one times, and process 0's answer is taken
+  by all, so they compile the same programs. Where a device reports less free memory than twice the weights
+  (``_room_for_copy``), nothing is timed and the answer is no.
+
+  ``record``: a JSON file (a run's ``decode_layout.json``) keeping the answers: one found there is taken
+  without timing, a new one is added (by process 0). A resumed run then samples in the layout the run began
+  with (the layouts' tokens differ by float rounding), whatever a new timing would say.
   """
   graphdef, state = nnx.split(model)
-  key = (graphdef, rows, slots, pick, mesh, view, rules)
+  key = (graphdef, rows, slots, pick, mesh, view, rules, record)
   if key not in _VIEW_PAYS:
-    _VIEW_PAYS[key] = _timed_choice(graphdef, state, mesh, view, rules, rows, slots, pick)
+    # What identifies the choice in the record, across processes and runs.
+    name = repr((model.cfg, pick, rows, slots, dict(mesh.shape), dict(view.shape), rules))
+    _VIEW_PAYS[key] = _timed_choice(graphdef, state, mesh, view, rules, rows, slots, pick, record,
+                                    hashlib.sha256(name.encode()).hexdigest()[:16])
   return _VIEW_PAYS[key].view
 
 
+def _recorded(record: str) -> list[dict]:
+  """The choices a record file holds ([] where there is none yet)."""
+  if not record or not epath.Path(record).exists():
+    return []
+  path = epath.Path(record)
+  try:
+    entries = json.loads(path.read_text())["choices"]
+    if not all(isinstance(e, dict) and isinstance(e.get("key"), str) and isinstance(e.get("view"), bool)
+               for e in entries):
+      raise ValueError("an entry lacks its key or view")
+    return entries
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{record}: not a decode layout record ({e}); delete it to time the layouts again") from None
+
+
 def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, rules: tuple, rows: int,
-                  slots: int, pick: Pick | None) -> TimedChoice:
+                  slots: int, pick: Pick | None, record: str, record_key: str) -> TimedChoice:
   with jax.ensure_compile_time_eval():
+    entries = _recorded(record) if distributed.is_primary() else []
+    stored = next((e for e in entries if e["key"] == record_key), None)
+    known = int(distributed.from_primary(np.int32(-1 if stored is None else stored["view"])))
+    if known >= 0:
+      logging.info("decode layout for %d rows, %d cache slots: %s, as %s records", rows, slots,
+                   "view" if known else "as trained", record)
+      return TimedChoice(rows, slots, dict(view.shape), (stored or {}).get("trained_ms"),
+                         (stored or {}).get("view_ms"), bool(known))
     if not distributed.all_processes(_room_for_copy(state, mesh)):
       logging.info("decode layout: too little free device memory to time a copy of the weights; as trained")
       return TimedChoice(rows, slots, dict(view.shape), None, None, False)
@@ -173,12 +210,15 @@ def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, ru
         seconds = time.perf_counter() - start
         if call:
           best[name] = min(best[name], seconds)
-    pays = bool(distributed.from_primary(np.int32(best["view"] < best["trained"])))
+    pays = bool(distributed.from_primary(np.int32(best["view"] * VIEW_MIN_SPEEDUP < best["trained"])))
   choice = TimedChoice(rows, slots, dict(view.shape), 1e3 * best["trained"] / TIMED_STEPS,
                        1e3 * best["view"] / TIMED_STEPS, pays)
   logging.info("decode layout for %d rows, %d cache slots: as trained %.3f ms/step, tensor view %s %.3f ms/step: "
                "%s", rows, slots, choice.trained_ms, choice.view_shape, choice.view_ms,
                "view" if pays else "as trained")
+  if record and distributed.is_primary():
+    entries.append({"key": record_key, **dataclasses.asdict(choice)})
+    write_atomic(record, json.dumps({"choices": entries}, indent=1) + "\n")
   return choice
 
 
@@ -230,6 +270,8 @@ class DecodeLayout:
   mesh: Mesh
   rules: tuple
   mode: str = "auto"
+  # Where "auto" keeps what it timed (``view_pays``): a run's ``decode_layout.json``; "" nowhere.
+  record: str = ""
 
   def __post_init__(self):
     check_mode(self.mode)
@@ -246,7 +288,7 @@ class DecodeLayout:
     if view is None or self.mode != "auto":
       return view
     slots = round(np.mean(decode_cache_lengths(prompt_len, new_tokens)))
-    return view if view_pays(model, self.mesh, view, self.rules, rows, slots, pick) else None
+    return view if view_pays(model, self.mesh, view, self.rules, rows, slots, pick, self.record) else None
 
   def place(self, model: nnx.Module, *rows: jax.Array, new_tokens: int,
             pick: Pick | None = None) -> tuple[Mesh | None, nnx.Module, tuple[jax.Array, ...]]:

@@ -6,7 +6,10 @@ the view chosen, tokens and log-probs of both, the output shardings, and the col
 
 import dataclasses
 import json
+import os
 import re
+import tempfile
+import types
 
 import jax
 import numpy as np
@@ -94,4 +97,53 @@ again = make_sampler(graphdef, six, k, DecodeLayout(data, rules, "auto"))(params
 out["measured"] = {"timed": [list(c) for c in calls], "answers": [c.view for c in decode_layout.timed_choices()],
                    "choices": [[c.rows, c.slots, c.view_shape] for c in decode_layout.timed_choices()],
                    "tokens": np.asarray(sample.tokens).tolist(), "again": np.asarray(again.tokens).tolist()}
+
+# A run's record: a new process (memo cleared) takes the recorded answer without timing, a damaged record is
+# named, and the view is taken only where it timed VIEW_MIN_SPEEDUP times faster (faked clock).
+record = os.path.join(tempfile.mkdtemp(), "decode_layout.json")
+seven = SamplingConfig(max_new_tokens=7, greedy=True, stop_at_eos=False)
+
+
+def sample_with_record(sampling):
+  layout = DecodeLayout(data, rules, "auto", record=record)
+  sampler = make_sampler(graphdef, sampling, k, layout)
+  return collectives(sampler, params, batch["tokens"], batch["mask"], key)["all-reduce"]
+
+
+calls.clear()
+sample_with_record(seven)
+first = json.load(open(record))["choices"]
+timed_first = len(calls)
+flipped = [{**first[0], "view": not first[0]["view"]}]
+with open(record, "w") as f:
+  json.dump({"choices": flipped}, f)
+decode_layout._VIEW_PAYS.clear()
+reductions = sample_with_record(seven)
+out["record"] = {"entries": len(first), "timed_first": timed_first, "timed_again": len(calls) - timed_first,
+                 "recorded_view": flipped[0]["view"], "taken": decode_layout.timed_choices()[-1].view,
+                 "all_reduce": reductions}
+with open(record, "w") as f:
+  f.write("{not json")
+decode_layout._VIEW_PAYS.clear()
+try:
+  sample_with_record(seven)
+  out["record"]["damaged"] = None
+except ValueError as e:
+  out["record"]["damaged"] = str(e)
+
+margin = {}
+decode_layout._decode_steps = real_steps
+for trained_s in (1.04, 1.06):
+  clock = {"calls": 0}
+
+  def perf_counter(durations=(trained_s, 1.0)):
+    i = clock["calls"]
+    clock["calls"] += 1
+    return 10.0 * (i // 2) + (i % 2) * durations[(i // 2) % 2]
+
+  decode_layout.time = types.SimpleNamespace(perf_counter=perf_counter)
+  decode_layout._VIEW_PAYS.clear()
+  make_sampler(graphdef, seven, k, DecodeLayout(data, rules, "auto"))(params, batch["tokens"], batch["mask"], key)
+  margin[str(trained_s)] = decode_layout.timed_choices()[-1].view
+out["margin"] = margin
 print(json.dumps(out))

@@ -112,3 +112,18 @@ def test_no_timing_without_room_for_a_copy_of_the_weights():
   assert _room_for_copy(state, mesh(None))  # CPU: no limit reported
   assert _room_for_copy(state, mesh(3 * 10**6))
   assert not _room_for_copy(state, mesh(1.5 * 10**6))
+
+
+def test_a_run_keeps_the_layout_it_timed(probe):
+  record = probe["record"]
+  assert record["entries"] == 1 and record["timed_first"] == 2
+  # A new process reads the record instead of timing, and decodes as it says (here the flipped answer).
+  assert record["timed_again"] == 0
+  assert record["taken"] == record["recorded_view"]
+  assert (record["all_reduce"] > 0) == record["recorded_view"]
+  assert "decode_layout.json: not a decode layout record" in record["damaged"]
+  assert "delete it to time the layouts again" in record["damaged"]
+
+
+def test_the_view_must_win_by_a_margin(probe):
+  assert probe["margin"] == {"1.04": False, "1.06": True}  # as trained 1.04 or 1.06 s per call, view 1.0

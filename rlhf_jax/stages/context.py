@@ -46,6 +46,8 @@ USER_FILE_KEYS = {"pretraining": "pretraining_file", "demonstrations": "demonstr
 COMPARISONS_SUFFIX = "_comparisons"
 # A user file has no split of its own: every HELD_OUT_EVERY-th record is held out as "test".
 HELD_OUT_EVERY = 10
+# The workdir file where ``sharding.decode: auto`` keeps the layouts it timed (decode_layout.view_pays).
+DECODE_LAYOUT_RECORD = "decode_layout.json"
 
 
 class StageError(RuntimeError):
@@ -70,7 +72,8 @@ class StageContext:
   def decode_layout(self) -> DecodeLayout:
     """Where samplers keep the weights while decoding (``config.sharding.decode``; see ``decode_layout``)."""
     sharding_cfg = self.config.sharding  # a workdir's config.json from before the key has no "decode"
-    return DecodeLayout(self.mesh, self.rules, sharding_cfg["decode"] if "decode" in sharding_cfg else "auto")
+    return DecodeLayout(self.mesh, self.rules, sharding_cfg["decode"] if "decode" in sharding_cfg else "auto",
+                        record=os.path.join(self.workdir, DECODE_LAYOUT_RECORD))
 
   @property
   def is_primary(self) -> bool:
