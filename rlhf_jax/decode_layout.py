@@ -124,7 +124,7 @@ class TimedChoice:
   view: bool
 
 
-# (graphdef, rows, slots, pick, mesh, view, rules) -> what was timed, for each shape asked in this process.
+# (graphdef, rows, slots, pick, mesh, view, rules, record) -> what was timed, for each shape asked in this process.
 _VIEW_PAYS: dict[tuple, TimedChoice] = {}
 
 
@@ -184,9 +184,17 @@ def _recorded(record: str) -> list[dict]:
 def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, rules: tuple, rows: int,
                   slots: int, pick: Pick | None, record: str, record_key: str) -> TimedChoice:
   with jax.ensure_compile_time_eval():
-    entries = _recorded(record) if distributed.is_primary() else []
-    stored = next((e for e in entries if e["key"] == record_key), None)
-    known = int(distributed.from_primary(np.int32(-1 if stored is None else stored["view"])))
+    entries, damage, stored = [], None, None
+    if distributed.is_primary():
+      try:
+        entries = _recorded(record)
+      except ValueError as e:
+        damage = e
+      stored = next((e for e in entries if e["key"] == record_key), None)
+    # Every process learns what process 0 found: -2 a damaged record, -1 nothing, else the recorded answer.
+    known = int(distributed.from_primary(np.int32(-2 if damage else -1 if stored is None else stored["view"])))
+    if known == -2:
+      raise damage or ValueError(f"{record}: not a decode layout record (read by process 0)")
     if known >= 0:
       logging.info("decode layout for %d rows, %d cache slots: %s, as %s records", rows, slots,
                    "view" if known else "as trained", record)
