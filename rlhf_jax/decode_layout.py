@@ -198,15 +198,15 @@ def _timed_choice(graphdef: nnx.GraphDef, state: Any, mesh: Mesh, view: Mesh, ru
     if known >= 0:
       logging.info("decode layout for %d rows, %d cache slots: %s, as %s records", rows, slots,
                    "view" if known else "as trained", record)
-      return TimedChoice(rows, slots, dict(view.shape), (stored or {}).get("trained_ms"),
-                         (stored or {}).get("view_ms"), bool(known))
+      stored = stored or {}  # other processes than 0 learn only the answer
+      return TimedChoice(rows, slots, dict(view.shape), stored.get("trained_ms"), stored.get("view_ms"),
+                         bool(known))
     if not distributed.all_processes(_room_for_copy(state, mesh)):
       logging.info("decode layout: too little free device memory to time a copy of the weights; as trained")
       return TimedChoice(rows, slots, dict(view.shape), None, None, False)
-    shardings = shd.state_shardings(state, mesh, rules)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
     zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                    out_shardings=nnx.to_pure_dict(shardings))()
+                    out_shardings=nnx.to_pure_dict(shd.state_shardings(state, mesh, rules)))()
     token = jax.device_put(np.zeros(rows, np.int32), shd.rows_sharding(mesh, rules, (rows,)))
     runs = {name: _decode_steps(graphdef, mesh, v, rules, rows, slots, pick).lower(zeros, token).compile()
             for name, v in (("trained", None), ("view", view))}

@@ -118,10 +118,13 @@ def run(ctx: StageContext, instance) -> dict[str, float]:
   rollout_fn = make_rollout_fn(lm_graphdef, pcfg.sampling, cfg.samples_per_prompt if pcfg.share_prompt else 1,
                              ctx.decode_layout)
   truncate = _truncate_fn(pcfg)
-  experience_fn = ppo.make_experience_fn(lm_graphdef, value_graphdef, pcfg, value_mode)
-  # One minibatch: the update's forward pass gives the policy's and value model's numbers (pcfg.fuse_experience).
+  # One minibatch: the update's forward pass gives the policy's and value model's numbers (pcfg.fuse_experience),
+  # so the experience stops at its inputs.
   fused = pcfg.fuses_experience
-  inputs_fn = ppo.make_experience_inputs_fn(lm_graphdef, pcfg)
+  if fused:
+    inputs_fn = ppo.make_experience_inputs_fn(lm_graphdef, pcfg)
+  else:
+    experience_fn = ppo.make_experience_fn(lm_graphdef, value_graphdef, pcfg, value_mode)
   gold = GoldScorer(ctx.task)
   rollout_key = ctx.key("rollout", instance.name)
   rows = cfg.prompts_per_iteration * cfg.samples_per_prompt
